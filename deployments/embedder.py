@@ -1,0 +1,82 @@
+"""The embedding replica: owns one model and its tokenizer, batches with @serve.batch, computes off the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+
+from embserve.engine import EmbedJob, EmbedResult, Engine, default_token_budget
+from embserve.model import EmbeddingModel, ModelInfo
+from embserve.settings import BatchingConfig, ModelSpec, Settings
+from embserve.stats import ReplicaReporter
+from deployments.metrics import MetricsShipper
+
+log = logging.getLogger("ray.serve")
+
+
+def count_inputs(jobs: list[EmbedJob]) -> int:
+    """`max_batch_size` counts inputs, not requests (Ray's batch_size_fn)."""
+    return sum(job.weight for job in jobs)
+
+
+@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
+class Embedder:
+    def __init__(self, spec: ModelSpec, settings: Settings) -> None:
+        self.settings = settings
+        self.model = EmbeddingModel(spec, device=settings.device, dtype=settings.dtype)
+        budget = default_token_budget(self.model.device, settings.gpu_memory_fraction)
+        self.engine = Engine(self.model, budget)
+        # The engine (model + tokenizer) is touched by this one thread only.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self.batching = settings.batching()
+        self._apply_batching()
+        self.reporter = ReplicaReporter(spec.name)
+        self._ongoing = 0
+        self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
+                                      gauges=lambda: {"queue_size": self._ongoing})
+        log.info("embedder %s ready: device=%s dtype=%s max_length=%d token_budget=%d batching=%s",
+                 spec.name, self.model.device, self.model.info.dtype, self.model.max_length, budget,
+                 self.batching.model_dump())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this at start and whenever serve_config.yaml's user_config changes."""
+        self.batching = self.batching.updated(user_config)
+        self._apply_batching()
+        log.info("embedder re-tuned: %s", self.batching.model_dump())
+
+    def _apply_batching(self) -> None:
+        self._batch.set_max_batch_size(self.batching.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(self.batching.effective_wait_s)
+
+    def info(self) -> ModelInfo:
+        return self.model.info
+
+    def current_batching(self) -> dict[str, Any]:
+        return self.batching.model_dump()
+
+    async def check_health(self) -> None:
+        """Serve's health check: the model must answer a one-token forward."""
+        await asyncio.get_running_loop().run_in_executor(self._worker, self.model.forward, [[0]])
+
+    async def embed(self, job: EmbedJob) -> EmbedResult:
+        # A request larger than a batch still fits one: it counts as a full batch.
+        job.weight = max(1, min(len(job), self.batching.max_batch_size))
+        job.enqueued_at = time.time()
+        self.shipper.start()
+        self._ongoing += 1
+        try:
+            return await self._batch(job)
+        finally:
+            self._ongoing -= 1
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=count_inputs)
+    async def _batch(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+        loop = asyncio.get_running_loop()
+        results, report = await loop.run_in_executor(self._worker, self.engine.run, jobs, self.batching)
+        self.reporter.record_batch(report)
+        return results

@@ -1,0 +1,156 @@
+"""One @serve.batch call as plain code: tokenize all inputs once, plan groups, one forward per group,
+scatter vectors back to each request. Errors stay with the request that caused them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embserve.batching import plan_batches, plan_stats
+from embserve.errors import EmbservError, Unavailable
+from embserve.model import EmbeddingModel
+from embserve.settings import BatchingConfig
+from embserve.tokenize import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedJob:
+    """One HTTP request's inputs, as the ingress normalized them."""
+
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    truncate: bool = False
+    enqueued_at: float = 0.0  # time.time() when the replica queued it; set by the replica
+    weight: int = 1  # what it counts for in max_batch_size; set by the replica
+
+    def __len__(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids or [])
+
+
+@dataclass
+class EmbedResult:
+    vectors: np.ndarray | None
+    prompt_tokens: int = 0
+    error: EmbservError | None = None
+    queue_s: float = 0.0
+    tokenize_s: float = 0.0
+    forward_s: float = 0.0
+
+
+@dataclass
+class BatchReport:
+    """What one batch did, for the metrics."""
+
+    requests: int = 0
+    inputs: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    forwards: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    queue_s: list[float] = field(default_factory=list)
+    tokenize_s: float = 0.0
+    forward_s: float = 0.0
+
+
+class Engine:
+    """Owns the model and its tokenizer; call `run` from one thread only."""
+
+    def __init__(self, model: EmbeddingModel, max_batch_tokens: int) -> None:
+        self.model = model
+        self.tokenizer = Tokenizer(model.tokenizer, model.max_length, model.vocab_size)
+        self.default_max_batch_tokens = max_batch_tokens
+
+    def run(self, jobs: list[EmbedJob], cfg: BatchingConfig, now: float | None = None) -> tuple[list[EmbedResult], BatchReport]:
+        started = time.time() if now is None else now
+        report = BatchReport(requests=len(jobs))
+        results = [EmbedResult(vectors=None, queue_s=max(0.0, started - j.enqueued_at) if j.enqueued_at else 0.0)
+                   for j in jobs]
+        report.queue_s = [r.queue_s for r in results]
+
+        t0 = time.perf_counter()
+        sequences, owners = self._tokenize(jobs, results)
+        tokenize_s = time.perf_counter() - t0
+        report.tokenize_s = tokenize_s
+
+        lengths = [len(s) for s in sequences]
+        budget = cfg.max_batch_tokens or self.default_max_batch_tokens
+        plan = plan_batches(lengths, max_batch_tokens=budget, group_by_length=cfg.enable_length_grouping,
+                            tolerance=cfg.length_group_tolerance, min_group_size=cfg.min_batch_size)
+        vectors: list[np.ndarray | None] = [None] * len(sequences)
+        t1 = time.perf_counter()
+        for group in plan:
+            try:
+                out = self.model.forward([sequences[i] for i in group])
+            except Exception as exc:  # a failed forward fails only the requests that had inputs in it
+                log.exception("forward of %d inputs failed", len(group))
+                for i in group:
+                    job = owners[i][0]
+                    if results[job].error is None:
+                        results[job].error = Unavailable(f"the model failed on this batch: {exc}")
+                continue
+            for row, i in enumerate(group):
+                vectors[i] = out[row]
+        report.forward_s = time.perf_counter() - t1
+
+        stats = plan_stats(lengths, plan)
+        report.forwards, report.tokens, report.padded_tokens = stats.groups, stats.tokens, stats.padded_tokens
+        report.inputs = stats.inputs
+        self._scatter(jobs, results, vectors, owners, lengths)
+        for r in results:
+            r.tokenize_s, r.forward_s = tokenize_s, report.forward_s
+            if r.error is not None:
+                kind = type(r.error).__name__
+                report.errors[kind] = report.errors.get(kind, 0) + 1
+        return results, report
+
+    def _tokenize(self, jobs: list[EmbedJob], results: list[EmbedResult]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """Model-ready ids of every valid input, and (job, position) of each. Invalid jobs get an error."""
+        texts = [t for job in jobs if job.texts is not None for t in job.texts]
+        content = iter(self.tokenizer.content_ids(texts))
+        sequences: list[list[int]] = []
+        owners: list[tuple[int, int]] = []
+        for j, job in enumerate(jobs):
+            raw = [next(content) for _ in job.texts] if job.texts is not None else list(job.token_ids or [])
+            try:
+                finished = []
+                for pos, ids in enumerate(raw):
+                    if job.token_ids is not None:
+                        self.tokenizer.check_ids(ids, pos)
+                    finished.append(self.tokenizer.finish(ids, pos, job.truncate))
+            except EmbservError as err:
+                results[j].error = err
+                continue
+            owners.extend((j, pos) for pos in range(len(finished)))
+            sequences.extend(finished)
+        return sequences, owners
+
+    def _scatter(self, jobs, results, vectors, owners, lengths) -> None:
+        per_job: dict[int, list[tuple[int, np.ndarray | None, int]]] = {}
+        for i, (j, pos) in enumerate(owners):
+            per_job.setdefault(j, []).append((pos, vectors[i], lengths[i]))
+        for j, items in per_job.items():
+            if results[j].error is not None:
+                continue
+            items.sort(key=lambda item: item[0])
+            results[j].vectors = np.stack([v for _, v, _ in items]).astype(np.float32, copy=False)
+            results[j].prompt_tokens = sum(n for _, _, n in items)
+
+
+def default_token_budget(device: str, memory_fraction: float = 0.8, hidden_size: int = 384,
+                         layers: int = 6) -> int:
+    """A forward's token budget: fixed on CPU (cache-friendly), sized from free memory on a GPU."""
+    if device != "cuda":
+        return 8192
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    # Activations per token per layer, with attention and the MLP's 4x expansion, in 2-byte floats,
+    # doubled for allocator slack; the weights are already resident and counted in `free`.
+    bytes_per_token = hidden_size * 2 * 16 * max(layers, 1) // 4
+    usable = int(free * memory_fraction) - (torch.cuda.memory_reserved() or 0) // 10
+    return int(max(2048, min(usable // max(bytes_per_token, 1), 1 << 20)))

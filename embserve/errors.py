@@ -1,0 +1,75 @@
+"""The one exception hierarchy: every error a user can see, with its HTTP status and OpenAI error type."""
+
+from __future__ import annotations
+
+
+class EmbservError(Exception):
+    """An error with a kind. The ingress maps it once to OpenAI's error shape."""
+
+    status: int = 500
+    type: str = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def __reduce__(self):
+        # Errors cross process boundaries (replica -> ingress); keep param and code on the way.
+        return (_rebuild, (type(self), self.message, self.param, self.code))
+
+    def to_body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _rebuild(cls: type[EmbservError], message: str, param: str | None, code: str | None) -> EmbservError:
+    return cls(message, param=param, code=code)
+
+
+class InvalidRequest(EmbservError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InputTooLong(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class Unauthorized(EmbservError):
+    status = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class ModelNotFound(EmbservError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class PayloadTooLarge(EmbservError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class Overloaded(EmbservError):
+    """The service refuses work it cannot queue; clients should retry after a pause."""
+
+    status = 503
+    type = "server_error"
+    default_code = "overloaded"
+
+
+class Unavailable(EmbservError):
+    status = 503
+    type = "server_error"
+    default_code = "service_unavailable"
+
+
+class RequestTimeout(EmbservError):
+    status = 504
+    type = "server_error"
+    default_code = "timeout"

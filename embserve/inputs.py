@@ -1,0 +1,64 @@
+"""Request inputs to one normalized shape, with every check that can happen before tokenization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from embserve.errors import InvalidRequest, PayloadTooLarge
+from embserve.protocol import EmbeddingRequest
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_inputs: int
+    max_chars: int
+
+
+@dataclass(frozen=True)
+class NormalizedInput:
+    texts: list[str] | None
+    token_ids: list[list[int]] | None
+
+    def __len__(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids or [])
+
+
+def normalize_input(request: EmbeddingRequest, limits: Limits) -> NormalizedInput:
+    """A string, list of strings, token ids or list of token-id lists -> texts or token-id lists."""
+    raw = request.input
+    if isinstance(raw, str):
+        texts: list[str] | None = [raw]
+        ids: list[list[int]] | None = None
+    elif raw and isinstance(raw[0], str):
+        texts, ids = list(raw), None  # type: ignore[arg-type]
+    elif raw and isinstance(raw[0], int):
+        texts, ids = None, [list(raw)]  # type: ignore[arg-type]
+    else:
+        texts, ids = None, [list(x) for x in raw]  # type: ignore[union-attr]
+    count = len(texts if texts is not None else ids or [])
+    if count > limits.max_inputs:
+        raise PayloadTooLarge(
+            f"{count} inputs in one request; the most this server accepts is {limits.max_inputs}",
+            param="input", code="too_many_inputs",
+        )
+    for i, text in enumerate(texts or []):
+        check_text(text, i, limits.max_chars)
+    return NormalizedInput(texts=texts, token_ids=ids)
+
+
+def check_text(text: str, index: int, max_chars: int) -> None:
+    if not text.strip():
+        raise InvalidRequest(f"input[{index}] is empty or only whitespace", param="input", code="empty_input")
+    if len(text) > max_chars:
+        raise InvalidRequest(
+            f"input[{index}] has {len(text)} characters; the most this server accepts is {max_chars}",
+            param="input", code="input_too_large",
+        )
+    if "\x00" in text:
+        raise InvalidRequest(f"input[{index}] contains a NUL character", param="input", code="invalid_text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            f"input[{index}] is not valid Unicode (a lone surrogate)", param="input", code="invalid_text"
+        ) from None

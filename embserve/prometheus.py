@@ -1,0 +1,74 @@
+"""Prometheus text exposition of the aggregated figures (prometheus_client's own format and types)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from embserve.stats import Aggregate, Histogram
+
+
+def _histogram(name: str, doc: str, hist: Histogram, labels: dict[str, str] | None = None) -> HistogramMetricFamily:
+    labels = labels or {}
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    running = 0
+    buckets = []
+    for bound, count in zip([*map(str, hist.buckets), "+Inf"], hist.counts):
+        running += count
+        buckets.append((bound, running))
+    family.add_metric(list(labels.values()), buckets, hist.total)
+    return family
+
+
+class _AggregateCollector:
+    def __init__(self, aggregate: Aggregate) -> None:
+        self.aggregate = aggregate
+
+    def collect(self):
+        replicas = self.aggregate.combined(("replica",))
+        ingress = self.aggregate.combined(("ingress",))
+
+        requests = CounterMetricFamily("embserve_requests", "Embedding HTTP requests by status.", labels=["status"])
+        for status, n in sorted(ingress.statuses.items()):
+            requests.add_metric([status], n)
+        yield requests
+        for key, doc in (("inputs", "Inputs embedded."), ("tokens", "Real tokens embedded."),
+                         ("padded_tokens", "Tokens sent to the model, padding included."),
+                         ("batches", "Batches formed by @serve.batch."), ("forwards", "Model forwards.")):
+            c = CounterMetricFamily(f"embserve_{key}", doc)
+            c.add_metric([], replicas.counters.get(key, 0))
+            yield c
+        errors = CounterMetricFamily("embserve_errors", "Failed embedding requests by error kind.", labels=["kind"])
+        for kind, n in sorted(ingress.errors.items()):
+            errors.add_metric([kind], n)
+        yield errors
+
+        yield _histogram("embserve_request_duration_seconds", "End-to-end request latency at the ingress.",
+                         ingress.histograms["request_s"])
+        for stage in ("queue", "tokenize", "forward"):
+            yield _histogram(f"embserve_{stage}_duration_seconds", f"Time spent in the {stage} stage.",
+                             replicas.histograms[f"{stage}_s"])
+        yield _histogram("embserve_batch_inputs", "Inputs per batch.", replicas.histograms["batch_inputs"])
+        yield _histogram("embserve_batch_tokens", "Padded tokens per batch.", replicas.histograms["batch_tokens"])
+
+        eff = GaugeMetricFamily("embserve_padding_efficiency", "Real tokens / padded tokens since reset.")
+        padded = replicas.counters.get("padded_tokens", 0)
+        eff.add_metric([], replicas.counters.get("tokens", 0) / padded if padded else 1.0)
+        yield eff
+        queue = GaugeMetricFamily("embserve_queue_size", "Requests waiting or running in embedding replicas.")
+        queue.add_metric([], replicas.gauges.get("queue_size", 0))
+        yield queue
+        live = GaugeMetricFamily("embserve_replicas", "Embedding replicas reporting.", labels=["model"])
+        per_model: dict[str, int] = {}
+        for s in self.aggregate.sources.values():
+            if s.kind == "replica":
+                per_model[s.model or ""] = per_model.get(s.model or "", 0) + 1
+        for model, n in sorted(per_model.items()):
+            live.add_metric([model], n)
+        yield live
+
+
+def render(aggregate: Aggregate) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_AggregateCollector(aggregate))
+    return generate_latest(registry)

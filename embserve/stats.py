@@ -1,0 +1,283 @@
+"""Counters and histograms: what replicas and ingresses observe, merged into one view of the service.
+
+Sources (replicas, ingresses) accumulate deltas locally and ship them to the metrics actor off the hot
+path; the actor merges them with `Aggregate`. Everything here is plain Python, testable without Ray.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+INPUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+RECENT = 4096  # samples kept per histogram for percentiles
+WINDOW_S = 60.0  # throughput window
+
+
+@dataclass
+class Histogram:
+    """Prometheus-style bucket counts plus the most recent samples for percentiles."""
+
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+    recent: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)  # the last is +Inf
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.n += 1
+        self.recent.append(value)
+
+    def merge(self, other: "Histogram") -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.total += other.total
+        self.n += other.n
+        self.recent.extend(other.recent)
+
+    def percentiles(self, scale: float = 1.0) -> dict[str, float | None]:
+        data = sorted(self.recent)
+        def pick(q: float) -> float | None:
+            return round(data[min(len(data) - 1, int(q * len(data)))] * scale, 4) if data else None
+        return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99),
+                "mean": round(self.total / self.n * scale, 4) if self.n else None, "count": self.n}
+
+
+def _histograms() -> dict[str, Histogram]:
+    return {
+        "request_s": Histogram(SECONDS_BUCKETS),
+        "queue_s": Histogram(SECONDS_BUCKETS),
+        "tokenize_s": Histogram(SECONDS_BUCKETS),
+        "forward_s": Histogram(SECONDS_BUCKETS),
+        "batch_inputs": Histogram(INPUT_BUCKETS),
+        "batch_tokens": Histogram(TOKEN_BUCKETS),
+    }
+
+
+COUNTERS = ("requests", "inputs", "tokens", "padded_tokens", "batches", "forwards", "errors")
+
+
+@dataclass
+class Delta:
+    """What one source observed since its last report."""
+
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    errors: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(default_factory=_histograms)
+    window: list[tuple[float, int, int]] = field(default_factory=list)  # (time, inputs, tokens)
+    gauges: dict[str, float] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not any(self.counters.values()) and not self.statuses and not self.window
+
+    def add_error(self, kind: str, n: int = 1) -> None:
+        self.counters["errors"] += n
+        self.errors[kind] = self.errors.get(kind, 0) + n
+
+
+def process_memory() -> dict[str, Any]:
+    """GPU memory where torch sees a GPU, the process's resident memory otherwise."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            return {"kind": "gpu", "allocated_bytes": torch.cuda.memory_allocated(),
+                    "reserved_bytes": torch.cuda.memory_reserved(), "total_bytes": total}
+    except ImportError:  # pragma: no cover - torch is a dependency; ingress processes may lack CUDA
+        pass
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        rss_pages = int(f.read().split()[1])
+    return {"kind": "process", "rss_bytes": rss_pages * os.sysconf("SC_PAGE_SIZE")}
+
+
+class Accumulator:
+    """A source's pending delta; `take` hands it over and starts a new one."""
+
+    def __init__(self, kind: str, model: str | None) -> None:
+        self.kind = kind
+        self.model = model
+        self.source_id = f"{kind}-{os.getpid()}-{id(self):x}"
+        self.delta = Delta()
+
+    def take(self) -> Delta | None:
+        if self.delta.empty():
+            return None
+        delta, self.delta = self.delta, Delta()
+        return delta
+
+
+class ReplicaReporter(Accumulator):
+    def __init__(self, model: str) -> None:
+        super().__init__("replica", model)
+
+    def record_batch(self, report: Any) -> None:
+        d = self.delta
+        d.counters["requests"] += report.requests
+        d.counters["inputs"] += report.inputs
+        d.counters["tokens"] += report.tokens
+        d.counters["padded_tokens"] += report.padded_tokens
+        d.counters["batches"] += 1
+        d.counters["forwards"] += report.forwards
+        for kind, n in report.errors.items():
+            d.add_error(kind, n)
+        for q in report.queue_s:
+            d.histograms["queue_s"].observe(q)
+        d.histograms["tokenize_s"].observe(report.tokenize_s)
+        d.histograms["forward_s"].observe(report.forward_s)
+        d.histograms["batch_inputs"].observe(report.inputs)
+        d.histograms["batch_tokens"].observe(report.padded_tokens)
+        d.window.append((time.time(), report.inputs, report.tokens))
+
+
+class IngressReporter(Accumulator):
+    def __init__(self) -> None:
+        super().__init__("ingress", None)
+
+    def record_request(self, status: int, seconds: float, error_kind: str | None = None) -> None:
+        d = self.delta
+        d.statuses[str(status)] = d.statuses.get(str(status), 0) + 1
+        d.histograms["request_s"].observe(seconds)
+        if error_kind is not None:
+            d.add_error(error_kind)
+
+
+@dataclass
+class SourceState:
+    kind: str
+    model: str | None
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    errors: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+    histograms: dict[str, Histogram] = field(default_factory=_histograms)
+    window: deque = field(default_factory=deque)
+    gauges: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = 0.0
+
+    def merge(self, delta: Delta, now: float) -> None:
+        for k, v in delta.counters.items():
+            self.counters[k] = self.counters.get(k, 0) + v
+        for k, v in delta.errors.items():
+            self.errors[k] = self.errors.get(k, 0) + v
+        for k, v in delta.statuses.items():
+            self.statuses[k] = self.statuses.get(k, 0) + v
+        for k, h in delta.histograms.items():
+            self.histograms[k].merge(h)
+        self.window.extend(delta.window)
+        self.gauges.update(delta.gauges)
+        self.last_seen = now
+        while self.window and self.window[0][0] < now - WINDOW_S:
+            self.window.popleft()
+
+
+def _summary(counters: dict[str, int], errors: dict[str, int], hists: dict[str, Histogram],
+             window: list[tuple[float, int, int]], now: float) -> dict[str, Any]:
+    recent = [w for w in window if w[0] >= now - WINDOW_S]
+    span = max(1.0, now - min(w[0] for w in recent)) if recent else WINDOW_S
+    return {
+        "totals": {k: counters.get(k, 0) for k in COUNTERS},
+        "padding_efficiency": round(counters["tokens"] / counters["padded_tokens"], 4)
+        if counters.get("padded_tokens") else None,
+        "throughput": {"window_s": round(span, 1),
+                       "inputs_per_s": round(sum(w[1] for w in recent) / span, 2),
+                       "tokens_per_s": round(sum(w[2] for w in recent) / span, 2)},
+        "latency_ms": {"request": hists["request_s"].percentiles(1000), "queue": hists["queue_s"].percentiles(1000),
+                       "tokenize": hists["tokenize_s"].percentiles(1000), "forward": hists["forward_s"].percentiles(1000)},
+        "batch_inputs": hists["batch_inputs"].percentiles(),
+        "batch_tokens": hists["batch_tokens"].percentiles(),
+        "errors": dict(errors),
+    }
+
+
+class Aggregate:
+    """The metrics actor's state: every source's figures since the last reset."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, SourceState] = {}
+        self.reset_at = time.time()
+
+    def record(self, source_id: str, kind: str, model: str | None, delta: Delta | None,
+               memory: dict[str, Any] | None = None, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        state = self.sources.setdefault(source_id, SourceState(kind, model))
+        if delta is not None:
+            state.merge(delta, now)
+        else:
+            state.last_seen = now
+        if memory is not None:
+            state.memory = memory
+
+    def reset(self) -> None:
+        # Keep who is there (and their memory); zero what they counted.
+        self.sources = {sid: SourceState(s.kind, s.model, memory=s.memory, last_seen=s.last_seen)
+                        for sid, s in self.sources.items()}
+        self.reset_at = time.time()
+
+    def combined(self, kinds: tuple[str, ...], model: str | None = None) -> SourceState:
+        out = SourceState("all", model)
+        for s in self.sources.values():
+            if s.kind in kinds and (model is None or s.model == model):
+                for k, v in s.counters.items():
+                    out.counters[k] = out.counters.get(k, 0) + v
+                for k, v in s.errors.items():
+                    out.errors[k] = out.errors.get(k, 0) + v
+                for k, v in s.statuses.items():
+                    out.statuses[k] = out.statuses.get(k, 0) + v
+                for k, h in s.histograms.items():
+                    out.histograms[k].merge(h)
+                out.window.extend(s.window)
+                for k, v in s.gauges.items():
+                    out.gauges[k] = out.gauges.get(k, 0) + v
+        return out
+
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        replicas = self.combined(("replica",))
+        ingress = self.combined(("ingress",))
+        everything = self.combined(("replica", "ingress"))
+        view = _summary(replicas.counters, ingress.errors, everything.histograms, list(replicas.window), now)
+        # Failed HTTP requests, counted once where the client saw them (replica-side failures included).
+        view["totals"]["errors"] = ingress.counters["errors"]
+        view["since_reset_s"] = round(now - self.reset_at, 3)
+        view["http"] = {"requests_by_status": dict(ingress.statuses)}
+        view["queue_size"] = replicas.gauges.get("queue_size", 0)
+        memories = [s.memory for s in self.sources.values() if s.memory]
+        view["memory"] = _sum_memory(memories)
+        models = sorted({s.model for s in self.sources.values() if s.kind == "replica" and s.model})
+        view["models"] = {}
+        for m in models:
+            state = self.combined(("replica",), m)
+            view["models"][m] = _summary(state.counters, state.errors, state.histograms, list(state.window), now)
+        view["replicas"] = []
+        for sid, s in sorted(self.sources.items()):
+            if s.kind != "replica":
+                continue
+            entry = _summary(s.counters, s.errors, s.histograms, list(s.window), now)
+            entry.update(id=sid, model=s.model, memory=s.memory, queue_size=s.gauges.get("queue_size", 0),
+                         last_seen_s_ago=round(now - s.last_seen, 3))
+            view["replicas"].append(entry)
+        return view
+
+
+def _sum_memory(memories: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mem in memories:
+        key = mem.get("kind", "process")
+        bucket = out.setdefault(key, {})
+        for k, v in mem.items():
+            if k != "kind":
+                bucket[k] = bucket.get(k, 0) + v
+    return out

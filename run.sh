@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The two quick-start commands: `./run.sh serve` (set up, then serve) and `./run.sh test` (set up, then test).
+# Needs only Python 3.11 and pip. Installs into ./.venv; a torch already there is kept.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+VENV=${EMBSERVE_VENV:-.venv}
+
+setup() {
+  local extras=$1
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  local pip="$VENV/bin/python -m pip"
+  $pip install -q --upgrade pip >/dev/null 2>&1 || true
+  if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      $pip install -q "torch==2.13.0"            # PyPI's build carries CUDA
+    else
+      # No GPU: the CPU build. A local wheel (find-links) first; else PyTorch's CPU index.
+      $pip install -q "torch==2.13.0+cpu" 2>/dev/null ||
+        $pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
+          --extra-index-url https://pypi.org/simple
+    fi
+  fi
+  $pip install -q -e ".[$extras]"
+}
+
+case "${1:-}" in
+  serve)
+    setup bench
+    shift
+    exec "$VENV/bin/serve" run serve_config.yaml "$@"
+    ;;
+  test)
+    setup test
+    shift
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
+    exec "$VENV/bin/python" -m pytest --cov=embserve --cov=deployments --cov-report=term-missing \
+      --cov-fail-under=95 "$@"
+    ;;
+  *)
+    echo "usage: $0 serve | test [pytest args]" >&2
+    exit 2
+    ;;
+esac

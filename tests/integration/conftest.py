@@ -1,0 +1,84 @@
+"""One local Ray cluster per test session; apps deployed from serve_config.yaml as `serve deploy` does."""
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = "http://127.0.0.1:8000"
+APP = "embserve"
+
+
+def load_config() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+
+
+def app_config(config: dict[str, Any]) -> dict[str, Any]:
+    return next(a for a in config["applications"] if a["name"] == APP)
+
+
+def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(d for d in app_config(config)["deployments"] if d["name"] == name)
+
+
+EMBEDDER = "Embedder-all-MiniLM-L6-v2"
+
+
+def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
+    """Apply a Serve config to the running cluster, then wait until the app runs and answers."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    _get_global_client().deploy_apps(schema)
+    deadline = time.time() + timeout_s
+    status = None
+    while time.time() < deadline:
+        app = serve.status().applications.get(APP)
+        status = app.status if app else None
+        if status == "RUNNING":
+            return
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"deploy failed: {app.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"app not running after {timeout_s}s (status {status})")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_cluster) -> Callable[..., dict[str, Any]]:
+    """Deploy serve_config.yaml, optionally changed by `edit(config)`; the app is deleted after the module."""
+    from ray import serve
+
+    def _deploy(edit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        config = copy.deepcopy(load_config())
+        if edit is not None:
+            edit(config)
+        deploy(config)
+        return config
+
+    yield _deploy
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def client() -> httpx.Client:
+    with httpx.Client(base_url=BASE, timeout=60) as c:
+        yield c
