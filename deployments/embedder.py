@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
+from embserve.coalesce import Coalescer
 from embserve.engine import EmbedJob, EmbedResult, Engine, default_token_budget
 from embserve.model import EmbeddingModel, ModelInfo
 from embserve.settings import BatchingConfig, ModelSpec, Settings
@@ -30,10 +32,12 @@ class Embedder:
         self.settings = settings
         self.model = EmbeddingModel(spec, device=settings.device, dtype=settings.dtype)
         budget = default_token_budget(self.model.device, settings.gpu_memory_fraction)
-        self.engine = Engine(self.model, budget)
+        self.engine = Engine(self.model, budget, settings.group_cost_tokens)
         # The engine (model + tokenizer) is touched by this one thread only.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.batching = settings.batching()
+        self._coalescer = Coalescer(self._run, size=lambda job: job.weight,
+                                    max_size=lambda: self.batching.max_batch_size)
         self._apply_batching()
         self.reporter = ReplicaReporter(spec.name)
         self._ongoing = 0
@@ -56,8 +60,10 @@ class Embedder:
     def info(self) -> ModelInfo:
         return self.model.info
 
-    def current_batching(self) -> dict[str, Any]:
-        return self.batching.model_dump()
+    def describe(self) -> dict[str, Any]:
+        """This replica's process and live batching settings (what reconfigure last applied)."""
+        return {"pid": os.getpid(), "model": self.model.info.name, "batching": self.batching.model_dump(),
+                "effective_wait_s": self.batching.effective_wait_s}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward."""
@@ -74,8 +80,13 @@ class Embedder:
         finally:
             self._ongoing -= 1
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=count_inputs)
+    # Batches formed while the model is busy all reach the handler and are coalesced into the next run.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=count_inputs,
+                 max_concurrent_batches=16)
     async def _batch(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+        return await self._coalescer.submit(jobs)
+
+    async def _run(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
         loop = asyncio.get_running_loop()
         results, report = await loop.run_in_executor(self._worker, self.engine.run, jobs, self.batching)
         self.reporter.record_batch(report)

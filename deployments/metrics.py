@@ -9,7 +9,7 @@ from typing import Any
 import ray
 
 from embserve.prometheus import render
-from embserve.stats import Accumulator, Aggregate, Delta, process_memory
+from embserve.stats import Accumulator, Aggregate, Event, process_memory
 
 log = logging.getLogger("ray.serve")
 
@@ -22,9 +22,9 @@ class MetricsActor:
     def __init__(self) -> None:
         self.aggregate = Aggregate()
 
-    def record(self, source_id: str, kind: str, model: str | None, delta: Delta | None,
-               memory: dict[str, Any] | None = None) -> None:
-        self.aggregate.record(source_id, kind, model, delta, memory)
+    def record(self, source_id: str, kind: str, model: str | None, events: list[Event],
+               gauges: dict[str, float] | None = None, memory: dict[str, Any] | None = None) -> None:
+        self.aggregate.record(source_id, kind, model, events, gauges, memory)
 
     def snapshot(self) -> dict[str, Any]:
         return self.aggregate.snapshot()
@@ -48,9 +48,9 @@ def get_metrics_actor(app_name: str):
 
 
 class MetricsShipper:
-    """Sends a source's deltas to the actor every FLUSH_INTERVAL_S, never on a request's path.
+    """Sends a source's events to the actor every FLUSH_INTERVAL_S, never on a request's path.
 
-    A failed send drops that delta and looks the actor up again next time: serving never waits on,
+    A failed send drops those events and looks the actor up again next time: serving never waits on,
     or fails with, the metrics actor.
     """
 
@@ -72,19 +72,18 @@ class MetricsShipper:
             await self.flush()
 
     async def flush(self) -> None:
-        if self.gauges is not None:
-            self.source.delta.gauges.update(self.gauges())
-        delta = self.source.take()
+        events = self.source.take()
+        gauges = self.gauges() if self.gauges is not None else None
         self._ticks += 1
-        # Memory every few seconds, and an empty heartbeat so that idle replicas stay listed.
+        # Memory every few seconds, which is also a heartbeat so that idle sources stay listed.
         memory = process_memory() if self._ticks % 4 == 1 else None
-        if delta is None and memory is None:
+        if not events and memory is None and not gauges:
             return
         try:
             if self._actor is None:
                 self._actor = get_metrics_actor(self.app_name)
             await self._actor.record.remote(self.source.source_id, self.source.kind, self.source.model,
-                                            delta, memory)
-        except Exception as exc:  # the actor is down or restarting: drop this delta, keep serving
+                                            events, gauges, memory)
+        except Exception as exc:  # the actor is down or restarting: drop these events, keep serving
             log.warning("metrics actor unreachable (%s); this report is dropped", type(exc).__name__)
             self._actor = None

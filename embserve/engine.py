@@ -60,10 +60,13 @@ class BatchReport:
 class Engine:
     """Owns the model and its tokenizer; call `run` from one thread only."""
 
-    def __init__(self, model: EmbeddingModel, max_batch_tokens: int) -> None:
+    def __init__(self, model: EmbeddingModel, max_batch_tokens: int, group_cost_tokens: int | None = None) -> None:
         self.model = model
         self.tokenizer = Tokenizer(model.tokenizer, model.max_length, model.vocab_size)
         self.default_max_batch_tokens = max_batch_tokens
+        # A forward's fixed cost dwarfs per-token cost on a GPU; on a CPU it is a few dozen tokens.
+        self.default_group_cost = group_cost_tokens if group_cost_tokens is not None else (
+            512 if model.device == "cuda" else 32)
 
     def run(self, jobs: list[EmbedJob], cfg: BatchingConfig, now: float | None = None) -> tuple[list[EmbedResult], BatchReport]:
         started = time.time() if now is None else now
@@ -80,7 +83,9 @@ class Engine:
         lengths = [len(s) for s in sequences]
         budget = cfg.max_batch_tokens or self.default_max_batch_tokens
         plan = plan_batches(lengths, max_batch_tokens=budget, group_by_length=cfg.enable_length_grouping,
-                            tolerance=cfg.length_group_tolerance, min_group_size=cfg.min_batch_size)
+                            tolerance=cfg.length_group_tolerance, min_group_size=cfg.min_batch_size,
+                            group_cost_tokens=self.default_group_cost if cfg.group_cost_tokens is None
+                            else cfg.group_cost_tokens)
         vectors: list[np.ndarray | None] = [None] * len(sequences)
         t1 = time.perf_counter()
         for group in plan:

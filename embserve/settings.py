@@ -45,6 +45,10 @@ class BatchingConfig(BaseModel):
         None, ge=16, description="Token budget of one forward (inputs x longest length). None: sized "
         "from the hardware at start."
     )
+    group_cost_tokens: int | None = Field(
+        None, ge=0, description="What one more forward costs, in tokens, when length groups are "
+        "planned: higher gives fewer, fuller forwards with more padding. None: 32 on CPU, 512 on GPU."
+    )
 
     @property
     def effective_wait_s(self) -> float:
@@ -123,6 +127,7 @@ class Settings(BaseSettings):
     enable_length_grouping: bool = True
     length_group_tolerance: float = Field(0.2, ge=0, le=1)
     max_batch_tokens: int | None = Field(None, ge=16)
+    group_cost_tokens: int | None = Field(None, ge=0)
 
     # Requests.
     truncate: bool = Field(False, description="Cut over-long inputs instead of answering 400.")
@@ -163,4 +168,5 @@ class Settings(BaseSettings):
             enable_length_grouping=self.enable_length_grouping,
             length_group_tolerance=self.length_group_tolerance,
             max_batch_tokens=self.max_batch_tokens,
+            group_cost_tokens=self.group_cost_tokens,
         )

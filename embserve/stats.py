@@ -1,6 +1,6 @@
 """Counters and histograms: what replicas and ingresses observe, merged into one view of the service.
 
-Sources (replicas, ingresses) accumulate deltas locally and ship them to the metrics actor off the hot
+Sources (replicas, ingresses) keep timestamped events locally and ship them to the metrics actor off the hot
 path; the actor merges them with `Aggregate`. Everything here is plain Python, testable without Ray.
 """
 
@@ -51,6 +51,7 @@ class Histogram:
         def pick(q: float) -> float | None:
             return round(data[min(len(data) - 1, int(q * len(data)))] * scale, 4) if data else None
         return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99),
+                "max": round(data[-1] * scale, 4) if data else None,
                 "mean": round(self.total / self.n * scale, 4) if self.n else None, "count": self.n}
 
 
@@ -68,23 +69,13 @@ def _histograms() -> dict[str, Histogram]:
 COUNTERS = ("requests", "inputs", "tokens", "padded_tokens", "batches", "forwards", "errors")
 
 
-@dataclass
-class Delta:
-    """What one source observed since its last report."""
+@dataclass(frozen=True)
+class Event:
+    """One observation, stamped when it happened, so that a reset can drop what came before it."""
 
-    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    errors: dict[str, int] = field(default_factory=dict)
-    statuses: dict[str, int] = field(default_factory=dict)
-    histograms: dict[str, Histogram] = field(default_factory=_histograms)
-    window: list[tuple[float, int, int]] = field(default_factory=list)  # (time, inputs, tokens)
-    gauges: dict[str, float] = field(default_factory=dict)
-
-    def empty(self) -> bool:
-        return not any(self.counters.values()) and not self.statuses and not self.window
-
-    def add_error(self, kind: str, n: int = 1) -> None:
-        self.counters["errors"] += n
-        self.errors[kind] = self.errors.get(kind, 0) + n
+    at: float
+    kind: str  # "batch" (a replica's BatchReport) or "request" (an ingress's status, seconds, error kind)
+    data: Any
 
 
 def process_memory() -> dict[str, Any]:
@@ -104,19 +95,17 @@ def process_memory() -> dict[str, Any]:
 
 
 class Accumulator:
-    """A source's pending delta; `take` hands it over and starts a new one."""
+    """A source's observations since its last report; `take` hands them over."""
 
     def __init__(self, kind: str, model: str | None) -> None:
         self.kind = kind
         self.model = model
         self.source_id = f"{kind}-{os.getpid()}-{id(self):x}"
-        self.delta = Delta()
+        self.events: list[Event] = []
 
-    def take(self) -> Delta | None:
-        if self.delta.empty():
-            return None
-        delta, self.delta = self.delta, Delta()
-        return delta
+    def take(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
 
 
 class ReplicaReporter(Accumulator):
@@ -124,22 +113,7 @@ class ReplicaReporter(Accumulator):
         super().__init__("replica", model)
 
     def record_batch(self, report: Any) -> None:
-        d = self.delta
-        d.counters["requests"] += report.requests
-        d.counters["inputs"] += report.inputs
-        d.counters["tokens"] += report.tokens
-        d.counters["padded_tokens"] += report.padded_tokens
-        d.counters["batches"] += 1
-        d.counters["forwards"] += report.forwards
-        for kind, n in report.errors.items():
-            d.add_error(kind, n)
-        for q in report.queue_s:
-            d.histograms["queue_s"].observe(q)
-        d.histograms["tokenize_s"].observe(report.tokenize_s)
-        d.histograms["forward_s"].observe(report.forward_s)
-        d.histograms["batch_inputs"].observe(report.inputs)
-        d.histograms["batch_tokens"].observe(report.padded_tokens)
-        d.window.append((time.time(), report.inputs, report.tokens))
+        self.events.append(Event(time.time(), "batch", report))
 
 
 class IngressReporter(Accumulator):
@@ -147,11 +121,7 @@ class IngressReporter(Accumulator):
         super().__init__("ingress", None)
 
     def record_request(self, status: int, seconds: float, error_kind: str | None = None) -> None:
-        d = self.delta
-        d.statuses[str(status)] = d.statuses.get(str(status), 0) + 1
-        d.histograms["request_s"].observe(seconds)
-        if error_kind is not None:
-            d.add_error(error_kind)
+        self.events.append(Event(time.time(), "request", (status, seconds, error_kind)))
 
 
 @dataclass
@@ -167,18 +137,37 @@ class SourceState:
     memory: dict[str, Any] = field(default_factory=dict)
     last_seen: float = 0.0
 
-    def merge(self, delta: Delta, now: float) -> None:
-        for k, v in delta.counters.items():
-            self.counters[k] = self.counters.get(k, 0) + v
-        for k, v in delta.errors.items():
-            self.errors[k] = self.errors.get(k, 0) + v
-        for k, v in delta.statuses.items():
-            self.statuses[k] = self.statuses.get(k, 0) + v
-        for k, h in delta.histograms.items():
-            self.histograms[k].merge(h)
-        self.window.extend(delta.window)
-        self.gauges.update(delta.gauges)
-        self.last_seen = now
+    def add_error(self, kind: str, n: int = 1) -> None:
+        self.counters["errors"] += n
+        self.errors[kind] = self.errors.get(kind, 0) + n
+
+    def apply(self, event: Event) -> None:
+        if event.kind == "batch":
+            report = event.data
+            c = self.counters
+            c["requests"] += report.requests
+            c["inputs"] += report.inputs
+            c["tokens"] += report.tokens
+            c["padded_tokens"] += report.padded_tokens
+            c["batches"] += 1
+            c["forwards"] += report.forwards
+            for kind, n in report.errors.items():
+                self.add_error(kind, n)
+            for q in report.queue_s:
+                self.histograms["queue_s"].observe(q)
+            self.histograms["tokenize_s"].observe(report.tokenize_s)
+            self.histograms["forward_s"].observe(report.forward_s)
+            self.histograms["batch_inputs"].observe(report.inputs)
+            self.histograms["batch_tokens"].observe(report.padded_tokens)
+            self.window.append((event.at, report.inputs, report.tokens))
+        elif event.kind == "request":
+            status, seconds, error_kind = event.data
+            self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+            self.histograms["request_s"].observe(seconds)
+            if error_kind is not None:
+                self.add_error(error_kind)
+
+    def trim_window(self, now: float) -> None:
         while self.window and self.window[0][0] < now - WINDOW_S:
             self.window.popleft()
 
@@ -209,20 +198,27 @@ class Aggregate:
         self.sources: dict[str, SourceState] = {}
         self.reset_at = time.time()
 
-    def record(self, source_id: str, kind: str, model: str | None, delta: Delta | None,
-               memory: dict[str, Any] | None = None, now: float | None = None) -> None:
+    def record(self, source_id: str, kind: str, model: str | None, events: list[Event],
+               gauges: dict[str, float] | None = None, memory: dict[str, Any] | None = None,
+               now: float | None = None) -> None:
+        """Merge a source's report. Events observed before the last reset are dropped, so a reset is
+        exact even for reports that were on their way when it happened."""
         now = time.time() if now is None else now
         state = self.sources.setdefault(source_id, SourceState(kind, model))
-        if delta is not None:
-            state.merge(delta, now)
-        else:
-            state.last_seen = now
+        for event in events:
+            if event.at >= self.reset_at:
+                state.apply(event)
+        state.trim_window(now)
+        state.last_seen = now
+        if gauges:
+            state.gauges.update(gauges)
         if memory is not None:
             state.memory = memory
 
     def reset(self) -> None:
         # Keep who is there (and their memory); zero what they counted.
-        self.sources = {sid: SourceState(s.kind, s.model, memory=s.memory, last_seen=s.last_seen)
+        self.sources = {sid: SourceState(s.kind, s.model, memory=s.memory, last_seen=s.last_seen,
+                                         gauges=dict(s.gauges))
                         for sid, s in self.sources.items()}
         self.reset_at = time.time()
 

@@ -1,0 +1,124 @@
+"""The batching engine through the real service: re-tuning, concurrency, padding, batch independence."""
+
+import concurrent.futures as cf
+import time
+
+import numpy as np
+import pytest
+from ray import serve
+
+from tests.integration.conftest import APP, EMBEDDER, deploy, deployment
+from tests.texts import mixed_texts
+
+pytestmark = pytest.mark.integration
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def config(serve_app):
+    return serve_app()
+
+
+def describe() -> dict:
+    return serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()
+
+
+def embed(client, texts, **extra):
+    response = client.post("/v1/embeddings", json={"model": MODEL, "input": texts, "encoding_format": "float", **extra})
+    assert response.status_code == 200, response.text
+    return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+
+
+def performance(client) -> dict:
+    time.sleep(1.2)  # replicas report every 0.5 s
+    return client.get("/v1/performance").json()
+
+
+def test_user_config_retunes_running_replicas_without_restart(config, client):
+    before = describe()
+    assert before["batching"]["max_batch_size"] == deployment(config, EMBEDDER)["user_config"]["max_batch_size"]
+    deployment(config, EMBEDDER)["user_config"].update(max_batch_size=4, enable_dynamic_batching=False)
+    deploy(config)
+    after = describe()
+    assert after["pid"] == before["pid"]  # same process: re-tuned, not restarted
+    assert after["batching"]["max_batch_size"] == 4
+    assert after["effective_wait_s"] == 0.0
+
+    client.post("/v1/performance/reset")
+    texts = mixed_texts(24, seed=3)
+    with cf.ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda t: embed(client, t), texts))
+    batches = performance(client)["batch_inputs"]
+    assert batches["max"] <= 4  # the new max_batch_size holds inputs, not requests
+
+    deployment(config, EMBEDDER)["user_config"].update(max_batch_size=32, enable_dynamic_batching=True)
+    deploy(config)
+    assert describe()["batching"]["max_batch_size"] == 32 and describe()["pid"] == before["pid"]
+
+
+def test_64_concurrent_mixed_truncate_requests_all_get_right_vectors(config, client, reference):
+    """Truncation on and off, long and short, at once: the tokenizer is never shared across threads."""
+    short = mixed_texts(32, seed=5)
+    long = ["word " * 300 + text for text in short[:16]]
+    jobs = [(text, None) for text in short] + [(text, True) for text in long] + [(text, True) for text in short[:16]]
+    want_short = dict(zip(short, reference(short)))
+    want_long = dict(zip(long, reference(long)))  # sentence-transformers truncates at 256 too
+
+    def call(job):
+        text, truncate = job
+        extra = {"truncate": truncate} if truncate is not None else {}
+        return job, embed(client, text, **extra)[0]
+
+    with cf.ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(call, jobs))
+    assert len(results) == 64
+    for (text, _), vec in results:
+        want = want_short.get(text, want_long.get(text))
+        assert np.abs(vec - want).max() <= 1e-5
+
+
+def test_vectors_do_not_depend_on_batch_companions(config, client):
+    probe = "How do I embed text with a batching server?"
+    alone = embed(client, probe)[0]
+    noise = mixed_texts(40, seed=9)
+    with cf.ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(embed, client, t) for t in noise[:20]]
+        busy = pool.submit(embed, client, [noise[20], probe, noise[21]])
+        futures += [pool.submit(embed, client, t) for t in noise[22:]]
+        cf.wait(futures)
+        in_batch = busy.result()[1]
+    assert np.abs(alone - in_batch).max() <= 1e-5
+
+
+def test_32_concurrent_clients_fill_batches_with_little_padding(config, client):
+    texts = mixed_texts(192, seed=11)
+    embed(client, texts[:4], truncate=True)  # warm up
+    client.post("/v1/performance/reset")
+
+    def worker(k: int) -> None:
+        for text in texts[k::32]:
+            embed(client, text, truncate=True)  # a few docstrings pass 256 tokens
+
+    with cf.ThreadPoolExecutor(32) as pool:
+        list(pool.map(worker, range(32)))
+    perf = performance(client)
+    assert perf["totals"]["inputs"] == len(texts)
+    assert perf["padding_efficiency"] >= 0.95
+    assert perf["batch_inputs"]["mean"] >= 3  # batches hold several inputs
+    assert perf["totals"]["padded_tokens"] >= perf["totals"]["tokens"]
+
+
+def test_one_bad_request_does_not_fail_its_batch_companions(config, client):
+    good = mixed_texts(12, seed=13)
+
+    def good_call(text):
+        return client.post("/v1/embeddings", json={"model": MODEL, "input": text}).status_code
+
+    def bad_call(_):
+        return client.post("/v1/embeddings", json={"model": MODEL, "input": ["fine", "word " * 400]}).status_code
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        goods = [pool.submit(good_call, t) for t in good]
+        bads = [pool.submit(bad_call, i) for i in range(4)]
+        assert [f.result() for f in goods] == [200] * len(good)
+        assert [f.result() for f in bads] == [400] * 4
