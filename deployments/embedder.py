@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
+from ray.serve import metrics as ray_metrics
 
 from embserve.coalesce import Coalescer
 from embserve.engine import EmbedJob, EmbedResult, Engine, default_token_budget
@@ -41,6 +42,16 @@ class Embedder:
         self._apply_batching()
         self.reporter = ReplicaReporter(spec.name)
         self._ongoing = 0
+        # Ray's own metrics pipeline (Prometheus via the Ray dashboard agent, Grafana) sees these too.
+        self._ray_inputs = ray_metrics.Counter("embserve_replica_inputs", "Inputs embedded by this replica.",
+                                               tag_keys=("model",))
+        self._ray_padded = ray_metrics.Counter("embserve_replica_padded_tokens", "Tokens sent to the model.",
+                                               tag_keys=("model",))
+        self._ray_forward = ray_metrics.Histogram("embserve_replica_forward_seconds", "Forward time per batch.",
+                                                  boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+                                                  tag_keys=("model",))
+        for metric in (self._ray_inputs, self._ray_padded, self._ray_forward):
+            metric.set_default_tags({"model": spec.name})
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
                                       gauges=lambda: {"queue_size": self._ongoing})
         log.info("embedder %s ready: device=%s dtype=%s max_length=%d token_budget=%d batching=%s",
@@ -90,4 +101,8 @@ class Embedder:
         loop = asyncio.get_running_loop()
         results, report = await loop.run_in_executor(self._worker, self.engine.run, jobs, self.batching)
         self.reporter.record_batch(report)
+        if report.inputs:
+            self._ray_inputs.inc(report.inputs)
+            self._ray_padded.inc(report.padded_tokens)
+            self._ray_forward.observe(report.forward_s)
         return results

@@ -1,0 +1,133 @@
+"""Aggregated metrics through the real service: exact totals, per-replica sums, Prometheus, actor faults."""
+
+import concurrent.futures as cf
+import time
+
+import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+
+from deployments.metrics import NAMESPACE, actor_name
+from tests.integration.conftest import APP, EMBEDDER, deployment
+from tests.texts import mixed_texts
+
+pytestmark = pytest.mark.integration
+MODEL = "all-MiniLM-L6-v2"
+
+
+def two_replicas(config) -> None:
+    embedder = deployment(config, EMBEDDER)
+    embedder.pop("autoscaling_config", None)
+    embedder["num_replicas"] = 2
+    embedder["ray_actor_options"] = {"num_cpus": 0.5}  # two replicas beside the ingress on a 2-CPU cluster
+
+
+@pytest.fixture(scope="module", autouse=True)
+def config(serve_app):
+    return serve_app(two_replicas)
+
+
+def settle(client, until, timeout_s: float = 10.0) -> dict:
+    """Replicas report every 0.5 s: poll until the figures say what `until` wants (or time out)."""
+    deadline = time.time() + timeout_s
+    while True:
+        perf = client.get("/v1/performance").json()
+        if until(perf) or time.time() > deadline:
+            return perf
+        time.sleep(0.25)
+
+
+def load(client, requests: list[list[str]], concurrency: int = 8) -> None:
+    def post(texts):
+        r = client.post("/v1/embeddings", json={"model": MODEL, "input": texts, "truncate": True})
+        assert r.status_code == 200, r.text
+
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(post, requests))
+
+
+def test_totals_after_reset_count_exactly_the_requests_and_inputs_sent(client):
+    texts = mixed_texts(60, seed=21)
+    requests = [texts[i : i + 1 + i % 3] for i in range(0, 50, 2)]  # 25 requests of 1-3 inputs
+    n, m = len(requests), sum(len(r) for r in requests)
+    assert client.post("/v1/performance/reset").status_code == 200
+    load(client, requests)
+    perf = settle(client, lambda p: p["totals"]["requests"] >= n)
+    assert perf["totals"]["requests"] == n
+    assert perf["totals"]["inputs"] == m
+    assert perf["totals"]["errors"] == 0
+    assert perf["http"]["requests_by_status"] == {"200": n}
+    time.sleep(1.0)  # and nothing more arrives later
+    assert client.get("/v1/performance").json()["totals"]["requests"] == n
+
+
+def test_two_replicas_totals_are_the_sum_of_per_replica_figures(client):
+    client.post("/v1/performance/reset")
+    texts = mixed_texts(96, seed=22)
+    load(client, [[t] for t in texts], concurrency=16)
+    perf = settle(client, lambda p: p["totals"]["inputs"] >= len(texts))
+    live = [r for r in perf["replicas"] if r["model"] == MODEL and r["last_seen_s_ago"] < 5]
+    assert len(live) == 2
+    for key in ("requests", "inputs", "tokens", "padded_tokens", "batches"):
+        assert perf["totals"][key] == sum(r["totals"][key] for r in perf["replicas"]), key
+    assert all(r["totals"]["inputs"] > 0 for r in live)  # Serve spread the load over both
+    assert perf["models"][MODEL]["totals"]["inputs"] == len(texts)
+
+
+def test_performance_reports_latency_stages_padding_and_memory(client):
+    client.post("/v1/performance/reset")
+    load(client, [[t] for t in mixed_texts(16, seed=23)])
+    perf = settle(client, lambda p: p["totals"]["inputs"] >= 16)
+    assert 0 < perf["padding_efficiency"] <= 1
+    assert perf["padding_efficiency"] == round(perf["totals"]["tokens"] / perf["totals"]["padded_tokens"], 4)
+    for stage in ("request", "queue", "tokenize", "forward"):
+        lat = perf["latency_ms"][stage]
+        assert lat["count"] > 0 and lat["p50"] <= lat["p95"] <= lat["p99"]
+    assert perf["throughput"]["inputs_per_s"] > 0
+    assert perf["batch_inputs"]["count"] == perf["totals"]["batches"]
+    assert perf["memory"]["process"]["rss_bytes"] > 50_000_000  # a replica holds a model
+
+
+def test_errors_are_counted_by_kind(client):
+    client.post("/v1/performance/reset")
+    assert client.post("/v1/embeddings", json={"model": "nope", "input": "x"}).status_code == 404
+    assert client.post("/v1/embeddings", json={"model": MODEL, "input": ""}).status_code == 400
+    assert client.post("/v1/embeddings", json={"model": MODEL, "input": "w " * 400}).status_code == 400
+    perf = settle(client, lambda p: p["totals"]["errors"] >= 3)
+    assert perf["totals"]["errors"] == 3
+    assert perf["errors"] == {"ModelNotFound": 1, "InvalidRequest": 1, "InputTooLong": 1}
+    assert perf["http"]["requests_by_status"] == {"404": 1, "400": 2}
+
+
+def test_prometheus_metrics_parse_and_agree_with_performance(client):
+    client.post("/v1/performance/reset")
+    load(client, [[t] for t in mixed_texts(12, seed=24)])
+    settle(client, lambda p: p["totals"]["inputs"] >= 12)
+    text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("embserve_requests", "embserve_request_duration_seconds", "embserve_queue_duration_seconds",
+                 "embserve_tokenize_duration_seconds", "embserve_forward_duration_seconds",
+                 "embserve_batch_inputs", "embserve_batch_tokens", "embserve_padding_efficiency",
+                 "embserve_queue_size"):
+        assert name in families, name
+    requests = {s.labels["status"]: s.value for s in families["embserve_requests"].samples
+                if s.name == "embserve_requests_total"}
+    assert requests == {"200": 12.0}
+    inputs = [s.value for s in families["embserve_inputs"].samples if s.name == "embserve_inputs_total"]
+    assert inputs == [12.0]
+    count = [s.value for s in families["embserve_request_duration_seconds"].samples
+             if s.name == "embserve_request_duration_seconds_count"]
+    assert count == [12.0]
+
+
+def test_serving_goes_on_while_the_metrics_actor_is_down_and_it_comes_back(client):
+    actor = ray.get_actor(actor_name(APP), namespace=NAMESPACE)
+    ray.kill(actor, no_restart=True)
+    for text in mixed_texts(5, seed=25):
+        r = client.post("/v1/embeddings", json={"model": MODEL, "input": text})
+        assert r.status_code == 200
+    # The next metrics call creates a fresh actor; replicas find it on their next report.
+    assert client.post("/v1/performance/reset").status_code == 200
+    load(client, [[t] for t in mixed_texts(6, seed=26)])
+    perf = settle(client, lambda p: p["totals"]["inputs"] >= 6)
+    assert perf["totals"]["inputs"] == 6
