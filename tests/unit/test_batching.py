@@ -1,0 +1,214 @@
+"""The batch planner as plain data: properties over random token lengths, plus examples of its knobs."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from embserve.batching import merge_small_groups, padded_size, plan_batches, plan_stats
+
+lengths_st = st.lists(st.integers(min_value=1, max_value=512), min_size=0, max_size=120)
+budget_st = st.integers(min_value=1, max_value=8192)
+tolerance_st = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
+cost_st = st.integers(min_value=0, max_value=1024)
+fast = settings(max_examples=150, deadline=None)
+
+
+def _flatten(plan: list[list[int]]) -> list[int]:
+    return [i for group in plan for i in group]
+
+
+@fast
+@given(lengths_st, budget_st, st.booleans(), tolerance_st, st.integers(1, 8), cost_st)
+def test_every_input_is_placed_exactly_once(lengths, budget, grouping, tolerance, min_group, cost):
+    plan = plan_batches(lengths, max_batch_tokens=budget, group_by_length=grouping, tolerance=tolerance,
+                        min_group_size=min_group, group_cost_tokens=cost)
+    assert sorted(_flatten(plan)) == list(range(len(lengths)))
+    assert all(plan), "no empty groups"
+
+
+@fast
+@given(lengths_st, budget_st, tolerance_st, cost_st)
+def test_length_groups_hold_lengths_within_tolerance_of_their_longest(lengths, budget, tolerance, cost):
+    plan = plan_batches(lengths, max_batch_tokens=budget, tolerance=tolerance, group_cost_tokens=cost)
+    for group in plan:
+        sizes = [lengths[i] for i in group]
+        assert min(sizes) >= max(sizes) * (1.0 - tolerance)
+
+
+@fast
+@given(lengths_st, budget_st, st.booleans(), tolerance_st, st.integers(1, 8), cost_st)
+def test_padded_size_stays_within_budget_unless_group_is_one_input(lengths, budget, grouping, tolerance,
+                                                                    min_group, cost):
+    plan = plan_batches(lengths, max_batch_tokens=budget, group_by_length=grouping, tolerance=tolerance,
+                        min_group_size=min_group, group_cost_tokens=cost)
+    for group in plan:
+        assert len(group) == 1 or len(group) * max(lengths[i] for i in group) <= budget
+        assert padded_size(lengths, group) == len(group) * max(lengths[i] for i in group)
+
+
+@fast
+@given(lengths_st, budget_st)
+def test_grouping_off_keeps_arrival_order(lengths, budget):
+    plan = plan_batches(lengths, max_batch_tokens=budget, group_by_length=False)
+    assert _flatten(plan) == list(range(len(lengths)))
+
+
+@fast
+@given(lengths_st, budget_st)
+def test_grouping_off_fills_each_group_until_the_next_input_would_break_the_budget(lengths, budget):
+    plan = plan_batches(lengths, max_batch_tokens=budget, group_by_length=False)
+    for group, following in zip(plan, plan[1:]):
+        grown = group + [following[0]]
+        assert padded_size(lengths, grown) > budget
+
+
+@fast
+@given(lengths_st, budget_st, tolerance_st, st.integers(1, 10), cost_st, st.booleans())
+def test_merging_small_groups_keeps_budget_and_never_adds_groups(lengths, budget, tolerance, min_group, cost,
+                                                                  grouping):
+    base = plan_batches(lengths, max_batch_tokens=budget, group_by_length=grouping, tolerance=tolerance,
+                        group_cost_tokens=cost)
+    merged = merge_small_groups(lengths, base, min_group, budget)
+    assert len(merged) <= len(base)
+    assert sorted(_flatten(merged)) == list(range(len(lengths)))
+    for group in merged:
+        assert len(group) == 1 or padded_size(lengths, group) <= budget
+    # Merging only joins groups: every original group lies whole inside one merged group.
+    where = {i: k for k, group in enumerate(merged) for i in group}
+    for group in base:
+        assert len({where[i] for i in group}) == 1
+
+
+@fast
+@given(lengths_st, budget_st, tolerance_st, st.integers(2, 10))
+def test_merging_leaves_a_small_group_only_where_no_neighbour_has_room(lengths, budget, tolerance, min_group):
+    base = plan_batches(lengths, max_batch_tokens=budget, tolerance=tolerance)
+    merged = merge_small_groups(lengths, base, min_group, budget)
+    for k, group in enumerate(merged):
+        if len(group) < min_group:
+            for j in (k - 1, k + 1):
+                if 0 <= j < len(merged):
+                    assert padded_size(lengths, merged[j] + group) > budget
+
+
+@fast
+@given(st.lists(st.integers(1, 512), min_size=1, max_size=120), budget_st, st.booleans(), tolerance_st,
+       st.integers(1, 8))
+def test_padding_efficiency_is_in_zero_one(lengths, budget, grouping, tolerance, min_group):
+    plan = plan_batches(lengths, max_batch_tokens=budget, group_by_length=grouping, tolerance=tolerance,
+                        min_group_size=min_group)
+    stats = plan_stats(lengths, plan)
+    assert 0.0 < stats.padding_efficiency <= 1.0
+    assert stats.inputs == len(lengths)
+    assert stats.tokens == sum(lengths)
+    assert stats.groups == len(plan)
+    assert stats.padded_tokens >= stats.tokens
+
+
+def _brute_force_cost(lengths: list[int], budget: int, tolerance: float, cost: int) -> int:
+    """Cheapest valid partition of the sorted lengths into contiguous runs, by trying all cut sets."""
+    s = sorted(lengths)
+    n = len(s)
+    best = None
+    for cuts in itertools.product((False, True), repeat=max(n - 1, 0)):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+        total = 0
+        for a, b in zip(bounds, bounds[1:]):
+            run = s[a:b]
+            if run[0] < run[-1] * (1.0 - tolerance) or (len(run) > 1 and len(run) * run[-1] > budget):
+                break
+            total += len(run) * run[-1] + cost
+        else:
+            best = total if best is None else min(best, total)
+    assert best is not None
+    return best
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=9), st.integers(16, 400), tolerance_st,
+       st.integers(0, 64))
+def test_length_groups_are_the_cheapest_valid_partition(lengths, budget, tolerance, cost):
+    plan = plan_batches(lengths, max_batch_tokens=budget, tolerance=tolerance, group_cost_tokens=cost)
+    got = sum(padded_size(lengths, g) for g in plan) + cost * len(plan)
+    assert got == _brute_force_cost(lengths, budget, tolerance, cost)
+
+
+def test_length_groups_come_out_shortest_first():
+    lengths = [300, 12, 150, 11, 290, 149]
+    plan = plan_batches(lengths, max_batch_tokens=8192, tolerance=0.1)
+    assert plan == [[3, 1], [5, 2], [4, 0]]
+
+
+def test_tolerance_decides_whether_near_lengths_share_a_forward():
+    lengths = [90, 100]
+    # 90 is within 20% of 100: one forward of 2 x 100 is cheaper than two forwards.
+    assert plan_batches(lengths, max_batch_tokens=8192, tolerance=0.2, group_cost_tokens=32) == [[0, 1]]
+    # With no tolerance only equal lengths may share a forward.
+    assert plan_batches(lengths, max_batch_tokens=8192, tolerance=0.0, group_cost_tokens=32) == [[0], [1]]
+
+
+def test_full_tolerance_still_splits_when_padding_costs_more_than_a_forward():
+    lengths = [10, 10, 10, 100]
+    plan = plan_batches(lengths, max_batch_tokens=8192, tolerance=1.0, group_cost_tokens=32)
+    assert plan == [[0, 1, 2], [3]]
+    stats = plan_stats(lengths, plan)
+    assert stats.padded_tokens == 130 and stats.padding_efficiency == 1.0
+
+
+def test_higher_group_cost_gives_fewer_fuller_forwards():
+    lengths = [10, 10, 10, 100]
+    plan = plan_batches(lengths, max_batch_tokens=8192, tolerance=1.0, group_cost_tokens=1000)
+    assert plan == [[0, 1, 2, 3]]
+
+
+def test_min_group_size_merges_small_groups_into_a_neighbour():
+    lengths = [10, 10, 10, 100, 100, 100]
+    split = plan_batches(lengths, max_batch_tokens=8192, tolerance=0.2)
+    assert split == [[0, 1, 2], [3, 4, 5]]
+    merged = plan_batches(lengths, max_batch_tokens=8192, tolerance=0.2, min_group_size=4)
+    assert merged == [[0, 1, 2, 3, 4, 5]]
+    assert plan_stats(lengths, merged).padding_efficiency < plan_stats(lengths, split).padding_efficiency
+
+
+def test_min_group_size_does_not_merge_past_the_budget():
+    lengths = [10, 10, 10, 100, 100, 100]
+    plan = plan_batches(lengths, max_batch_tokens=500, tolerance=0.2, min_group_size=4)
+    assert plan == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_small_group_joins_the_neighbour_that_pads_least():
+    lengths = [10, 50, 52, 54]
+    groups = [[0], [1], [2, 3]]
+    # [0]+[1] pads to 2 x 50 = 100; [1]+[2,3] pads to 3 x 54 = 162: the single 10 goes left of [1].
+    assert merge_small_groups(lengths, groups, 2, 8192) == [[0, 1], [2, 3]]
+
+
+def test_input_longer_than_budget_gets_a_forward_of_its_own():
+    lengths = [600, 20, 20]
+    for grouping in (True, False):
+        plan = plan_batches(lengths, max_batch_tokens=512, group_by_length=grouping, tolerance=1.0)
+        assert [0] in plan
+        assert sorted(_flatten(plan)) == [0, 1, 2]
+
+
+def test_budget_splits_equal_lengths_into_the_fewest_groups_that_fit():
+    plan = plan_batches([100] * 10, max_batch_tokens=400, tolerance=0.0, group_cost_tokens=32)
+    assert len(plan) == 3
+    assert all(len(g) <= 4 for g in plan)
+
+
+def test_no_inputs_make_an_empty_plan_with_perfect_efficiency():
+    assert plan_batches([], max_batch_tokens=100) == []
+    assert plan_batches([], max_batch_tokens=100, group_by_length=False) == []
+    stats = plan_stats([], [])
+    assert stats.padded_tokens == 0 and stats.padding_efficiency == 1.0
+
+
+@pytest.mark.parametrize("budget", [0, -5])
+def test_non_positive_budget_is_refused(budget):
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        plan_batches([1, 2], max_batch_tokens=budget)
