@@ -1,0 +1,227 @@
+"""Settings: EMB_PROVIDER_* variables, the .env file, serve_config args, and the batching knobs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from embserve.settings import BUNDLED_MODEL, BUNDLED_MODEL_NAME, BatchingConfig, ModelSpec, Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    """No EMB_PROVIDER_* from the developer's shell and no .env of the checkout leak into a test."""
+    for name in list(os.environ):
+        if name.upper().startswith("EMB_PROVIDER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _keys(settings: Settings) -> list[str]:
+    # Keys may be held as secrets; compare what they hold.
+    return [k.get_secret_value() if hasattr(k, "get_secret_value") else k for k in settings.api_key]
+
+
+def test_defaults_serve_the_bundled_model_with_dynamic_batching():
+    s = Settings()
+    assert s.model == BUNDLED_MODEL
+    assert s.model_name == BUNDLED_MODEL_NAME
+    assert s.max_batch_size == 32
+    assert s.max_wait_time_ms == 5.0
+    assert s.enable_dynamic_batching and s.enable_length_grouping
+    assert s.truncate is False
+    assert _keys(s) == []
+    [spec] = s.model_specs()
+    assert spec.name == BUNDLED_MODEL_NAME and spec.source == BUNDLED_MODEL
+
+
+def test_prefixed_env_vars_set_fields(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_MAX_BATCH_SIZE", "64")
+    monkeypatch.setenv("EMB_PROVIDER_MAX_WAIT_TIME_MS", "12.5")
+    monkeypatch.setenv("EMB_PROVIDER_ENABLE_LENGTH_GROUPING", "false")
+    monkeypatch.setenv("EMB_PROVIDER_TRUNCATE", "true")
+    monkeypatch.setenv("EMB_PROVIDER_MODEL_NAME", "mini")
+    monkeypatch.setenv("EMB_PROVIDER_DEVICE", "cpu")
+    s = Settings()
+    assert s.max_batch_size == 64
+    assert s.max_wait_time_ms == 12.5
+    assert s.enable_length_grouping is False
+    assert s.truncate is True
+    assert s.model_name == "mini" and s.device == "cpu"
+
+
+def test_unprefixed_env_vars_are_ignored(monkeypatch):
+    monkeypatch.setenv("MAX_BATCH_SIZE", "64")
+    assert Settings().max_batch_size == 32
+
+
+def test_invalid_env_value_is_rejected(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValidationError, match="max_batch_size"):
+        Settings()
+    monkeypatch.setenv("EMB_PROVIDER_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("EMB_PROVIDER_DEVICE", "tpu")
+    with pytest.raises(ValidationError, match="device"):
+        Settings()
+
+
+def test_dotenv_file_in_working_directory_sets_fields(clean_env):
+    (clean_env / ".env").write_text("EMB_PROVIDER_MAX_BATCH_SIZE=7\nEMB_PROVIDER_MODEL_NAME=from-dotenv\n")
+    s = Settings()
+    assert s.max_batch_size == 7
+    assert s.model_name == "from-dotenv"
+
+
+def test_precedence_is_args_then_env_then_dotenv_then_defaults(clean_env, monkeypatch):
+    (clean_env / ".env").write_text(
+        "EMB_PROVIDER_MAX_BATCH_SIZE=7\nEMB_PROVIDER_MIN_BATCH_SIZE=3\nEMB_PROVIDER_MAX_INPUT_CHARS=99\n"
+    )
+    monkeypatch.setenv("EMB_PROVIDER_MAX_BATCH_SIZE", "9")
+    monkeypatch.setenv("EMB_PROVIDER_MIN_BATCH_SIZE", "4")
+    s = Settings(max_batch_size=11)
+    assert s.max_batch_size == 11  # args beat env and .env
+    assert s.min_batch_size == 4  # env beats .env
+    assert s.max_input_chars == 99  # .env beats the default
+    assert s.max_inputs_per_request == 2048  # the default where nobody says otherwise
+
+
+def test_serve_config_style_args_validate_like_env(clean_env):
+    s = Settings.model_validate({"max_batch_size": "16", "enable_dynamic_batching": "false"})
+    assert s.max_batch_size == 16 and s.enable_dynamic_batching is False
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        Settings(max_batch_sise=3)
+
+
+def test_api_keys_are_comma_separated_and_trimmed(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_API_KEY", " alpha, beta ,,gamma ")
+    assert _keys(Settings()) == ["alpha", "beta", "gamma"]
+
+
+def test_single_api_key_and_list_arg_both_work(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_API_KEY", "only")
+    assert _keys(Settings()) == ["only"]
+    assert _keys(Settings(api_key=["x", "y"])) == ["x", "y"]
+    assert _keys(Settings(api_key="x,y")) == ["x", "y"]
+
+
+def test_api_keys_from_dotenv(clean_env):
+    (clean_env / ".env").write_text("EMB_PROVIDER_API_KEY=k1,k2\n")
+    assert _keys(Settings()) == ["k1", "k2"]
+
+
+def test_model_aliases_are_comma_separated(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_MODEL_ALIASES", "mini, small")
+    s = Settings()
+    assert s.model_aliases == ["mini", "small"]
+    assert s.model_specs()[0].aliases == ["mini", "small"]
+
+
+def test_single_model_spec_is_built_from_flat_fields():
+    s = Settings(model="/models/x", model_name="x", model_aliases=["y"], pooling="cls", max_length=128,
+                 normalize=False)
+    assert s.model_specs() == [ModelSpec(name="x", source="/models/x", aliases=["y"], pooling="cls",
+                                         max_length=128, normalize=False)]
+
+
+def test_models_list_overrides_the_flat_model_fields():
+    s = Settings(model_name="ignored", models=[{"name": "a"}, {"name": "b", "aliases": ["bee"], "pooling": "mean"}])
+    specs = s.model_specs()
+    assert [spec.name for spec in specs] == ["a", "b"]
+    assert specs[1].aliases == ["bee"] and specs[1].pooling == "mean"
+    assert all(spec.source == BUNDLED_MODEL for spec in specs)
+
+
+def test_models_list_from_env_json(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_MODELS", '[{"name": "a"}, {"name": "b", "max_length": 64}]')
+    specs = Settings().model_specs()
+    assert [(spec.name, spec.max_length) for spec in specs] == [("a", None), ("b", 64)]
+
+
+@pytest.mark.parametrize(
+    "models",
+    [
+        [{"name": "a"}, {"name": "a"}],
+        [{"name": "a"}, {"name": "b", "aliases": ["a"]}],
+        [{"name": "a", "aliases": ["x"]}, {"name": "b", "aliases": ["x"]}],
+        [{"name": "a", "aliases": ["a"]}],
+    ],
+)
+def test_duplicate_model_names_or_aliases_are_rejected(models):
+    with pytest.raises(ValidationError, match="used twice"):
+        Settings(models=models)
+
+
+def test_single_model_alias_equal_to_its_name_is_rejected():
+    with pytest.raises(ValidationError, match="used twice"):
+        Settings(model_name="m", model_aliases=["m"])
+
+
+def test_model_spec_refuses_unknown_fields_and_bad_pooling():
+    with pytest.raises(ValidationError):
+        ModelSpec(name="a", colour="blue")
+    with pytest.raises(ValidationError):
+        ModelSpec(name="a", pooling="max")
+    with pytest.raises(ValidationError):
+        ModelSpec(name="a", max_length=1)
+
+
+def test_deployment_name_is_safe_for_ray():
+    assert ModelSpec(name="org/model v2").deployment_name == "Embedder-org-model-v2"
+    assert ModelSpec(name="all-MiniLM-L6-v2").deployment_name == "Embedder-all-MiniLM-L6-v2"
+
+
+def test_batching_config_carries_settings_with_wait_in_seconds():
+    cfg = Settings(max_batch_size=8, max_wait_time_ms=20, min_batch_size=2, enable_length_grouping=False,
+                   length_group_tolerance=0.5, max_batch_tokens=4096, group_cost_tokens=64).batching()
+    assert cfg == BatchingConfig(max_batch_size=8, batch_wait_timeout_s=0.02, min_batch_size=2,
+                                 enable_length_grouping=False, length_group_tolerance=0.5,
+                                 max_batch_tokens=4096, group_cost_tokens=64)
+
+
+def test_updated_maps_max_wait_time_ms_to_seconds_and_keeps_other_values():
+    base = BatchingConfig(max_batch_size=8, min_batch_size=2)
+    new = base.updated({"max_wait_time_ms": 50})
+    assert new.batch_wait_timeout_s == pytest.approx(0.05)
+    assert new.max_batch_size == 8 and new.min_batch_size == 2
+    assert base.batch_wait_timeout_s == 0.005, "the original is left as it was"
+
+
+def test_updated_sets_named_keys():
+    new = BatchingConfig().updated({"max_batch_size": 4, "enable_length_grouping": False, "max_batch_tokens": 1024})
+    assert (new.max_batch_size, new.enable_length_grouping, new.max_batch_tokens) == (4, False, 1024)
+
+
+@pytest.mark.parametrize("user_config", [None, {}])
+def test_updated_with_no_user_config_changes_nothing(user_config):
+    base = BatchingConfig(max_batch_size=3)
+    assert base.updated(user_config) == base
+
+
+@pytest.mark.parametrize(
+    "user_config",
+    [
+        {"max_batch_sise": 4},
+        {"max_batch_size": 0},
+        {"length_group_tolerance": 1.5},
+        {"max_batch_tokens": 8},
+        {"max_wait_time_ms": 20_000},
+        {"max_wait_time_ms": -1},
+        {"batch_wait_timeout_s": -0.1},
+    ],
+)
+def test_updated_rejects_unknown_or_invalid_keys(user_config):
+    with pytest.raises(ValidationError):
+        BatchingConfig().updated(user_config)
+
+
+def test_effective_wait_is_zero_when_dynamic_batching_is_off():
+    cfg = BatchingConfig(batch_wait_timeout_s=0.05)
+    assert cfg.effective_wait_s == 0.05
+    assert cfg.updated({"enable_dynamic_batching": False}).effective_wait_s == 0.0
+    assert Settings(enable_dynamic_batching=False, max_wait_time_ms=30).batching().effective_wait_s == 0.0
