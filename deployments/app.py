@@ -21,6 +21,7 @@ def build_app(args: Settings) -> Application:
         options.update(spec.deployment)
         batching = args.batching()
         options.setdefault("max_ongoing_requests", max(64, 2 * batching.max_batch_size))
+        options.setdefault("max_queued_requests", args.max_queued_requests)
         embedders.append(Embedder.options(**options).bind(spec, args))
     return Ingress.bind(args, *embedders)
 

@@ -88,6 +88,9 @@ class Embedder:
         self._ongoing += 1
         try:
             return await self._batch(job)
+        except asyncio.CancelledError:
+            job.cancelled = True  # if it already sits in a coalesced run, that run skips it
+            raise
         finally:
             self._ongoing -= 1
 

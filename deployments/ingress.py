@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -73,6 +74,16 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code)
 
 
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """A bug or an infrastructure failure: still OpenAI's shape, and logged with its traceback."""
+    log.exception("unexpected error on %s", request.url.path)
+    request.state.error_kind = type(exc).__name__
+    body = {"error": {"message": f"internal error ({type(exc).__name__})", "type": "server_error",
+                      "param": None, "code": None}}
+    return JSONResponse(body, status_code=500)
+
+
 @app.middleware("http")
 async def _account(request: Request, call_next):
     """Every embedding request is counted with its status and latency, rejected ones included."""
@@ -130,7 +141,7 @@ class Ingress:
             self.models.append(route)
             for name in (spec.name, *spec.aliases):
                 self.routes[name] = route
-        self.keys = [k.encode() for k in settings.api_key]
+        self.keys = [k.encode() for k in settings.api_keys()]
         self.created = int(time.time())
         app.state.max_body_bytes = settings.max_body_bytes
         self.app_name = serve.get_replica_context().app_name
@@ -184,14 +195,21 @@ class Ingress:
         return Response(content=content, media_type="application/json", headers=headers)
 
     async def _call(self, route: ModelRoute, job: EmbedJob) -> Any:
-        call = route.handle.embed.remote(job)
-        try:
-            return await asyncio.wait_for(call, timeout=self.settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            call.cancel()
-            raise RequestTimeout(f"no answer within {self.settings.request_timeout_s} s") from None
-        except BackPressureError:
-            raise Overloaded("the embedding replicas' queues are full; retry shortly") from None
+        """One call to the model's replicas; a replica that dies under it gets one retry elsewhere."""
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        for attempt in (1, 2):
+            call = route.handle.embed.remote(job)
+            try:
+                return await asyncio.wait_for(call, timeout=max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                call.cancel()
+                raise RequestTimeout(f"no answer within {self.settings.request_timeout_s} s") from None
+            except BackPressureError:
+                raise Overloaded("the embedding replicas' queues are full; retry shortly") from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as exc:
+                log.warning("replica of %s failed under a request (attempt %d): %s", route.name, attempt,
+                            type(exc).__name__)
+        raise Unavailable(f"the replicas of '{route.name}' are restarting; retry shortly")
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def list_models(self, request: Request) -> dict[str, Any]:
@@ -209,7 +227,7 @@ class Ingress:
         """200 only when every model answers a real forward."""
         try:
             await asyncio.wait_for(asyncio.gather(*(r.handle.check_health.remote() for r in self.models)),
-                                   timeout=10)
+                                   timeout=self.settings.health_timeout_s)
         except Exception as exc:
             raise Unavailable(f"a model is not answering: {type(exc).__name__}") from None
         return {"status": "ok", "models": [r.name for r in self.models]}

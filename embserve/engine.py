@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from embserve.batching import plan_batches, plan_stats
-from embserve.errors import EmbservError, Unavailable
+from embserve.errors import Cancelled, EmbservError, Unavailable
 from embserve.model import EmbeddingModel
 from embserve.settings import BatchingConfig
 from embserve.tokenize import Tokenizer
@@ -27,6 +27,7 @@ class EmbedJob:
     truncate: bool = False
     enqueued_at: float = 0.0  # time.time() when the replica queued it; set by the replica
     weight: int = 1  # what it counts for in max_batch_size; set by the replica
+    cancelled: bool = False  # the caller went away: skip it rather than compute for nobody
 
     def __len__(self) -> int:
         return len(self.texts if self.texts is not None else self.token_ids or [])
@@ -121,6 +122,9 @@ class Engine:
         owners: list[tuple[int, int]] = []
         for j, job in enumerate(jobs):
             raw = [next(content) for _ in job.texts] if job.texts is not None else list(job.token_ids or [])
+            if job.cancelled:
+                results[j].error = Cancelled("the client went away before its batch ran")
+                continue
             try:
                 finished = []
                 for pos, ids in enumerate(raw):

@@ -69,6 +69,14 @@ class Unavailable(EmbservError):
     default_code = "service_unavailable"
 
 
+class Cancelled(EmbservError):
+    """The caller went away; nobody reads this, it only keeps the work from being done."""
+
+    status = 499
+    type = "invalid_request_error"
+    default_code = "cancelled"
+
+
 class RequestTimeout(EmbservError):
     status = 504
     type = "server_error"

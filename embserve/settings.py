@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -135,10 +135,19 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(100_000, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(60.0, gt=0)
+    health_timeout_s: float = Field(3.0, gt=0, description="/health is 503 when a model does not "
+                                    "answer a forward within this time.")
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests that may wait for an embedding replica beyond what it is "
+        "running; more get a fast 503 with Retry-After. -1: unbounded.")
 
     # Security.
-    api_key: Annotated[list[str], NoDecode] = Field(default_factory=list, description="Accepted API "
-                                                    "keys, comma-separated; empty: no auth.")
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Accepted API keys, comma-separated; empty: no auth. Secret: "
+        "never shown in reprs or logs.")
+    api_key_file: str | None = Field(
+        None, description="A file of API keys (one per line or comma-separated), e.g. a mounted secret. "
+        "Only its path appears in configs and logs.")
     metrics_public: bool = Field(False, description="Serve /metrics without a key when keys are set.")
 
     _split_lists = field_validator("model_aliases", "api_key", mode="before")(_comma_list)
@@ -152,6 +161,14 @@ class Settings(BaseSettings):
                     raise ValueError(f"model name or alias {name!r} is used twice")
                 names.add(name)
         return self
+
+    def api_keys(self) -> list[str]:
+        """Every accepted key: api_key plus the lines of api_key_file (read when called)."""
+        keys = [k.get_secret_value() for k in self.api_key]
+        if self.api_key_file:
+            with open(self.api_key_file, encoding="utf-8") as f:
+                keys += [k.strip() for line in f for k in line.split(",") if k.strip()]
+        return keys
 
     def model_specs(self) -> list[ModelSpec]:
         if self.models:

@@ -1,0 +1,184 @@
+"""Reliability and security through the real service: hostile input, API keys, overload, replica faults."""
+
+import concurrent.futures as cf
+import glob
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from tests.integration.conftest import APP, BASE, EMBEDDER, deployment
+from tests.texts import mixed_texts
+
+pytestmark = pytest.mark.integration
+MODEL = "all-MiniLM-L6-v2"
+KEYS = ("key-one-7f3a9c", "key-two-b81d02")
+
+
+def guarded(config, key_file) -> None:
+    """API keys from a file (Ray logs args and runtime_env, so keys never go there), and small queues."""
+    app = next(a for a in config["applications"] if a["name"] == APP)
+    app["args"]["api_key_file"] = str(key_file)
+    embedder = deployment(config, EMBEDDER)
+    embedder.pop("autoscaling_config", None)
+    embedder.update(num_replicas=1, max_ongoing_requests=4, max_queued_requests=4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def config(serve_app, tmp_path_factory):
+    key_file = tmp_path_factory.mktemp("secrets") / "api_keys"
+    key_file.write_text(f"{KEYS[0]}\n{KEYS[1]}\n")
+    return serve_app(lambda c: guarded(c, key_file))
+
+
+@pytest.fixture(scope="module")
+def authed() -> httpx.Client:
+    with httpx.Client(base_url=BASE, timeout=60, headers={"Authorization": f"Bearer {KEYS[1]}"}) as c:
+        yield c
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+# --- API keys -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEYS[0]}"},
+                                     {"Authorization": f"Bearer {KEYS[0]}x"}])
+def test_missing_or_wrong_key_is_401_in_openai_shape(client, headers):
+    response = client.post("/v1/embeddings", json={"model": MODEL, "input": "x"}, headers=headers)
+    assert response.status_code == 401
+    assert error_of(response)["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_every_configured_key_is_accepted(client, key):
+    response = client.post("/v1/embeddings", json={"model": MODEL, "input": "x"},
+                           headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200
+
+
+def test_health_stays_open_while_everything_else_needs_a_key(client, authed):
+    assert client.get("/health").status_code == 200
+    for method, path in (("GET", "/v1/models"), ("GET", "/v1/performance"), ("POST", "/v1/performance/reset"),
+                         ("GET", "/metrics")):
+        assert client.request(method, path).status_code == 401, path
+        assert authed.request(method, path).status_code == 200, path
+
+
+def test_keys_never_reach_the_logs(authed):
+    authed.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
+    logs = glob.glob("/tmp/ray/session_latest/logs/**/*", recursive=True)
+    leaked = []
+    for path in logs:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            leaked += [path for key in KEYS if key.encode() in data]
+    assert leaked == []
+
+
+# --- hostile input --------------------------------------------------------------------------------
+
+HOSTILE = [
+    b'{"model": "all-MiniLM-L6-v2", "input": null}',
+    b'{"model": null, "input": "x"}',
+    b'{"model": "all-MiniLM-L6-v2", "input": {"text": "x"}}',
+    b'{"model": "all-MiniLM-L6-v2", "input": [[1, 2], "x"]}',
+    b'{"model": "all-MiniLM-L6-v2", "input": [1.5, 2]}',
+    b'{"model": "all-MiniLM-L6-v2", "input": [true, false]}',
+    b'{"model": "all-MiniLM-L6-v2", "input": [[1, [2]]]}',
+    b'{"model": "all-MiniLM-L6-v2", "input": [[-5, 7]]}',
+    b'{"model": "all-MiniLM-L6-v2", "input": [30522]}',
+    b'{"model": "all-MiniLM-L6-v2", "input": [99999999999999999999999]}',
+    b'{"model": "all-MiniLM-L6-v2", "input": "   \\n\\t "}',
+    b'{"model": "all-MiniLM-L6-v2", "input": "bad \\ud800 surrogate"}',
+    b'{"model": "all-MiniLM-L6-v2", "input": "nul \\u0000 byte"}',
+    b'{"model": "all-MiniLM-L6-v2", "input": "x", "dimensions": 1e400}',
+    b'{"model": "all-MiniLM-L6-v2", "input": "x", "dimensions": true}',
+    b'{"model": "all-MiniLM-L6-v2", "input": "x", "encoding_format": null}',
+    b'[1, 2, 3]',
+    b'"just a string"',
+    b'',
+    b'\xff\xfe not utf-8',
+    b'[' * 100_000 + b']' * 100_000,
+    json.dumps({"model": MODEL, "input": "y" * 100_001}).encode(),
+]
+
+
+@pytest.mark.parametrize("body", HOSTILE, ids=range(len(HOSTILE)))
+def test_hostile_input_gets_a_clear_4xx_never_a_5xx(authed, body):
+    response = authed.post("/v1/embeddings", content=body, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text[:300]
+    assert error_of(response)["message"]
+
+
+def test_huge_input_list_is_413_before_any_work(authed):
+    started = time.perf_counter()
+    response = authed.post("/v1/embeddings", json={"model": MODEL, "input": [[1, 2]] * 5000})
+    assert response.status_code == 413
+    assert time.perf_counter() - started < 5
+
+
+# --- overload -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", ["text", "token_ids"])
+def test_overload_is_refused_fast_with_retry_after_and_nothing_hangs(authed, shape):
+    texts = mixed_texts(48, seed=31)
+    payload = (lambda i: texts[i]) if shape == "text" else (lambda i: [[2000 + i % 50] * 120])
+
+    def call(i):
+        started = time.perf_counter()
+        r = authed.post("/v1/embeddings", json={"model": MODEL, "input": payload(i), "truncate": True})
+        return r, time.perf_counter() - started
+
+    with cf.ThreadPoolExecutor(48) as pool:
+        results = list(pool.map(call, range(48)))
+    statuses = sorted({r.status_code for r, _ in results})
+    assert set(statuses) <= {200, 503}
+    refused = [(r, s) for r, s in results if r.status_code == 503]
+    assert refused, "a 4-deep queue must refuse some of 48 concurrent requests"
+    for r, seconds in refused:
+        assert r.headers["retry-after"] == "1"
+        assert error_of(r)["code"] == "overloaded"
+    assert any(r.status_code == 200 for r, _ in results)
+
+
+# --- faults ---------------------------------------------------------------------------------------
+
+def test_killed_replica_is_replaced_and_no_request_hangs(authed):
+    pid = serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()["pid"]
+    texts = mixed_texts(40, seed=32)
+
+    def call(text):
+        try:
+            return authed.post("/v1/embeddings", json={"model": MODEL, "input": text, "truncate": True},
+                               timeout=90).status_code
+        except httpx.TimeoutException:
+            return "hung"
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(call, t) for t in texts]
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        health_during = authed.get("/health", timeout=30)
+        statuses = [f.result() for f in futures]
+    assert "hung" not in statuses
+    assert set(statuses) <= {200, 503}, statuses
+    assert health_during.status_code == 503  # no replica can serve until Serve has replaced it
+    assert error_of(health_during)["type"] == "server_error"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if authed.get("/health", timeout=30).status_code == 200:
+            break
+        time.sleep(1)
+    response = authed.post("/v1/embeddings", json={"model": MODEL, "input": "back again"})
+    assert response.status_code == 200
+    new_pid = serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()["pid"]
+    assert new_pid != pid
