@@ -1,0 +1,197 @@
+"""One batch run over the real bundled model: vectors as sentence-transformers gives them, errors kept
+with the request that caused them, and a report that says what the plan did."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embserve.batching import plan_batches, plan_stats
+from embserve.engine import EmbedJob, Engine, default_token_budget
+from embserve.errors import InputTooLong, InvalidRequest
+from embserve.settings import BatchingConfig
+from tests.texts import mixed_texts
+
+COS_MIN = 0.9999
+ABS_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def engine(bundled_model) -> Engine:
+    return Engine(bundled_model, max_batch_tokens=8192)
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return mixed_texts(24, seed=11)
+
+
+@pytest.fixture(scope="module")
+def too_long(bundled_model) -> str:
+    return " ".join(["hello"] * (bundled_model.max_length + 10))
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    cos = np.sum(got * want, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() > COS_MIN
+    assert np.abs(got - want).max() <= ABS_TOL
+
+
+def test_vectors_match_sentence_transformers(engine, reference, texts):
+    jobs = [EmbedJob(texts=texts[i : i + 4], truncate=True) for i in range(0, len(texts), 4)]
+    results, report = engine.run(jobs, BatchingConfig())
+    want = reference(texts)
+    got = np.concatenate([r.vectors for r in results])
+    assert all(r.error is None for r in results)
+    assert got.dtype == np.float32
+    assert_close(got, want)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert report.errors == {}
+
+
+def test_truncated_long_input_matches_sentence_transformers_truncation(engine, reference, too_long):
+    [result], _ = engine.run([EmbedJob(texts=[too_long + " tail words"], truncate=True)], BatchingConfig())
+    assert result.error is None
+    assert result.prompt_tokens == engine.tokenizer.max_length
+    assert_close(result.vectors, reference([too_long + " tail words"]))
+
+
+def test_token_id_input_embeds_like_the_same_text(engine, bundled_model, reference):
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = bundled_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    results, _ = engine.run([EmbedJob(token_ids=[ids]), EmbedJob(texts=[text])], BatchingConfig())
+    np.testing.assert_allclose(results[0].vectors, results[1].vectors, atol=ABS_TOL)
+    assert_close(results[0].vectors, reference([text]))
+    assert results[0].prompt_tokens == results[1].prompt_tokens == len(ids) + 2
+
+
+def test_too_long_input_without_truncate_fails_only_its_own_request(engine, reference, texts, too_long):
+    jobs = [
+        EmbedJob(texts=texts[:3]),
+        EmbedJob(texts=["short", too_long]),
+        EmbedJob(texts=texts[3:5]),
+    ]
+    results, report = engine.run(jobs, BatchingConfig())
+    assert isinstance(results[1].error, InputTooLong)
+    assert "input[1]" in results[1].error.message
+    assert results[1].vectors is None and results[1].prompt_tokens == 0
+    for result, wanted in ((results[0], texts[:3]), (results[2], texts[3:5])):
+        assert result.error is None
+        assert_close(result.vectors, reference(wanted))
+    assert report.errors == {"InputTooLong": 1}
+    assert report.requests == 3
+    assert report.inputs == 5, "the failed request's inputs are not embedded"
+
+
+def test_bad_token_id_fails_only_its_own_request(engine, reference, texts):
+    jobs = [EmbedJob(texts=texts[:2]), EmbedJob(token_ids=[[7592], [2088, 30522]]), EmbedJob(token_ids=[[-1]]),
+            EmbedJob(texts=texts[2:3])]
+    results, report = engine.run(jobs, BatchingConfig())
+    assert isinstance(results[1].error, InvalidRequest) and results[1].error.code == "invalid_token_id"
+    assert "input[1]" in results[1].error.message
+    assert isinstance(results[2].error, InvalidRequest) and "input[0]" in results[2].error.message
+    assert_close(results[0].vectors, reference(texts[:2]))
+    assert_close(results[3].vectors, reference(texts[2:3]))
+    assert report.errors == {"InvalidRequest": 2}
+
+
+def test_a_batch_of_only_failing_requests_runs_no_forward(engine, too_long):
+    results, report = engine.run([EmbedJob(texts=[too_long]), EmbedJob(token_ids=[[99999]])], BatchingConfig())
+    assert [type(r.error) for r in results] == [InputTooLong, InvalidRequest]
+    assert (report.inputs, report.tokens, report.padded_tokens, report.forwards) == (0, 0, 0, 0)
+
+
+def test_results_come_back_in_request_and_input_order(engine, reference):
+    # Lengths that the planner reorders: long, short, long, short across and within requests.
+    long_a = " ".join(mixed_texts(200, seed=2)[:6])[:600]
+    long_b = " ".join(mixed_texts(200, seed=4)[:6])[:500]
+    jobs = [EmbedJob(texts=[long_a, "hi"], truncate=True), EmbedJob(texts=["ok"]),
+            EmbedJob(texts=[long_b, "yes", "no"], truncate=True)]
+    results, report = engine.run(jobs, BatchingConfig(length_group_tolerance=0.1))
+    assert report.forwards >= 2, "the planner did group by length"
+    for job, result in zip(jobs, results):
+        assert result.vectors.shape == (len(job.texts), 384)
+        assert_close(result.vectors, reference(job.texts))
+
+
+def test_request_vectors_are_the_same_alone_and_inside_a_mixed_batch(engine, texts):
+    mine = EmbedJob(texts=[texts[0], texts[5], "a short query"], truncate=True)
+    [alone], _ = engine.run([mine], BatchingConfig())
+    others = [EmbedJob(texts=texts[6:14], truncate=True), EmbedJob(texts=texts[14:20], truncate=True)]
+    for cfg in (BatchingConfig(), BatchingConfig(enable_length_grouping=False), BatchingConfig(min_batch_size=8)):
+        results, _ = engine.run([others[0], mine, others[1]], cfg)
+        assert np.abs(results[1].vectors - alone.vectors).max() <= ABS_TOL
+        assert results[1].prompt_tokens == alone.prompt_tokens
+
+
+def _lengths(engine: Engine, texts: list[str]) -> list[int]:
+    return [len(engine.tokenizer.finish(c, 0, True)) for c in engine.tokenizer.content_ids(texts)]
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        BatchingConfig(),
+        BatchingConfig(enable_length_grouping=False, max_batch_tokens=2048),
+        BatchingConfig(min_batch_size=4, length_group_tolerance=0.05),
+        BatchingConfig(max_batch_tokens=512, group_cost_tokens=0),
+    ],
+    ids=["default", "arrival-order", "min-group", "small-budget"],
+)
+def test_report_counts_agree_with_the_plan(engine, texts, cfg):
+    jobs = [EmbedJob(texts=texts[:10], truncate=True), EmbedJob(texts=texts[10:], truncate=True)]
+    results, report = engine.run(jobs, cfg)
+    lengths = _lengths(engine, texts)
+    plan = plan_batches(lengths, max_batch_tokens=cfg.max_batch_tokens or 8192,
+                        group_by_length=cfg.enable_length_grouping, tolerance=cfg.length_group_tolerance,
+                        min_group_size=cfg.min_batch_size,
+                        group_cost_tokens=32 if cfg.group_cost_tokens is None else cfg.group_cost_tokens)
+    stats = plan_stats(lengths, plan)
+    assert report.requests == 2
+    assert (report.inputs, report.tokens, report.padded_tokens, report.forwards) == (
+        stats.inputs, stats.tokens, stats.padded_tokens, stats.groups)
+    assert report.tokens == sum(r.prompt_tokens for r in results)
+    assert report.tokenize_s >= 0 and report.forward_s > 0
+
+
+def test_length_grouping_pads_less_on_a_mixed_length_batch(engine):
+    mixed = mixed_texts(48, seed=7)
+    jobs = [EmbedJob(texts=mixed[i : i + 6], truncate=True) for i in range(0, 48, 6)]
+    _, plain = engine.run(jobs, BatchingConfig(enable_length_grouping=False))
+    _, grouped = engine.run(jobs, BatchingConfig(enable_length_grouping=True))
+    assert plain.tokens == grouped.tokens
+    assert grouped.tokens / grouped.padded_tokens > plain.tokens / plain.padded_tokens
+    assert grouped.padded_tokens < plain.padded_tokens
+
+
+def test_prompt_tokens_count_the_special_tokens(engine, bundled_model):
+    [result], report = engine.run([EmbedJob(texts=["hello world", "hello"])], BatchingConfig())
+    # "hello world" -> [CLS] hello world [SEP]; "hello" -> [CLS] hello [SEP]
+    assert result.prompt_tokens == 4 + 3
+    assert report.tokens == 7
+    [ids_result], _ = engine.run([EmbedJob(token_ids=[[7592, 2088]])], BatchingConfig())
+    assert ids_result.prompt_tokens == 4
+
+
+def test_queue_time_is_measured_from_enqueue_to_run(engine):
+    jobs = [EmbedJob(texts=["a"], enqueued_at=1000.0), EmbedJob(texts=["b"], enqueued_at=1000.5), EmbedJob(texts=["c"])]
+    results, report = engine.run(jobs, BatchingConfig(), now=1002.0)
+    assert [r.queue_s for r in results] == [2.0, 1.5, 0.0]
+    assert report.queue_s == [2.0, 1.5, 0.0]
+    assert all(r.forward_s == report.forward_s and r.tokenize_s == report.tokenize_s for r in results)
+
+
+def test_job_length_counts_its_inputs():
+    assert len(EmbedJob(texts=["a", "b"])) == 2
+    assert len(EmbedJob(token_ids=[[1], [2], [3]])) == 3
+    assert len(EmbedJob()) == 0
+
+
+def test_group_cost_defaults_to_the_cpu_figure(bundled_model):
+    assert Engine(bundled_model, max_batch_tokens=1024).default_group_cost == 32
+    assert Engine(bundled_model, max_batch_tokens=1024, group_cost_tokens=7).default_group_cost == 7
+
+
+def test_cpu_token_budget_is_fixed():
+    assert default_token_budget("cpu") == 8192
