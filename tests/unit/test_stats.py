@@ -1,0 +1,281 @@
+"""Counters and histograms: what sources observe, and how the metrics actor merges and resets them."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from embserve.engine import BatchReport
+from embserve.stats import (
+    COUNTERS,
+    INPUT_BUCKETS,
+    RECENT,
+    SECONDS_BUCKETS,
+    WINDOW_S,
+    Aggregate,
+    Event,
+    Histogram,
+    IngressReporter,
+    ReplicaReporter,
+    process_memory,
+)
+
+
+def _report(requests=1, inputs=4, tokens=100, padded=120, forwards=1, errors=None, queue=(0.002,),
+            tokenize=0.001, forward=0.02) -> BatchReport:
+    return BatchReport(requests=requests, inputs=inputs, tokens=tokens, padded_tokens=padded, forwards=forwards,
+                       errors=dict(errors or {}), queue_s=list(queue), tokenize_s=tokenize, forward_s=forward)
+
+
+# Histogram
+
+
+def test_histogram_puts_each_value_in_the_first_bucket_that_holds_it():
+    h = Histogram((1.0, 5.0, 10.0))
+    for v in (0.5, 1.0, 1.1, 5.0, 9.0, 10.0, 11.0, 1e9):
+        h.observe(v)
+    # Buckets are "less than or equal"; the last count is +Inf.
+    assert h.counts == [2, 2, 2, 2]
+    assert h.n == 8
+    assert h.total == pytest.approx(0.5 + 1.0 + 1.1 + 5.0 + 9.0 + 10.0 + 11.0 + 1e9)
+
+
+def test_histogram_percentiles_over_one_to_a_hundred():
+    h = Histogram(SECONDS_BUCKETS)
+    for v in range(1, 101):
+        h.observe(float(v))
+    assert h.percentiles() == {"p50": 51.0, "p95": 96.0, "p99": 100.0, "max": 100.0, "mean": 50.5, "count": 100}
+
+
+def test_histogram_percentiles_scale_seconds_to_milliseconds():
+    h = Histogram(SECONDS_BUCKETS)
+    for v in (0.010, 0.020, 0.030):
+        h.observe(v)
+    p = h.percentiles(1000)
+    assert (p["p50"], p["max"], p["mean"], p["count"]) == (20.0, 30.0, 20.0, 3)
+
+
+def test_empty_histogram_has_no_percentiles():
+    assert Histogram(INPUT_BUCKETS).percentiles() == {"p50": None, "p95": None, "p99": None, "max": None,
+                                                     "mean": None, "count": 0}
+
+
+def test_histogram_keeps_recent_samples_bounded_but_counts_all():
+    h = Histogram(INPUT_BUCKETS)
+    for v in range(RECENT + 100):
+        h.observe(1 if v < 100 else 1000)
+    assert h.n == RECENT + 100
+    assert len(h.recent) == RECENT
+    assert h.percentiles()["p50"] == 1000, "the oldest samples left the percentile window"
+    assert h.percentiles()["mean"] == pytest.approx((100 + 1000 * RECENT) / (RECENT + 100), abs=1e-3)
+
+
+def test_histogram_merge_adds_counts_sums_and_samples():
+    a, b = Histogram((1.0, 2.0)), Histogram((1.0, 2.0))
+    for v in (0.5, 1.5):
+        a.observe(v)
+    for v in (1.5, 3.0, 4.0):
+        b.observe(v)
+    a.merge(b)
+    assert a.counts == [1, 2, 2]
+    assert a.n == 5 and a.total == pytest.approx(10.5)
+    assert sorted(a.recent) == [0.5, 1.5, 1.5, 3.0, 4.0]
+    assert b.n == 3, "the merged-in histogram is left as it was"
+
+
+# Sources
+
+
+def test_reporters_hand_over_their_events_once():
+    replica, ingress = ReplicaReporter("mini"), IngressReporter()
+    replica.record_batch(_report())
+    ingress.record_request(200, 0.05)
+    ingress.record_request(400, 0.01, "InvalidRequest")
+    [batch] = replica.take()
+    assert batch.kind == "batch" and batch.data.inputs == 4
+    assert [(e.kind, e.data) for e in ingress.take()] == [("request", (200, 0.05, None)),
+                                                         ("request", (400, 0.01, "InvalidRequest"))]
+    assert replica.take() == [] and ingress.take() == []
+    assert (replica.kind, replica.model, ingress.kind, ingress.model) == ("replica", "mini", "ingress", None)
+
+
+def test_each_reporter_has_its_own_source_id():
+    reporters = [ReplicaReporter("m"), ReplicaReporter("m"), IngressReporter()]
+    assert len({r.source_id for r in reporters}) == 3
+
+
+def test_events_survive_pickling_to_the_metrics_actor():
+    replica = ReplicaReporter("m")
+    replica.record_batch(_report(errors={"InputTooLong": 1}))
+    [event] = pickle.loads(pickle.dumps(replica.take()))
+    assert event.data.errors == {"InputTooLong": 1} and event.data.padded_tokens == 120
+
+
+def test_process_memory_reports_resident_bytes_or_gpu_memory():
+    mem = process_memory()
+    if mem["kind"] == "process":
+        assert mem["rss_bytes"] > 1 << 20
+    else:
+        assert mem["kind"] == "gpu" and mem["total_bytes"] > 0
+
+
+# Aggregate
+
+
+@pytest.fixture
+def agg() -> Aggregate:
+    return Aggregate()
+
+
+def _at(agg: Aggregate, seconds: float) -> float:
+    return agg.reset_at + seconds
+
+
+def test_totals_are_the_sum_of_two_replicas(agg):
+    t = _at(agg, 1)
+    agg.record("r1", "replica", "mini", [Event(t, "batch", _report(requests=2, inputs=4, tokens=100, padded=120)),
+                                         Event(t, "batch", _report(requests=1, inputs=1, tokens=10, padded=10))],
+               now=t)
+    agg.record("r2", "replica", "mini", [Event(t, "batch", _report(requests=3, inputs=6, tokens=90, padded=150,
+                                                                   forwards=2, errors={"InputTooLong": 1}))],
+               now=t)
+    snap = agg.snapshot(now=t)
+    assert snap["totals"]["requests"] == 6
+    assert snap["totals"]["inputs"] == 11
+    assert snap["totals"]["tokens"] == 200
+    assert snap["totals"]["padded_tokens"] == 280
+    assert snap["totals"]["batches"] == 3
+    assert snap["totals"]["forwards"] == 4
+    assert snap["padding_efficiency"] == round(200 / 280, 4)
+    per_replica = {r["id"]: r["totals"] for r in snap["replicas"]}
+    assert set(per_replica) == {"r1", "r2"}
+    for key in ("requests", "inputs", "tokens", "padded_tokens", "batches", "forwards"):
+        assert snap["totals"][key] == per_replica["r1"][key] + per_replica["r2"][key]
+    assert snap["batch_inputs"]["count"] == 3
+    assert snap["latency_ms"]["queue"]["count"] == 3
+    assert snap["latency_ms"]["forward"]["count"] == 3
+
+
+def test_deltas_from_repeated_reports_accumulate(agg):
+    t = _at(agg, 1)
+    for _ in range(3):
+        agg.record("r1", "replica", "mini", [Event(t, "batch", _report(inputs=2, tokens=20, padded=20))], now=t)
+    agg.record("r1", "replica", "mini", [], now=t)
+    assert agg.snapshot(now=t)["totals"]["inputs"] == 6
+
+
+def test_errors_are_counted_once_where_the_client_saw_them(agg):
+    t = _at(agg, 1)
+    agg.record("r1", "replica", "mini", [Event(t, "batch", _report(errors={"InputTooLong": 1}))], now=t)
+    agg.record("i1", "ingress", None, [Event(t, "request", (200, 0.01, None)),
+                                       Event(t, "request", (400, 0.02, "InputTooLong")),
+                                       Event(t, "request", (401, 0.001, "Unauthorized"))], now=t)
+    agg.record("i2", "ingress", None, [Event(t, "request", (200, 0.03, None))], now=t)
+    snap = agg.snapshot(now=t)
+    assert snap["totals"]["errors"] == 2
+    assert snap["errors"] == {"InputTooLong": 1, "Unauthorized": 1}
+    assert snap["http"]["requests_by_status"] == {"200": 2, "400": 1, "401": 1}
+    assert snap["latency_ms"]["request"]["count"] == 4
+    assert snap["latency_ms"]["request"]["max"] == 30.0
+    # The replica's own view keeps its own error count.
+    assert snap["models"]["mini"]["errors"] == {"InputTooLong": 1}
+
+
+def test_reset_zeroes_counters_but_keeps_sources_memory_and_gauges(agg):
+    t = _at(agg, 1)
+    mem = {"kind": "process", "rss_bytes": 1000}
+    agg.record("r1", "replica", "mini", [Event(t, "batch", _report())], gauges={"queue_size": 3}, memory=mem, now=t)
+    agg.record("i1", "ingress", None, [Event(t, "request", (500, 0.1, "Unavailable"))], now=t)
+    agg.reset()
+    snap = agg.snapshot()
+    assert snap["totals"] == dict.fromkeys(COUNTERS, 0)
+    assert snap["errors"] == {} and snap["http"]["requests_by_status"] == {}
+    assert snap["padding_efficiency"] is None
+    assert snap["latency_ms"]["request"]["count"] == 0
+    assert snap["throughput"]["inputs_per_s"] == 0
+    assert [r["id"] for r in snap["replicas"]] == ["r1"]
+    assert snap["memory"] == {"process": {"rss_bytes": 1000}}
+    assert snap["queue_size"] == 3
+
+
+def test_events_from_before_a_reset_are_dropped_even_when_they_arrive_after_it(agg):
+    agg.reset()
+    before, after = agg.reset_at - 0.5, agg.reset_at + 0.5
+    agg.record("r1", "replica", "mini", [Event(before, "batch", _report(inputs=7)),
+                                         Event(after, "batch", _report(inputs=2))], now=after)
+    assert agg.snapshot(now=after)["totals"]["inputs"] == 2
+
+
+def test_snapshot_has_every_documented_key(agg):
+    t = _at(agg, 1)
+    agg.record("r1", "replica", "mini", [Event(t, "batch", _report())], memory={"kind": "process", "rss_bytes": 5},
+               now=t)
+    snap = agg.snapshot(now=t)
+    for key in ("totals", "padding_efficiency", "throughput", "latency_ms", "batch_inputs", "batch_tokens",
+                "errors", "memory", "replicas", "models", "queue_size", "http", "since_reset_s"):
+        assert key in snap
+    assert set(snap["totals"]) >= {"requests", "inputs", "tokens", "padded_tokens", "batches", "errors"}
+    assert set(snap["latency_ms"]) == {"request", "queue", "tokenize", "forward"}
+    for stage in snap["latency_ms"].values():
+        assert {"p50", "p95", "p99"} <= set(stage)
+    assert {"p50", "p95", "p99"} <= set(snap["batch_inputs"]) and {"p50", "p95", "p99"} <= set(snap["batch_tokens"])
+    assert set(snap["throughput"]) == {"window_s", "inputs_per_s", "tokens_per_s"}
+    [replica] = snap["replicas"]
+    assert {"id", "model", "memory", "queue_size", "last_seen_s_ago", "totals"} <= set(replica)
+    assert set(snap["models"]) == {"mini"}
+
+
+def test_batch_histograms_count_inputs_and_padded_tokens(agg):
+    t = _at(agg, 1)
+    agg.record("r1", "replica", "m", [Event(t, "batch", _report(inputs=3, tokens=50, padded=64)),
+                                      Event(t, "batch", _report(inputs=9, tokens=800, padded=900))], now=t)
+    snap = agg.snapshot(now=t)
+    assert snap["batch_inputs"]["max"] == 9 and snap["batch_inputs"]["count"] == 2
+    assert snap["batch_tokens"]["max"] == 900 and snap["batch_tokens"]["p50"] == 900
+
+
+def test_throughput_is_inputs_and_tokens_over_the_window(agg):
+    t0 = _at(agg, 10)
+    agg.record("r1", "replica", "m", [Event(t0, "batch", _report(inputs=10, tokens=1000)),
+                                      Event(t0 + 5, "batch", _report(inputs=30, tokens=3000))], now=t0 + 5)
+    snap = agg.snapshot(now=t0 + 10)
+    assert snap["throughput"] == {"window_s": 10.0, "inputs_per_s": 4.0, "tokens_per_s": 400.0}
+
+
+def test_throughput_forgets_batches_older_than_the_window(agg):
+    t0 = _at(agg, 1)
+    agg.record("r1", "replica", "m", [Event(t0, "batch", _report(inputs=100, tokens=100))], now=t0)
+    late = t0 + WINDOW_S + 20
+    agg.record("r1", "replica", "m", [Event(late, "batch", _report(inputs=4, tokens=40))], now=late)
+    snap = agg.snapshot(now=late + 1)
+    assert snap["throughput"]["inputs_per_s"] == 4.0  # only the late batch, over a span of 1 s
+    assert snap["totals"]["inputs"] == 104, "totals keep counting what left the window"
+
+
+def test_models_are_summarized_apart(agg):
+    t = _at(agg, 1)
+    agg.record("a1", "replica", "alpha", [Event(t, "batch", _report(inputs=2))], now=t)
+    agg.record("a2", "replica", "alpha", [Event(t, "batch", _report(inputs=3))], now=t)
+    agg.record("b1", "replica", "beta", [Event(t, "batch", _report(inputs=5))], now=t)
+    snap = agg.snapshot(now=t)
+    assert snap["models"]["alpha"]["totals"]["inputs"] == 5
+    assert snap["models"]["beta"]["totals"]["inputs"] == 5
+    assert snap["totals"]["inputs"] == 10
+    assert [r["model"] for r in snap["replicas"]] == ["alpha", "alpha", "beta"]
+
+
+def test_queue_sizes_and_memory_add_up_across_replicas(agg):
+    t = _at(agg, 1)
+    agg.record("r1", "replica", "m", [], gauges={"queue_size": 2}, memory={"kind": "gpu", "allocated_bytes": 10,
+                                                                          "total_bytes": 100}, now=t)
+    agg.record("r2", "replica", "m", [], gauges={"queue_size": 5}, memory={"kind": "gpu", "allocated_bytes": 30,
+                                                                          "total_bytes": 100}, now=t)
+    agg.record("i1", "ingress", None, [], memory={"kind": "process", "rss_bytes": 7}, now=t)
+    agg.record("r1", "replica", "m", [], gauges={"queue_size": 1}, now=t + 2)
+    snap = agg.snapshot(now=t + 3)
+    assert snap["queue_size"] == 6, "the latest gauge of each replica, summed"
+    assert snap["memory"] == {"gpu": {"allocated_bytes": 40, "total_bytes": 200}, "process": {"rss_bytes": 7}}
+    by_id = {r["id"]: r for r in snap["replicas"]}
+    assert by_id["r1"]["queue_size"] == 1 and by_id["r2"]["queue_size"] == 5
+    assert by_id["r1"]["last_seen_s_ago"] == 1.0 and by_id["r2"]["last_seen_s_ago"] == 3.0
