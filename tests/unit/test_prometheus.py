@@ -1,0 +1,133 @@
+"""Prometheus exposition of the aggregate: parses with prometheus_client and says what the aggregate says."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from embserve.engine import BatchReport
+from embserve.prometheus import render
+from embserve.stats import Aggregate, Event
+
+
+def _families(agg: Aggregate) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(render(agg).decode())}
+
+
+def _value(family, sample_name: str, **labels) -> float:
+    [value] = [s.value for s in family.samples if s.name == sample_name and s.labels == labels]
+    return value
+
+
+@pytest.fixture
+def agg() -> Aggregate:
+    agg = Aggregate()
+    t = agg.reset_at + 1
+    agg.record("r1", "replica", "mini", [
+        Event(t, "batch", BatchReport(requests=2, inputs=3, tokens=90, padded_tokens=120, forwards=1,
+                                      queue_s=[0.002, 0.004], tokenize_s=0.001, forward_s=0.03)),
+    ], gauges={"queue_size": 2}, now=t)
+    agg.record("r2", "replica", "mini", [
+        Event(t, "batch", BatchReport(requests=1, inputs=40, tokens=3000, padded_tokens=3200, forwards=2,
+                                      queue_s=[0.02], tokenize_s=0.004, forward_s=0.4)),
+    ], gauges={"queue_size": 1}, now=t)
+    agg.record("i1", "ingress", None, [
+        Event(t, "request", (200, 0.04, None)),
+        Event(t, "request", (200, 0.6, None)),
+        Event(t, "request", (400, 0.003, "InputTooLong")),
+    ], now=t)
+    return agg
+
+
+def test_render_parses_as_prometheus_text(agg):
+    families = _families(agg)
+    for name in ("embserve_requests", "embserve_request_duration_seconds", "embserve_batch_inputs",
+                 "embserve_batch_tokens", "embserve_padding_efficiency", "embserve_queue_size",
+                 "embserve_inputs", "embserve_tokens", "embserve_padded_tokens", "embserve_errors",
+                 "embserve_replicas"):
+        assert name in families
+
+
+def test_requests_total_is_counted_by_status(agg):
+    fam = _families(agg)["embserve_requests"]
+    assert fam.type == "counter"
+    assert _value(fam, "embserve_requests_total", status="200") == 2
+    assert _value(fam, "embserve_requests_total", status="400") == 1
+
+
+def test_request_duration_is_a_cumulative_histogram(agg):
+    fam = _families(agg)["embserve_request_duration_seconds"]
+    assert fam.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in fam.samples if s.name.endswith("_bucket")}
+    assert buckets["0.001"] == 0
+    assert buckets["0.005"] == 1
+    assert buckets["0.05"] == 2
+    assert buckets["1.0"] == 3 and buckets["+Inf"] == 3
+    values = list(buckets.values())
+    assert values == sorted(values), "bucket counts are cumulative"
+    assert _value(fam, "embserve_request_duration_seconds_count") == 3
+    assert _value(fam, "embserve_request_duration_seconds_sum") == pytest.approx(0.643)
+
+
+def test_batch_histograms_count_inputs_and_padded_tokens_per_batch(agg):
+    families = _families(agg)
+    inputs, tokens = families["embserve_batch_inputs"], families["embserve_batch_tokens"]
+    assert inputs.type == tokens.type == "histogram"
+    assert _value(inputs, "embserve_batch_inputs_count") == 2
+    assert _value(inputs, "embserve_batch_inputs_sum") == 43
+    assert _value(inputs, "embserve_batch_inputs_bucket", le="4") == 1
+    assert _value(inputs, "embserve_batch_inputs_bucket", le="64") == 2
+    assert _value(tokens, "embserve_batch_tokens_sum") == 3320
+    assert _value(tokens, "embserve_batch_tokens_bucket", le="256") == 1
+
+
+def test_counters_and_gauges_sum_the_replicas(agg):
+    families = _families(agg)
+    assert _value(families["embserve_inputs"], "embserve_inputs_total") == 43
+    assert _value(families["embserve_tokens"], "embserve_tokens_total") == 3090
+    assert _value(families["embserve_padded_tokens"], "embserve_padded_tokens_total") == 3320
+    assert _value(families["embserve_forwards"], "embserve_forwards_total") == 3
+    assert _value(families["embserve_batches"], "embserve_batches_total") == 2
+    assert _value(families["embserve_errors"], "embserve_errors_total", kind="InputTooLong") == 1
+    eff = families["embserve_padding_efficiency"]
+    assert eff.type == "gauge"
+    assert _value(eff, "embserve_padding_efficiency") == pytest.approx(3090 / 3320)
+    assert _value(families["embserve_queue_size"], "embserve_queue_size") == 3
+    assert _value(families["embserve_replicas"], "embserve_replicas", model="mini") == 2
+
+
+def test_stage_histograms_are_exposed(agg):
+    families = _families(agg)
+    assert _value(families["embserve_queue_duration_seconds"], "embserve_queue_duration_seconds_count") == 3
+    assert _value(families["embserve_forward_duration_seconds"], "embserve_forward_duration_seconds_count") == 2
+    assert _value(families["embserve_tokenize_duration_seconds"],
+                  "embserve_tokenize_duration_seconds_count") == 2
+
+
+def test_render_matches_the_snapshot(agg):
+    snap = agg.snapshot()
+    families = _families(agg)
+    assert _value(families["embserve_inputs"], "embserve_inputs_total") == snap["totals"]["inputs"]
+    assert _value(families["embserve_padding_efficiency"], "embserve_padding_efficiency") == pytest.approx(
+        snap["padding_efficiency"], abs=1e-4)
+    assert _value(families["embserve_queue_size"], "embserve_queue_size") == snap["queue_size"]
+
+
+def test_empty_aggregate_renders_zeros_and_full_efficiency():
+    families = _families(Aggregate())
+    assert _value(families["embserve_inputs"], "embserve_inputs_total") == 0
+    assert _value(families["embserve_padding_efficiency"], "embserve_padding_efficiency") == 1.0
+    assert _value(families["embserve_queue_size"], "embserve_queue_size") == 0
+    assert [s for s in families["embserve_requests"].samples] == []
+    assert _value(families["embserve_request_duration_seconds"],
+                  "embserve_request_duration_seconds_bucket", le="+Inf") == 0
+
+
+def test_reset_zeroes_the_rendered_counters(agg):
+    agg.reset()
+    families = _families(agg)
+    assert _value(families["embserve_inputs"], "embserve_inputs_total") == 0
+    assert families["embserve_requests"].samples == []
+    assert _value(families["embserve_request_duration_seconds"], "embserve_request_duration_seconds_count") == 0
+    # Replicas are still there after a reset.
+    assert _value(families["embserve_replicas"], "embserve_replicas", model="mini") == 2
