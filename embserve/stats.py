@@ -196,7 +196,9 @@ class Aggregate:
 
     def __init__(self) -> None:
         self.sources: dict[str, SourceState] = {}
-        self.reset_at = time.time()
+        self.started_at = time.time()
+        # Nothing is dropped until the first reset: what sources saw before this actor existed counts.
+        self.reset_at = 0.0
 
     def record(self, source_id: str, kind: str, model: str | None, events: list[Event],
                gauges: dict[str, float] | None = None, memory: dict[str, Any] | None = None,
@@ -247,7 +249,7 @@ class Aggregate:
         view = _summary(replicas.counters, ingress.errors, everything.histograms, list(replicas.window), now)
         # Failed HTTP requests, counted once where the client saw them (replica-side failures included).
         view["totals"]["errors"] = ingress.counters["errors"]
-        view["since_reset_s"] = round(now - self.reset_at, 3)
+        view["since_reset_s"] = round(now - (self.reset_at or self.started_at), 3)
         view["http"] = {"requests_by_status": dict(ingress.statuses)}
         view["queue_size"] = replicas.gauges.get("queue_size", 0)
         memories = [s.memory for s in self.sources.values() if s.memory]
