@@ -21,8 +21,7 @@ def clean_env(monkeypatch, tmp_path):
 
 
 def _keys(settings: Settings) -> list[str]:
-    # Keys may be held as secrets; compare what they hold.
-    return [k.get_secret_value() if hasattr(k, "get_secret_value") else k for k in settings.api_key]
+    return settings.api_keys()
 
 
 def test_defaults_serve_the_bundled_model_with_dynamic_batching():
@@ -113,6 +112,34 @@ def test_single_api_key_and_list_arg_both_work(monkeypatch):
 def test_api_keys_from_dotenv(clean_env):
     (clean_env / ".env").write_text("EMB_PROVIDER_API_KEY=k1,k2\n")
     assert _keys(Settings()) == ["k1", "k2"]
+
+
+def test_api_keys_never_show_in_repr_or_dump(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_API_KEY", "sk-very-secret")
+    s = Settings()
+    assert _keys(s) == ["sk-very-secret"]
+    assert "sk-very-secret" not in repr(s)
+    assert "sk-very-secret" not in str(s.model_dump())
+    assert "sk-very-secret" not in s.model_dump_json()
+
+
+def test_api_key_file_adds_its_keys_one_per_line_or_comma_separated(clean_env, monkeypatch):
+    key_file = clean_env / "keys.txt"
+    key_file.write_text("file-1\n  file-2 , file-3\n\n")
+    monkeypatch.setenv("EMB_PROVIDER_API_KEY", "env-key")
+    monkeypatch.setenv("EMB_PROVIDER_API_KEY_FILE", str(key_file))
+    s = Settings()
+    assert _keys(s) == ["env-key", "file-1", "file-2", "file-3"]
+    assert "file-1" not in repr(s)
+
+
+def test_api_key_file_is_read_when_keys_are_asked_for(clean_env):
+    key_file = clean_env / "keys.txt"
+    key_file.write_text("old\n")
+    s = Settings(api_key_file=str(key_file))
+    assert _keys(s) == ["old"]
+    key_file.write_text("new\n")
+    assert _keys(s) == ["new"], "a rotated secret is picked up without a restart"
 
 
 def test_model_aliases_are_comma_separated(monkeypatch):
