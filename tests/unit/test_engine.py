@@ -8,7 +8,7 @@ import pytest
 
 from embserve.batching import plan_batches, plan_stats
 from embserve.engine import EmbedJob, Engine, default_token_budget
-from embserve.errors import InputTooLong, InvalidRequest
+from embserve.errors import Cancelled, InputTooLong, InvalidRequest
 from embserve.settings import BatchingConfig
 from tests.texts import mixed_texts
 
@@ -94,6 +94,16 @@ def test_bad_token_id_fails_only_its_own_request(engine, reference, texts):
     assert_close(results[0].vectors, reference(texts[:2]))
     assert_close(results[3].vectors, reference(texts[2:3]))
     assert report.errors == {"InvalidRequest": 2}
+
+
+def test_cancelled_request_is_skipped_without_touching_the_others(engine, reference, texts):
+    jobs = [EmbedJob(texts=texts[:2]), EmbedJob(texts=texts[2:6], cancelled=True), EmbedJob(token_ids=[[7592]])]
+    results, report = engine.run(jobs, BatchingConfig())
+    assert isinstance(results[1].error, Cancelled) and results[1].vectors is None
+    assert_close(results[0].vectors, reference(texts[:2]))
+    assert results[2].error is None and results[2].prompt_tokens == 3
+    assert report.inputs == 3, "the cancelled request's inputs are not embedded"
+    assert report.errors == {"Cancelled": 1}
 
 
 def test_a_batch_of_only_failing_requests_runs_no_forward(engine, too_long):

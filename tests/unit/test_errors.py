@@ -8,6 +8,7 @@ import pytest
 
 from embserve import errors
 from embserve.errors import (
+    Cancelled,
     EmbservError,
     InputTooLong,
     InvalidRequest,
@@ -29,6 +30,7 @@ KINDS = [
     (Overloaded, 503, "server_error", "overloaded"),
     (Unavailable, 503, "server_error", "service_unavailable"),
     (RequestTimeout, 504, "server_error", "timeout"),
+    (Cancelled, 499, "invalid_request_error", "cancelled"),
 ]
 
 
