@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,7 +24,7 @@ def _value(family, sample_name: str, **labels) -> float:
 @pytest.fixture
 def agg() -> Aggregate:
     agg = Aggregate()
-    t = agg.reset_at + 1
+    t = max(time.time(), agg.reset_at) + 1
     agg.record("r1", "replica", "mini", [
         Event(t, "batch", BatchReport(requests=2, inputs=3, tokens=90, padded_tokens=120, forwards=1,
                                       queue_s=[0.002, 0.004], tokenize_s=0.001, forward_s=0.03)),

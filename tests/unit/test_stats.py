@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import time
 
 import pytest
 
@@ -129,7 +130,8 @@ def agg() -> Aggregate:
 
 
 def _at(agg: Aggregate, seconds: float) -> float:
-    return agg.reset_at + seconds
+    """A time `seconds` from now: after the aggregate was made or last reset."""
+    return max(time.time(), agg.reset_at) + seconds
 
 
 def test_totals_are_the_sum_of_two_replicas(agg):
