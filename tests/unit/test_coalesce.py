@@ -1,0 +1,156 @@
+"""The Coalescer: batches that queue while a run is busy go together into the next run."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from embserve.coalesce import Coalescer
+
+
+class Recorder:
+    """A run function that records each call and can be held until released."""
+
+    def __init__(self, fail_on: set[str] | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail_on = fail_on or set()
+
+    async def run(self, jobs: list[str]) -> list[str]:
+        self.calls.append(list(jobs))
+        await self.gate.wait()
+        if self.fail_on & set(jobs):
+            raise RuntimeError(f"run failed on {sorted(self.fail_on & set(jobs))}")
+        return [job.upper() for job in jobs]
+
+
+def _coalescer(rec: Recorder, cap: int = 100) -> Coalescer[str, str]:
+    return Coalescer(rec.run, size=lambda job: 1, max_size=lambda: cap)
+
+
+def test_a_lone_batch_runs_and_gets_its_results():
+    async def main():
+        rec = Recorder()
+        out = await _coalescer(rec).submit(["a", "b"])
+        return rec, out
+
+    rec, out = asyncio.run(main())
+    assert out == ["A", "B"]
+    assert rec.calls == [["a", "b"]]
+
+
+def test_batches_queued_during_a_run_go_together_into_the_next_run():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        co = _coalescer(rec)
+        first = asyncio.create_task(co.submit(["a"]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert rec.calls == [["a"]], "the first run started and is held"
+        later = [asyncio.create_task(co.submit(batch)) for batch in (["b", "c"], ["d"], ["e", "f"])]
+        await asyncio.sleep(0)
+        rec.gate.set()
+        return rec, await first, await asyncio.gather(*later)
+
+    rec, first, later = asyncio.run(main())
+    assert rec.calls == [["a"], ["b", "c", "d", "e", "f"]]
+    assert first == ["A"]
+    assert later == [["B", "C"], ["D"], ["E", "F"]], "each caller gets exactly its own results, in order"
+
+
+def test_a_run_takes_whole_batches_up_to_the_cap():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        co = _coalescer(rec, cap=3)
+        first = asyncio.create_task(co.submit(["a"]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        later = [asyncio.create_task(co.submit(b)) for b in (["b", "c"], ["d"], ["e", "f", "g", "h"], ["i"])]
+        await asyncio.sleep(0)
+        rec.gate.set()
+        await first
+        return rec, await asyncio.gather(*later)
+
+    rec, later = asyncio.run(main())
+    # b,c + d fill the cap of 3; the 4-job batch exceeds the cap alone but still runs, by itself.
+    assert rec.calls == [["a"], ["b", "c", "d"], ["e", "f", "g", "h"], ["i"]]
+    assert later == [["B", "C"], ["D"], ["E", "F", "G", "H"], ["I"]]
+
+
+def test_a_failed_run_fails_only_its_callers_and_later_batches_still_run():
+    async def main():
+        rec = Recorder(fail_on={"boom"})
+        rec.gate.clear()
+        co = _coalescer(rec, cap=2)
+        first = asyncio.create_task(co.submit(["a"]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        doomed = [asyncio.create_task(co.submit(b)) for b in (["boom"], ["x"])]
+        survivor = asyncio.create_task(co.submit(["y", "z"]))
+        await asyncio.sleep(0)
+        rec.gate.set()
+        results = await asyncio.gather(first, *doomed, survivor, return_exceptions=True)
+        return rec, results
+
+    rec, (first, boom, x, survivor) = asyncio.run(main())
+    assert first == ["A"]
+    assert isinstance(boom, RuntimeError) and isinstance(x, RuntimeError), "both callers of the failed run hear why"
+    assert "boom" in str(x)
+    assert survivor == ["Y", "Z"]
+    assert rec.calls == [["a"], ["boom", "x"], ["y", "z"]]
+
+
+def test_submitting_after_a_drain_finished_starts_a_new_one():
+    async def main():
+        rec = Recorder()
+        co = _coalescer(rec)
+        one = await co.submit(["a"])
+        await asyncio.sleep(0)
+        two = await co.submit(["b"])
+        return rec, one, two
+
+    rec, one, two = asyncio.run(main())
+    assert (one, two) == (["A"], ["B"])
+    assert rec.calls == [["a"], ["b"]]
+
+
+def test_a_caller_that_went_away_does_not_break_the_others():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        co = _coalescer(rec)
+        first = asyncio.create_task(co.submit(["a"]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(co.submit(["b"]))
+        kept = asyncio.create_task(co.submit(["c"]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        rec.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return await first, await kept
+
+    assert asyncio.run(main()) == (["A"], ["C"])
+
+
+def test_the_cap_counts_job_weights_not_jobs():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        co = Coalescer(rec.run, size=len, max_size=lambda: 4)  # a job weighs its length
+        first = asyncio.create_task(co.submit(["a"]))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        later = [asyncio.create_task(co.submit(b)) for b in (["bb"], ["cc"], ["ddd"])]
+        await asyncio.sleep(0)
+        rec.gate.set()
+        await first
+        await asyncio.gather(*later)
+        return rec
+
+    assert asyncio.run(main()).calls == [["a"], ["bb", "cc"], ["ddd"]]
