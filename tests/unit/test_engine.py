@@ -23,7 +23,21 @@ def engine(bundled_model) -> Engine:
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    return mixed_texts(24, seed=11)
+    return mixed_texts(16, seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(reference):
+    """sentence-transformers' vectors, each text encoded once per module."""
+    cache: dict[str, np.ndarray] = {}
+
+    def encode(batch: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(batch) if t not in cache]
+        if missing:
+            cache.update(zip(missing, reference(missing)))
+        return np.stack([cache[t] for t in batch])
+
+    return encode
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +142,7 @@ def test_results_come_back_in_request_and_input_order(engine, reference):
 def test_request_vectors_are_the_same_alone_and_inside_a_mixed_batch(engine, texts):
     mine = EmbedJob(texts=[texts[0], texts[5], "a short query"], truncate=True)
     [alone], _ = engine.run([mine], BatchingConfig())
-    others = [EmbedJob(texts=texts[6:14], truncate=True), EmbedJob(texts=texts[14:20], truncate=True)]
+    others = [EmbedJob(texts=texts[6:12], truncate=True), EmbedJob(texts=texts[12:16], truncate=True)]
     for cfg in (BatchingConfig(), BatchingConfig(enable_length_grouping=False), BatchingConfig(min_batch_size=8)):
         results, _ = engine.run([others[0], mine, others[1]], cfg)
         assert np.abs(results[1].vectors - alone.vectors).max() <= ABS_TOL
@@ -166,8 +180,8 @@ def test_report_counts_agree_with_the_plan(engine, texts, cfg):
 
 
 def test_length_grouping_pads_less_on_a_mixed_length_batch(engine):
-    mixed = mixed_texts(48, seed=7)
-    jobs = [EmbedJob(texts=mixed[i : i + 6], truncate=True) for i in range(0, 48, 6)]
+    mixed = mixed_texts(24, seed=7)
+    jobs = [EmbedJob(texts=mixed[i : i + 4], truncate=True) for i in range(0, 24, 4)]
     _, plain = engine.run(jobs, BatchingConfig(enable_length_grouping=False))
     _, grouped = engine.run(jobs, BatchingConfig(enable_length_grouping=True))
     assert plain.tokens == grouped.tokens
