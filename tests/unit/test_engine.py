@@ -8,8 +8,9 @@ import pytest
 
 from embserve.batching import plan_batches, plan_stats
 from embserve.engine import EmbedJob, Engine, default_token_budget
-from embserve.errors import Cancelled, InputTooLong, InvalidRequest
+from embserve.errors import Cancelled, InputTooLong, InvalidRequest, Unavailable
 from embserve.settings import BatchingConfig
+from embserve.tokenize import Tokenizer
 from tests.texts import mixed_texts
 
 COS_MIN = 0.9999
@@ -118,6 +119,22 @@ def test_cancelled_request_is_skipped_without_touching_the_others(engine, refere
     assert results[2].error is None and results[2].prompt_tokens == 3
     assert report.inputs == 3, "the cancelled request's inputs are not embedded"
     assert report.errors == {"Cancelled": 1}
+
+
+def test_failed_forward_fails_only_the_requests_with_inputs_in_that_group(bundled_model, reference):
+    # A limit past the model's 512 positions lets a 582-token input reach the model, whose forward
+    # then raises: a real failure of one group, with the model and tokenizer unchanged.
+    wide = Engine(bundled_model, max_batch_tokens=8192)
+    wide.tokenizer = Tokenizer(bundled_model.tokenizer, 600, bundled_model.vocab_size)
+    huge = " ".join(["hello"] * 580)
+    jobs = [EmbedJob(texts=["hello"]), EmbedJob(texts=["world", huge]), EmbedJob(texts=["good", "day"])]
+    results, report = wide.run(jobs, BatchingConfig())
+    assert isinstance(results[1].error, Unavailable) and results[1].vectors is None
+    assert results[1].error.status == 503
+    assert_close(results[0].vectors, reference(["hello"]))
+    assert_close(results[2].vectors, reference(["good", "day"]))
+    assert report.errors == {"Unavailable": 1}
+    assert report.forwards == 2
 
 
 def test_a_batch_of_only_failing_requests_runs_no_forward(engine, too_long):
