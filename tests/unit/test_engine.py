@@ -112,12 +112,15 @@ def test_bad_token_id_fails_only_its_own_request(engine, reference, texts):
 
 
 def test_cancelled_request_is_skipped_without_touching_the_others(engine, reference, texts):
-    jobs = [EmbedJob(texts=texts[:2]), EmbedJob(texts=texts[2:6], cancelled=True), EmbedJob(token_ids=[[7592]])]
+    jobs = [EmbedJob(texts=texts[:2]), EmbedJob(texts=texts[2:6], cancelled=True), EmbedJob(token_ids=[[7592]]),
+            EmbedJob(texts=texts[6:8])]
     results, report = engine.run(jobs, BatchingConfig())
     assert isinstance(results[1].error, Cancelled) and results[1].vectors is None
     assert_close(results[0].vectors, reference(texts[:2]))
     assert results[2].error is None and results[2].prompt_tokens == 3
-    assert report.inputs == 3, "the cancelled request's inputs are not embedded"
+    # The texts after a cancelled request still line up with their own tokens.
+    assert_close(results[3].vectors, reference(texts[6:8]))
+    assert report.inputs == 5, "the cancelled request's inputs are not embedded"
     assert report.errors == {"Cancelled": 1}
 
 
@@ -221,6 +224,12 @@ def test_queue_time_is_measured_from_enqueue_to_run(engine):
     assert [r.queue_s for r in results] == [2.0, 1.5, 0.0]
     assert report.queue_s == [2.0, 1.5, 0.0]
     assert all(r.forward_s == report.forward_s and r.tokenize_s == report.tokenize_s for r in results)
+
+
+def test_an_empty_run_does_nothing(engine):
+    results, report = engine.run([], BatchingConfig())
+    assert results == []
+    assert (report.requests, report.inputs, report.forwards, report.errors) == (0, 0, 0, {})
 
 
 def test_job_length_counts_its_inputs():
