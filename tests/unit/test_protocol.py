@@ -115,7 +115,7 @@ request_like = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.one_of(request_like, json_values))
 def test_arbitrary_json_either_validates_or_raises_validation_error(payload):
     try:
@@ -134,7 +134,7 @@ def test_arbitrary_json_either_validates_or_raises_validation_error(payload):
     assert all(isinstance(x, list) and x and all(type(i) is int for i in x) for x in value)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(json_values)
 def test_arbitrary_json_text_either_validates_or_raises_validation_error(value):
     try:
