@@ -209,6 +209,16 @@ def test_events_from_before_a_reset_are_dropped_even_when_they_arrive_after_it(a
     assert agg.snapshot(now=after)["totals"]["inputs"] == 2
 
 
+def test_events_from_before_the_aggregate_existed_count_until_the_first_reset():
+    early = time.time() - 30  # a replica observed this before the metrics actor started
+    agg = Aggregate()
+    agg.record("r1", "replica", "mini", [Event(early, "batch", _report(inputs=3))])
+    assert agg.snapshot()["totals"]["inputs"] == 3
+    agg.reset()
+    agg.record("r1", "replica", "mini", [Event(early, "batch", _report(inputs=3))])
+    assert agg.snapshot()["totals"]["inputs"] == 0
+
+
 def test_snapshot_has_every_documented_key(agg):
     t = _at(agg, 1)
     agg.record("r1", "replica", "mini", [Event(t, "batch", _report())], memory={"kind": "process", "rss_bytes": 5},
