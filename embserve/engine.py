@@ -88,6 +88,7 @@ class Engine:
                             group_cost_tokens=self.default_group_cost if cfg.group_cost_tokens is None
                             else cfg.group_cost_tokens)
         vectors: list[np.ndarray | None] = [None] * len(sequences)
+        done = []
         t1 = time.perf_counter()
         for group in plan:
             try:
@@ -101,9 +102,10 @@ class Engine:
                 continue
             for row, i in enumerate(group):
                 vectors[i] = out[row]
+            done.append(group)
         report.forward_s = time.perf_counter() - t1
 
-        stats = plan_stats(lengths, plan)
+        stats = plan_stats(lengths, done)  # what was actually embedded
         report.forwards, report.tokens, report.padded_tokens = stats.groups, stats.tokens, stats.padded_tokens
         report.inputs = stats.inputs
         self._scatter(jobs, results, vectors, owners, lengths)

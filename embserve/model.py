@@ -111,6 +111,10 @@ class EmbeddingModel:
         self.pooling = spec.pooling if spec.pooling != "auto" else (hints.pooling or "mean")
         position_limit = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         self.max_length = int(spec.max_length or hints.max_seq_length or position_limit)
+        if position_limit and self.max_length > int(position_limit):
+            # Longer inputs would crash the forward (and fail their whole group) instead of a clean 400.
+            raise ValueError(f"max_length {self.max_length} is more than {spec.name}'s position limit "
+                             f"of {position_limit} tokens")
         self.normalize = spec.normalize
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))

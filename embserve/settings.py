@@ -50,16 +50,25 @@ class BatchingConfig(BaseModel):
         "planned: higher gives fewer, fuller forwards with more padding. None: 32 on CPU, 512 on GPU."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _wait_in_ms(cls, data: Any) -> Any:
+        """`max_wait_time_ms` (the environment's name) is accepted for `batch_wait_timeout_s`."""
+        if isinstance(data, dict) and "max_wait_time_ms" in data:
+            data = dict(data)
+            ms = data.pop("max_wait_time_ms")
+            if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+                raise ValueError(f"max_wait_time_ms must be a number of milliseconds, got {ms!r}")
+            data["batch_wait_timeout_s"] = ms / 1000.0
+        return data
+
     @property
     def effective_wait_s(self) -> float:
         return self.batch_wait_timeout_s if self.enable_dynamic_batching else 0.0
 
     def updated(self, user_config: dict[str, Any] | None) -> "BatchingConfig":
         """This config with a Serve user_config applied; keys it does not name keep their value."""
-        values = dict(user_config or {})
-        if "max_wait_time_ms" in values:
-            values["batch_wait_timeout_s"] = float(values.pop("max_wait_time_ms")) / 1000.0
-        return BatchingConfig.model_validate({**self.model_dump(), **values})
+        return BatchingConfig.model_validate({**self.model_dump(), **(user_config or {})})
 
 
 class ModelSpec(BaseModel):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import os
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,7 +101,7 @@ class Accumulator:
     def __init__(self, kind: str, model: str | None) -> None:
         self.kind = kind
         self.model = model
-        self.source_id = f"{kind}-{os.getpid()}-{id(self):x}"
+        self.source_id = f"{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.events: list[Event] = []
 
     def take(self) -> list[Event]:

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from embserve.model import (
+    EmbeddingModel,
     pick_device,
     pick_dtype,
     pool,
     read_sentence_transformer_hints,
     resolve_source,
 )
+from embserve.settings import ModelSpec
 
 
 def test_bundled_model_is_described_by_its_own_config(bundled_model):
@@ -53,6 +55,7 @@ def _model_folder(tmp_path, pooling_cfg: dict | None, normalize: bool, max_seq: 
         ({}, None),
     ],
 )
+from embserve.settings import ModelSpec
 def test_hints_read_the_pooling_mode_of_a_model_folder(tmp_path, cfg, pooling):
     hints = read_sentence_transformer_hints(_model_folder(tmp_path, cfg, normalize=False, max_seq=128))
     assert hints.pooling == pooling
@@ -112,3 +115,8 @@ def test_padding_in_a_group_does_not_change_a_vector(bundled_model):
     assert padded.shape == (2, 384) and padded.dtype == np.float32
     np.testing.assert_allclose(padded[1], alone[0], atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(padded, axis=1), 1.0, atol=1e-5)
+
+
+def test_max_length_past_the_position_limit_is_refused_at_load():
+    with pytest.raises(ValueError, match="position limit of 512"):
+        EmbeddingModel(ModelSpec(name="x", max_length=600), device="cpu")

@@ -252,3 +252,9 @@ def test_effective_wait_is_zero_when_dynamic_batching_is_off():
     assert cfg.effective_wait_s == 0.05
     assert cfg.updated({"enable_dynamic_batching": False}).effective_wait_s == 0.0
     assert Settings(enable_dynamic_batching=False, max_wait_time_ms=30).batching().effective_wait_s == 0.0
+
+
+@pytest.mark.parametrize("bad", [None, "abc", [1], True])
+def test_user_config_wait_in_ms_must_be_a_number(bad):
+    with pytest.raises(ValidationError, match="max_wait_time_ms"):
+        BatchingConfig().updated({"max_wait_time_ms": bad})
