@@ -55,7 +55,6 @@ def _model_folder(tmp_path, pooling_cfg: dict | None, normalize: bool, max_seq: 
         ({}, None),
     ],
 )
-from embserve.settings import ModelSpec
 def test_hints_read_the_pooling_mode_of_a_model_folder(tmp_path, cfg, pooling):
     hints = read_sentence_transformer_hints(_model_folder(tmp_path, cfg, normalize=False, max_seq=128))
     assert hints.pooling == pooling
