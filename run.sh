@@ -34,6 +34,10 @@ case "${1:-}" in
     setup test
     shift
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
+    # Lets coverage follow into Ray's worker processes; inert unless a test session turns it on.
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo 'import os; exec(open(os.environ["EMBSERVE_COVERAGE_HOOK"]).read(), {"__name__": "embserve_coverage_hook"}) if os.environ.get("EMBSERVE_COVERAGE_HOOK") else None' \
+      > "$site/embserve_coverage_hook.pth"
     exec "$VENV/bin/python" -m pytest --cov=embserve --cov=deployments --cov-report=term-missing \
       --cov-fail-under=95 "$@"
     ;;

@@ -1,6 +1,7 @@
 """One local Ray cluster per test session; apps deployed from serve_config.yaml as `serve deploy` does."""
 
 import copy
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -50,11 +51,21 @@ def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
     raise TimeoutError(f"app not running after {timeout_s}s (status {status})")
 
 
+def follow_coverage_into_ray_workers(config) -> None:
+    """When pytest measures coverage, Ray's workers (started after this) measure it too."""
+    if not getattr(config.option, "cov_source", None):
+        return
+    os.environ["EMBSERVE_COVERAGE_HOOK"] = str(ROOT / "tests" / "coverage_hook.py")
+    os.environ["COVERAGE_PROCESS_START"] = str(ROOT / "pyproject.toml")
+    os.environ["COVERAGE_FILE"] = str(ROOT / ".coverage")
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(request):
     import ray
     from ray import serve
 
+    follow_coverage_into_ray_workers(request.config)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     yield
