@@ -1,0 +1,70 @@
+"""Replica lifecycle through the real service: redeploys under load, and work for clients that left."""
+
+import concurrent.futures as cf
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from tests.integration.conftest import APP, BASE, EMBEDDER, deploy, deployment
+from tests.texts import mixed_texts
+
+pytestmark = pytest.mark.integration
+MODEL = "all-MiniLM-L6-v2"
+
+
+def fixed_single_replica(config) -> None:
+    embedder = deployment(config, EMBEDDER)
+    embedder.pop("autoscaling_config", None)
+    embedder["num_replicas"] = 1
+
+
+@pytest.fixture(scope="module")
+def config(serve_app):
+    return serve_app(fixed_single_replica)
+
+
+def pid() -> int:
+    return serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()["pid"]
+
+
+def test_in_flight_requests_finish_when_a_redeploy_replaces_the_replica(config, client):
+    before = pid()
+    texts = mixed_texts(60, seed=41)
+
+    def call(text):
+        return client.post("/v1/embeddings", json={"model": MODEL, "input": text, "truncate": True},
+                           timeout=120).status_code
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(call, t) for t in texts]
+        time.sleep(1.0)
+        # A new actor option is a new replica version: Serve drains the old one, then replaces it.
+        deployment(config, EMBEDDER)["ray_actor_options"] = {"num_cpus": 0.9}
+        deploy(config)
+        statuses = [f.result() for f in futures]
+    assert statuses == [200] * len(texts)
+    assert pid() != before
+
+
+def test_requests_whose_client_left_are_not_computed(config, client):
+    client.post("/v1/performance/reset")
+    busy = ["word " * 250 + text for text in mixed_texts(96, seed=42)]  # a few seconds of work
+    with cf.ThreadPoolExecutor(1) as pool:
+        long_call = pool.submit(client.post, "/v1/embeddings",
+                                json={"model": MODEL, "input": busy, "truncate": True}, timeout=120)
+        time.sleep(0.3)
+        gave_up = 0
+        with httpx.Client(base_url=BASE, timeout=0.3) as impatient:
+            for text in mixed_texts(12, seed=43):
+                try:
+                    impatient.post("/v1/embeddings", json={"model": MODEL, "input": text})
+                except httpx.TimeoutException:
+                    gave_up += 1
+        assert long_call.result().status_code == 200
+    assert gave_up == 12
+    time.sleep(1.5)
+    perf = client.get("/v1/performance").json()
+    # The busy request was embedded; those whose clients left while it ran were dropped, not computed.
+    assert perf["totals"]["inputs"] == len(busy)
