@@ -1,0 +1,141 @@
+"""The offline limit: the same texts embedded in this process by the same model, with the best batching
+there is when everything is known in advance (sort by length, then batch), and the raw latency of one
+short query's forward (the floor under a single client's p50).
+
+The model and tokenizer are embserve's own (EmbeddingModel, Tokenizer), so the limit counts the same
+tokenization and the same padded forward the replicas run, and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from embserve.model import EmbeddingModel
+from embserve.settings import ModelSpec
+from embserve.tokenize import Tokenizer
+
+MAX_BATCH_TOKENS = 8192  # the replicas' CPU token budget (embserve.engine.default_token_budget)
+
+
+@dataclass(frozen=True)
+class OfflineResult:
+    texts: int
+    tokens: int  # real tokens, special tokens included (what `usage.prompt_tokens` counts)
+    padded_tokens: int
+    seconds: float  # tokenize + forward
+    tokenize_s: float
+    batch_size: int
+    threads: int
+
+    @property
+    def texts_per_s(self) -> float:
+        return self.texts / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "texts_per_s": round(self.texts_per_s, 2),
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "padding_efficiency": round(self.tokens / self.padded_tokens, 4)}
+
+
+class OfflineModel:
+    """The bundled model and its tokenizer, loaded the way a replica loads them."""
+
+    def __init__(self, source: str = "bundled") -> None:
+        self.model = EmbeddingModel(ModelSpec(name="offline", source=source), device="cpu")
+        self.tokenizer = Tokenizer(self.model.tokenizer, self.model.max_length, self.model.vocab_size)
+
+    def ids(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
+        return [self.tokenizer.finish(c, i, truncate) for i, c in enumerate(self.tokenizer.content_ids(texts))]
+
+    def sorted_batches(self, texts: list[str], batch_size: int, threads: int,
+                       max_batch_tokens: int = MAX_BATCH_TOKENS) -> OfflineResult:
+        """Tokenize all, sort by length, forward in batches of `batch_size` (within the token budget)."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            self.model.forward(self.ids(texts[:4]))  # warm the allocator and kernels at this thread count
+            t0 = time.perf_counter()
+            ids = self.ids(texts)
+            tokenize_s = time.perf_counter() - t0
+            order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+            padded = 0
+            start = 0
+            while start < len(order):
+                end = start + 1
+                # Longest is the last one (sorted), so the budget check is one multiplication.
+                while (end < len(order) and end - start < batch_size
+                       and (end - start + 1) * len(ids[order[end]]) <= max_batch_tokens):
+                    end += 1
+                group = [ids[i] for i in order[start:end]]
+                self.model.forward(group)
+                padded += len(group) * len(group[-1])
+                start = end
+            seconds = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(previous)
+        return OfflineResult(texts=len(ids), tokens=sum(map(len, ids)), padded_tokens=padded, seconds=seconds,
+                             tokenize_s=tokenize_s, batch_size=batch_size, threads=threads)
+
+    def best(self, texts: list[str], batch_sizes: tuple[int, ...] = (8, 32, 128),
+             threads: tuple[int, ...] = (1, 2)) -> tuple[OfflineResult, list[OfflineResult]]:
+        """The fastest of the tried (batch size, threads) pairs, and all of them."""
+        tried = [self.sorted_batches(texts, b, t) for t in threads for b in batch_sizes]
+        return max(tried, key=lambda r: r.texts_per_s), tried
+
+    def single_latency_ms(self, texts: list[str], threads: int, repeats: int = 3) -> dict[str, float]:
+        """Tokenize + forward of one text at a time, as a replica does for a lone request: the floor
+        under a single client's latency. Median over `texts`, each run `repeats` times."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for text in texts[:5]:
+                self.model.forward(self.ids([text]))
+            times = []
+            for text in texts:
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    self.model.forward(self.ids([text]))
+                    times.append((time.perf_counter() - t0) * 1000)
+        finally:
+            torch.set_num_threads(previous)
+        a = np.array(times)
+        return {"p50": round(float(np.median(a)), 3), "p95": round(float(np.percentile(a, 95)), 3),
+                "min": round(float(a.min()), 3), "threads": threads,
+                "tokens_mean": round(float(np.mean([len(i) for i in self.ids(texts)])), 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Measure the in-process (offline) embedding limit.")
+    parser.add_argument("--kind", default="mixed", choices=("mixed", "queries", "passages", "documents"))
+    parser.add_argument("--n", type=int, default=512, help="texts per pass")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 32, 128])
+    parser.add_argument("--threads", type=int, nargs="*", default=sorted({1, os.cpu_count() or 1}))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from bench.corpus import load_or_build
+
+    corpus = load_or_build(None, args.seed)
+    texts = corpus.mixed(args.n, args.seed) if args.kind == "mixed" else corpus.kind(args.kind)[: args.n]
+    offline = OfflineModel()
+    best, tried = offline.best(texts, tuple(args.batch_sizes), tuple(args.threads))
+    for r in tried:
+        print(json.dumps(r.to_dict()))
+    print("best:", json.dumps(best.to_dict()))
+    for t in args.threads:
+        print("single query forward:", json.dumps(offline.single_latency_ms(corpus.queries[:40], t)))
+
+
+if __name__ == "__main__":
+    main()
