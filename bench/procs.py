@@ -1,0 +1,248 @@
+"""Where the CPU goes: per-process CPU time of this benchmark's own Ray processes (from /proc), the CPU
+that processes outside it took meanwhile, and py-spy profiles of the Serve processes grouped by stage.
+
+Linux only. Processes are found as descendants of this (driver) process, so another Ray cluster on the
+same machine is never mistaken for ours.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Process roles by their title (Ray renames worker processes "ray::<Actor>...").
+ROLES = (
+    ("replica", re.compile(r"ServeReplica:[^:]+:Embedder")),
+    ("ingress", re.compile(r"ServeReplica:[^:]+:Ingress")),
+    ("proxy", re.compile(r"ProxyActor")),
+    ("controller", re.compile(r"ServeController")),
+    ("metrics actor", re.compile(r"MetricsActor")),
+    ("raylet", re.compile(r"raylet")),
+    ("gcs", re.compile(r"gcs_server")),
+    ("py-spy", re.compile(r"py-spy")),
+)
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, CPU ticks user+system) of a process, None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def descendants(root: int | None = None) -> dict[int, str]:
+    """Every live process under `root` (this process by default), itself included: pid -> role."""
+    root = os.getpid() if root is None else root
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                parents[int(entry)] = st[0]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        title = _title(pid)
+        role = "load generator" if pid == root else next((r for r, rx in ROLES if rx.search(title)), "other ray")
+        out[pid] = role
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _system_busy_ticks() -> int:
+    """Busy CPU ticks of the whole machine since boot (all but idle and iowait)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(values) - values[3] - values[4]
+
+
+@dataclass
+class CpuSnapshot:
+    at: float
+    system_ticks: int
+    per_pid: dict[int, tuple[str, int]]
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    per_pid = {}
+    for pid, role in descendants().items():
+        st = _stat(pid)
+        if st is not None:
+            per_pid[pid] = (role, st[1])
+    return CpuSnapshot(time.perf_counter(), _system_busy_ticks(), per_pid)
+
+
+@dataclass
+class CpuUsage:
+    """CPU used between two snapshots, in cores (1.0 = one core busy for the whole window)."""
+
+    window_s: float
+    by_role: dict[str, float]
+    foreign: float  # cores that processes outside this benchmark used
+    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    @property
+    def ours(self) -> float:
+        return sum(self.by_role.values())
+
+    def to_dict(self) -> dict:
+        return {"window_s": round(self.window_s, 2), "by_role": {k: round(v, 3) for k, v in self.by_role.items()},
+                "ours": round(self.ours, 3), "foreign": round(self.foreign, 3), "cores": self.cores}
+
+
+def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
+    seconds = max(1e-9, after.at - before.at)
+    by_role: Counter = Counter()
+    ours = 0
+    for pid, (role, ticks) in after.per_pid.items():
+        start = before.per_pid[pid][1] if pid in before.per_pid else 0
+        by_role[role] += (ticks - start)
+        ours += ticks - start
+    foreign = max(0, (after.system_ticks - before.system_ticks) - ours)
+    return CpuUsage(seconds, {r: t / CLK_TCK / seconds for r, t in sorted(by_role.items())},
+                    foreign / CLK_TCK / seconds)
+
+
+class QuietGate:
+    """Waits, before a point, until processes outside the benchmark leave the CPU alone (or the budget
+    runs out): other people's test runs on a shared box would otherwise be measured as our slowness."""
+
+    def __init__(self, budget_s: float, threshold_cores: float = 0.4, per_point_s: float = 30.0) -> None:
+        self.budget_s = budget_s
+        self.threshold = threshold_cores
+        self.per_point_s = per_point_s
+        self.waited_s = 0.0
+
+    def wait(self) -> float:
+        """Seconds waited this time. Samples the load over one-second intervals."""
+        waited = 0.0
+        while self.waited_s < self.budget_s and waited < self.per_point_s:
+            before = cpu_snapshot()
+            time.sleep(1.0)  # the measurement interval itself, not a poll for an event
+            if cpu_usage(before, cpu_snapshot()).foreign < self.threshold:
+                break
+            waited += 1.0
+            self.waited_s += 1.0
+        return waited
+
+
+# Stages of the serving pipeline, by the file a sampled frame belongs to. A sample is charged to the
+# innermost frame that matches one of these, so a json.dumps called by the route counts as serialization.
+STAGES = (
+    ("forward (torch)", re.compile(r"torch/|transformers/models/|embserve/model\.py")),
+    ("tokenization", re.compile(r"tokenizers/|transformers/tokenization|embserve/tokenize\.py")),
+    ("batch planning", re.compile(r"embserve/batching\.py|embserve/engine\.py|embserve/coalesce\.py")),
+    ("serialization", re.compile(r"pickle|serializ|msgpack|json/|orjson|base64|embserve/responses\.py|"
+                                 r"embserve/encode\.py|pydantic|fastapi/encoders|numpy/")),
+    ("metrics", re.compile(r"embserve/stats\.py|deployments/metrics\.py|ray/util/metrics|prometheus|"
+                           r"opentelemetry|metrics_utils")),
+    ("HTTP/ASGI", re.compile(r"uvicorn/|h11/|httptools|starlette/|fastapi/|deployments/ingress\.py")),
+    ("Serve router/replica", re.compile(r"ray/serve/")),
+    ("Ray core (RPC)", re.compile(r"ray/_raylet|ray/_private/|ray/actor|ray/remote_function|grpc")),
+    ("asyncio loop", re.compile(r"asyncio/|selectors\.py|uvloop")),
+)
+
+
+def stage_of(stack: list[str]) -> str:
+    """The stage of one sampled stack (outermost frame first)."""
+    for frame in reversed(stack):
+        for name, pattern in STAGES:
+            if pattern.search(frame):
+                return name
+    return "other"
+
+
+@dataclass
+class Profile:
+    role: str
+    pid: int
+    samples: int
+    by_stage: dict[str, int]
+    top_leaves: list[tuple[str, int]]
+
+    def shares(self) -> dict[str, float]:
+        return {k: v / self.samples for k, v in self.by_stage.items()} if self.samples else {}
+
+
+def parse_collapsed(text: str, role: str, pid: int) -> Profile:
+    """py-spy's raw (collapsed) output: `frame;frame;...;frame count` per line, outermost first."""
+    by_stage: Counter = Counter()
+    leaves: Counter = Counter()
+    total = 0
+    for line in text.splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        if not stack_text or not count.isdigit():
+            continue
+        n = int(count)
+        stack = [f for f in stack_text.split(";") if not f.startswith(("process ", "thread "))]
+        total += n
+        by_stage[stage_of(stack)] += n
+        if stack:
+            leaves[_short(stack[-1])] += n
+    return Profile(role, pid, total, dict(by_stage.most_common()), leaves.most_common(12))
+
+
+def _short(frame: str) -> str:
+    """`func (path/to/site-packages/pkg/mod.py:12)` -> `func (pkg/mod.py)`."""
+    match = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+    if not match:
+        return frame
+    func, path = match.groups()
+    path = re.sub(r".*site-packages/", "", path)
+    path = re.sub(r".*/lib/python3\.\d+/", "", path)
+    path = re.sub(r".*/work/main/", "", path)
+    return f"{func} ({path})"
+
+
+def record(pids: dict[int, str], seconds: float, out_dir: Path, rate: int = 50) -> list[subprocess.Popen]:
+    """Starts one `py-spy record` per process (non-blocking sampling, so the target is not paused)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for pid, role in pids.items():
+        target = out_dir / f"{role.replace(' ', '_')}-{pid}.txt"
+        cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
+               "--format", "raw", "--nonblocking", "--output", str(target)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    return procs
+
+
+def collect(procs: list[subprocess.Popen], pids: dict[int, str], out_dir: Path, timeout_s: float) -> list[Profile]:
+    profiles = []
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=10)
+    for pid, role in pids.items():
+        target = out_dir / f"{role.replace(' ', '_')}-{pid}.txt"
+        if target.is_file():
+            profiles.append(parse_collapsed(target.read_text(), role, pid))
+    return profiles
+
+
+def dump(pid: int) -> str:
+    """One `py-spy dump` of every thread of a process (what each is doing right now)."""
+    result = subprocess.run(["py-spy", "dump", "--pid", str(pid), "--nonblocking"], capture_output=True,
+                            text=True, timeout=30)
+    return result.stdout or result.stderr

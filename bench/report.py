@@ -1,0 +1,346 @@
+"""The report of one bench.run: headline against the targets, tables, plots (matplotlib, Agg) and raw JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+FULL_ENGINE = "full engine"
+BATCHING_OFF = "batching off"
+HEADLINE_C = 32
+TARGET_RATIO = 0.8
+TARGET_PADDING = 0.95
+LATENCY_SLACK_MS = 10.0
+
+
+def _at(points: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    return next((p for p in points if p.get("concurrency") == concurrency), None)
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The four figures the issue asks for, with their targets."""
+    limit = results["offline"]["mixed"]["texts_per_s"]
+    token_limit = results["offline"]["mixed"]["tokens_per_s"]
+    configs = results["configs"]
+    full = _at(configs[FULL_ENGINE]["points"], HEADLINE_C) or configs[FULL_ENGINE]["points"][-1]
+    off = _at(configs[BATCHING_OFF]["points"], HEADLINE_C) or configs[BATCHING_OFF]["points"][-1]
+    per_request = next((p for p in results.get("sweep", []) if p.get("max_batch_size") == 1), None)
+    floor = results["offline"]["single_forward_floor_ms"]
+    lone = configs[FULL_ENGINE]["single_query"]["latency_ms"].get("p50")
+    padding = full["perf"].get("padding_efficiency")
+    one_thread = max((r for r in results["offline"]["mixed_tried"] if r["threads"] == 1),
+                     key=lambda r: r["texts_per_s"], default=None)
+    return {
+        "concurrency": full["concurrency"],
+        "served_texts_per_s": full["texts_per_s"], "offline_texts_per_s": limit,
+        "ratio": full["texts_per_s"] / limit, "token_ratio": full["tokens_per_s"] / token_limit,
+        "ratio_1thread": full["texts_per_s"] / one_thread["texts_per_s"] if one_thread else None,
+        "padding_efficiency": padding,
+        "single_p50_ms": lone, "floor_ms": floor, "latency_budget_ms": floor + LATENCY_SLACK_MS,
+        "gain_vs_off": full["texts_per_s"] / off["texts_per_s"] if off["texts_per_s"] else None,
+        "gain_vs_per_request": (full["texts_per_s"] / per_request["texts_per_s"]
+                                if per_request and per_request["texts_per_s"] else None),
+    }
+
+
+def _fmt(value: Any, spec: str = ".1f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _yes(ok: bool | None) -> str:
+    return "–" if ok is None else ("yes" if ok else "**no**")
+
+
+def _points_table(points: list[dict[str, Any]], limit: float, token_limit: float, floor: float) -> list[str]:
+    rows = ["| clients | texts/s | × offline | tokens/s | × offline | p50 ms | p95 ms | p99 ms | p50 / floor "
+            "| padding eff. | inputs / forward | inputs / batch | errors | other load (cores) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in points:
+        lat, perf, cpu = p["latency_ms"], p.get("perf") or {}, p.get("cpu") or {}
+        rows.append(
+            f"| {p['concurrency']} | {p['texts_per_s']:.1f} | {p['texts_per_s'] / limit:.2f} | "
+            f"{p['tokens_per_s']:.0f} | {p['tokens_per_s'] / token_limit:.2f} | {_fmt(lat.get('p50'))} | "
+            f"{_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} | "
+            f"{_fmt(lat.get('p50') / floor if lat.get('p50') else None, '.1f')}× | "
+            f"{_fmt(perf.get('padding_efficiency'), '.3f')} | {_fmt(perf.get('inputs_per_forward'), '.1f')} | "
+            f"{_fmt(perf.get('inputs_per_batch'), '.1f')} | {sum(p['errors'].values())} | "
+            f"{_fmt(cpu.get('foreign'), '.2f')} |")
+    return rows
+
+
+def _cpu_table(results: dict[str, Any]) -> list[str]:
+    """Cores each process of the pipeline used at the headline point, per config."""
+    roles = ("load generator", "proxy", "ingress", "replica", "metrics actor", "controller", "raylet", "gcs",
+             "other ray")
+    rows = ["| config | " + " | ".join(roles) + " | all ours | other load | texts/s | CPU ms / text |",
+            "|---|" + "---:|" * (len(roles) + 4)]
+    for name, cfg in results["configs"].items():
+        p = _at(cfg["points"], HEADLINE_C)
+        if not p or not p.get("cpu"):
+            continue
+        cpu = p["cpu"]
+        per_text = cpu["ours"] * 1000 / p["texts_per_s"] if p["texts_per_s"] else None
+        rows.append(f"| {name} | " + " | ".join(_fmt(cpu["by_role"].get(r, 0.0), ".2f") for r in roles)
+                    + f" | {cpu['ours']:.2f} | {cpu['foreign']:.2f} | {p['texts_per_s']:.1f} | {_fmt(per_text)} |")
+    return rows
+
+
+def _profile_section(profile: dict[str, Any]) -> list[str]:
+    lines = [f"py-spy sampled the replica, the ingress and the proxy (`py-spy record --nonblocking --rate 50`) "
+             f"for {profile['seconds']:.0f} s while {HEADLINE_C} clients loaded the full engine "
+             f"({profile['point']['texts_per_s']:.1f} texts/s under the profiler). Each sample is charged to "
+             "the innermost frame that belongs to a stage (bench/procs.py `STAGES`); shares are of the "
+             "process's non-idle samples. Raw stacks: `" + profile["raw_dir"] + "/` (not committed).", ""]
+    stages: list[str] = []
+    for prof in profile["profiles"]:
+        for stage in prof["by_stage"]:
+            if stage not in stages:
+                stages.append(stage)
+    lines.append("| process | samples | " + " | ".join(stages) + " |")
+    lines.append("|---|---:|" + "---:|" * len(stages))
+    for prof in profile["profiles"]:
+        n = prof["samples"] or 1
+        lines.append(f"| {prof['role']} | {prof['samples']} | "
+                     + " | ".join(f"{100 * prof['by_stage'].get(s, 0) / n:.0f}%" for s in stages) + " |")
+    for prof in profile["profiles"]:
+        n = prof["samples"] or 1
+        lines += ["", f"Hottest leaf frames, {prof['role']}:", ""]
+        lines += [f"- {100 * count / n:.1f}% `{frame}`" for frame, count in prof["top_leaves"][:8]]
+    return lines
+
+
+def plot_throughput(results: dict[str, Any], path: Path) -> None:
+    limit = results["offline"]["mixed"]["texts_per_s"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, cfg in results["configs"].items():
+        pts = cfg["points"]
+        ax.plot([p["concurrency"] for p in pts], [p["texts_per_s"] for p in pts], marker="o", label=name)
+    ax.axhline(limit, color="black", lw=1, label="offline limit")
+    ax.axhline(TARGET_RATIO * limit, color="black", lw=1, ls="--", label=f"{TARGET_RATIO}× offline (target)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients (one text per request)")
+    ax.set_ylabel("texts/s")
+    ax.set_ylim(bottom=0)
+    right = ax.secondary_yaxis("right", functions=(lambda y: y / limit, lambda r: r * limit))
+    right.set_ylabel("× offline limit")
+    ax.set_title("Served throughput vs concurrency (queries + passages)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(results: dict[str, Any], path: Path) -> None:
+    floor = results["offline"]["single_forward_floor_ms"]
+    configs = results["configs"]
+    fig, axes = plt.subplots(1, len(configs), figsize=(4 * len(configs), 3.8), sharey=True)
+    for ax, (name, cfg) in zip(axes, configs.items()):
+        pts = cfg["points"]
+        xs = [p["concurrency"] for p in pts]
+        for q, style in (("p50", "-o"), ("p95", "--s"), ("p99", ":^")):
+            ax.plot(xs, [p["latency_ms"].get(q) for p in pts], style, label=q)
+        ax.axhline(floor, color="black", lw=1, label="one forward (offline)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("concurrent clients")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("latency (ms)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Request latency percentiles (one text per request)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_padding(results: dict[str, Any], path: Path) -> None:
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, cfg in results["configs"].items():
+        pts = cfg["points"]
+        xs = [p["concurrency"] for p in pts]
+        ax1.plot(xs, [(p.get("perf") or {}).get("padding_efficiency") for p in pts], marker="o", label=name)
+        ax2.plot(xs, [(p.get("perf") or {}).get("inputs_per_forward") for p in pts], marker="o", label=name)
+    ax1.axhline(TARGET_PADDING, color="black", lw=1, ls="--", label=f"target {TARGET_PADDING}")
+    ax1.set_ylabel("padding efficiency (real / padded tokens)")
+    ax1.set_ylim(0, 1.02)
+    ax2.set_ylabel("inputs per forward")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    fig.suptitle("Padding efficiency and batch fill per configuration")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(results: dict[str, Any], path: Path) -> None:
+    sweep = results["sweep"]
+    limit = results["offline"]["mixed"]["texts_per_s"]
+    xs = [p["max_batch_size"] for p in sweep]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax1.plot(xs, [p["texts_per_s"] for p in sweep], marker="o", label="served")
+    ax1.axhline(limit, color="black", lw=1, label="offline limit")
+    ax1.set_ylabel("texts/s")
+    ax1.set_ylim(bottom=0)
+    for q, style in (("p50", "-o"), ("p99", ":^")):
+        ax2.plot(xs, [p["latency_ms"].get(q) for p in sweep], style, label=q)
+    ax2.set_ylabel("latency (ms)")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("max_batch_size (full engine, 32 clients)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("max_batch_size sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out: Path) -> Path:
+    """Writes `out/benchmarks.md`, `out/bench/*.png` and `out/bench/results.json`; returns the .md path."""
+    img = out / "bench"
+    img.mkdir(parents=True, exist_ok=True)
+    (img / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    plot_throughput(results, img / "throughput.png")
+    plot_latency(results, img / "latency.png")
+    plot_padding(results, img / "padding.png")
+    if results.get("sweep"):
+        plot_sweep(results, img / "batch_size_sweep.png")
+
+    m, off = results["machine"], results["offline"]
+    limit, token_limit = off["mixed"]["texts_per_s"], off["mixed"]["tokens_per_s"]
+    floor = off["single_forward_floor_ms"]
+    h = headline(results)
+    quick = results["mode"] == "quick"
+    L: list[str] = ["# Benchmarks", ""]
+    L += [f"Generated by `python -m bench.run{' --quick' if quick else ''}` on {m['date']} "
+          f"({results['mode']} mode, {results['elapsed_s']:.0f} s; commit {m['commit']}"
+          f"{', with uncommitted changes under embserve/ or deployments/' if m['uncommitted_server_changes'] else ''}). "
+          "Edit bench/, not this file: the next run rewrites it.", ""]
+    L += ["**Machine.** " + f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, no GPU; {m['os']}; "
+          f"Python {m['python']}, torch {m['torch']}, Ray {m['ray']}, transformers {m['transformers']}. "
+          f"Load average at the start: {', '.join(f'{x:.2f}' for x in m['load_average_at_start'])}.", ""]
+    L += ["**Setup.** A private Ray (`ray.init(num_cpus=2)`) with Serve's proxy on 127.0.0.1:8100; each "
+          "configuration is `build_app(Settings(...))` deployed as the app `bench` (one ingress, one embedding "
+          "replica, the bundled all-MiniLM-L6-v2 on CPU). The load generator (bench/load.py: asyncio, one "
+          "httpx client, `encoding_format=base64`) runs in the same process that started Ray, so it **shares "
+          "the 2 cores with the proxy, the ingress and the replica**. The replica runs torch on one thread: Ray "
+          "sets OMP_NUM_THREADS to a worker's num_cpus (1) unless it is set. Closed loop: each client sends its next "
+          f"request when the last one answers; {results['settings']['warmup_s']:g} s warm-up, then "
+          f"{results['settings']['duration_s']:g} s measured per point (requests completing inside the window). "
+          "Padding efficiency and batch sizes come from `GET /v1/performance`, reset at the start of each "
+          "window. *Other load* is CPU that processes outside this benchmark used during the window "
+          "(other developers' tests on the same box): points with much of it are slower than they should be; "
+          f"the run waited {results.get('waited_for_quiet_s', 0):.0f} s in all for such load to pass.", ""]
+    c = results["corpus"]
+    L += ["**Texts** (bench/corpus.py, seed 0, from the standard library's docstrings): "
+          f"{c['queries']['count']} queries (3–15 words, mean {c['queries']['tokens_mean']} tokens), "
+          f"{c['passages']['count']} passages (30–180 words, mean {c['passages']['tokens_mean']} tokens), "
+          f"{c['documents']['count']} long documents ({c['documents']['tokens_min']}–"
+          f"{c['documents']['tokens_max']} tokens, past the model's 256). The served mix is half queries, half "
+          "passages, one text per request.", ""]
+
+    L += ["## Headline", "",
+          "| figure | measured | target | met |", "|---|---:|---:|:-:|",
+          f"| served throughput, {h['concurrency']} clients, full engine ÷ offline limit | {h['ratio']:.2f}× "
+          f"({h['served_texts_per_s']:.1f} ÷ {h['offline_texts_per_s']:.1f} texts/s; tokens {h['token_ratio']:.2f}×; "
+          f"{_fmt(h['ratio_1thread'], '.2f')}× the 1-thread offline limit) "
+          f"| ≥ {TARGET_RATIO}× | {_yes(h['ratio'] >= TARGET_RATIO)} |",
+          f"| padding efficiency, full engine, {h['concurrency']} clients | {_fmt(h['padding_efficiency'], '.3f')} "
+          f"| ≥ {TARGET_PADDING} | {_yes(None if h['padding_efficiency'] is None else h['padding_efficiency'] >= TARGET_PADDING)} |",
+          f"| one client, short queries: p50 | {_fmt(h['single_p50_ms'])} ms (one forward: {floor:.1f} ms) "
+          f"| ≤ {h['latency_budget_ms']:.1f} ms | {_yes(None if h['single_p50_ms'] is None else h['single_p50_ms'] <= h['latency_budget_ms'])} |",
+          f"| batching gain at {h['concurrency']} clients: full engine ÷ batching off | {_fmt(h['gain_vs_off'], '.2f')}× | > 1× "
+          f"| {_yes(None if h['gain_vs_off'] is None else h['gain_vs_off'] > 1)} |",
+          f"| batching gain: full engine ÷ one input per batch (max_batch_size=1) | {_fmt(h['gain_vs_per_request'], '.2f')}× "
+          f"| > 1× | {_yes(None if h['gain_vs_per_request'] is None else h['gain_vs_per_request'] > 1)} |", ""]
+    L += ["*Batching off* is `enable_dynamic_batching=False`: a batch never waits to fill, but requests that "
+          "queue while the model is busy still share the next forward, so it is not one forward per request; "
+          "`max_batch_size=1` is.", ""]
+
+    L += ["## Offline limit", "",
+          f"The same mixed texts embedded in-process by embserve's own EmbeddingModel and Tokenizer: tokenize all, "
+          f"sort by length, forward in batches (the fastest of the tried batch sizes and torch thread counts "
+          f"is the limit). One forward of one short query (tokenize + forward, median over 40 queries) is the "
+          f"floor under a lone client's latency.", "",
+          "| texts | batch size | torch threads | texts/s | tokens/s | padding eff. |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in off["mixed_tried"]:
+        mark = " **(limit)**" if r == off["mixed"] else ""
+        L.append(f"| {r['texts']} | {r['batch_size']} | {r['threads']} | {r['texts_per_s']:.1f}{mark} | "
+                 f"{r['tokens_per_s']:.0f} | {r['padding_efficiency']:.3f} |")
+    L.append("")
+    for t, v in off["single_forward"].items():
+        L.append(f"- one short query ({v['tokens_mean']} tokens on average), {t} torch thread(s): p50 {v['p50']:.1f} ms, "
+                 f"p95 {v['p95']:.1f} ms, min {v['min']:.1f} ms")
+    if "documents" in off:
+        d = off["documents"]
+        L.append(f"- long documents cut to 256 tokens: {d['texts_per_s']:.1f} texts/s, {d['tokens_per_s']:.0f} tokens/s")
+    L.append("")
+
+    L += ["## Served: concurrency sweep per configuration", "",
+          f"Ratios are to the offline limit above ({limit:.1f} texts/s, {token_limit:.0f} tokens/s); *floor* is one "
+          f"offline forward of a short query ({floor:.1f} ms).", "",
+          "![throughput](bench/throughput.png)", "", "![latency](bench/latency.png)", "",
+          "![padding](bench/padding.png)", ""]
+    for name, cfg in results["configs"].items():
+        settings = ", ".join(f"{k}={v}" for k, v in cfg["settings"].items()) or "defaults (serve_config.yaml's values)"
+        L += [f"### {name} ({settings})", ""]
+        L += _points_table(cfg["points"], limit, token_limit, floor)
+        q = cfg["single_query"]
+        L += ["", f"One client, short queries only: p50 {_fmt(q['latency_ms'].get('p50'))} ms, p95 "
+              f"{_fmt(q['latency_ms'].get('p95'))} ms, p99 {_fmt(q['latency_ms'].get('p99'))} ms "
+              f"({_fmt(q['latency_ms'].get('p50') / floor if q['latency_ms'].get('p50') else None)}× the floor; "
+              f"server-side: ingress {_fmt(q['server_ms'].get('ingress_ms'))} ms, forward "
+              f"{_fmt(q['server_ms'].get('forward_ms'))} ms, queue {_fmt(q['server_ms'].get('queue_ms'))} ms on average).", ""]
+
+    if results.get("sweep"):
+        L += ["## max_batch_size sweep (full engine, 32 clients)", "", "![sweep](bench/batch_size_sweep.png)", "",
+              "| max_batch_size | texts/s | × offline | p50 ms | p99 ms | padding eff. | inputs / forward | inputs / batch | other load |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in results["sweep"]:
+            perf, lat = p.get("perf") or {}, p["latency_ms"]
+            L.append(f"| {p['max_batch_size']} | {p['texts_per_s']:.1f} | {p['texts_per_s'] / limit:.2f} | "
+                     f"{_fmt(lat.get('p50'))} | {_fmt(lat.get('p99'))} | {_fmt(perf.get('padding_efficiency'), '.3f')} | "
+                     f"{_fmt(perf.get('inputs_per_forward'))} | {_fmt(perf.get('inputs_per_batch'))} | "
+                     f"{_fmt((p.get('cpu') or {}).get('foreign'), '.2f')} |")
+        L.append("")
+
+    if results.get("extras"):
+        L += ["## Other workloads (full engine)", "",
+              "| workload | load | texts/s | × offline | p50 ms | p95 ms | p99 ms | padding eff. | errors |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in results["extras"]:
+            ref = p.get("offline_texts_per_s") or limit
+            load = f"{p['concurrency']} clients" if p["mode"] == "closed" else f"{p['rate']:.1f} req/s offered"
+            lat, perf = p["latency_ms"], p.get("perf") or {}
+            L.append(f"| {p['label']} | {load} | {p['texts_per_s']:.1f} | {p['texts_per_s'] / ref:.2f} | "
+                     f"{_fmt(lat.get('p50'))} | {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} | "
+                     f"{_fmt(perf.get('padding_efficiency'), '.3f')} | {sum(p['errors'].values())} |")
+        L += ["", "Long documents are compared with the offline limit for the same documents cut to 256 tokens.", ""]
+
+    L += ["## Where the CPU goes at 32 clients", "",
+          "Cores used by each process of this benchmark during the 32-client window (from /proc; 2.00 = both "
+          "cores busy for the whole window):", ""]
+    L += _cpu_table(results)
+    L.append("")
+    if results.get("profile"):
+        L += _profile_section(results["profile"])
+        L.append("")
+    L += ["Analysis and proposed changes: [bench/profile.md](../bench/profile.md).", "",
+          "## Reproduce", "", "```bash", ". .venv/bin/activate",
+          "python -m bench.run --quick     # ~3 min smoke run, writes build/bench-quick/",
+          "python -m bench.run             # full run (~15 min), rewrites docs/benchmarks.md and docs/bench/",
+          "python -m bench.load --base-url http://127.0.0.1:8000/v1 --concurrency 1 4 16 32 64   # any running server",
+          "python -m bench.offline         # the offline limit alone", "```", ""]
+    path = out / "benchmarks.md"
+    path.write_text("\n".join(L))
+    return path
