@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -90,7 +90,13 @@ async def _account(request: Request, call_next):
     if request.url.path != "/v1/embeddings":
         return await call_next(request)
     started = time.perf_counter()
-    response = await _limit_body(request, call_next)
+    try:
+        _check_key(request)  # before the body is read: without a key, even malformed JSON is a 401
+    except Unauthorized as err:
+        request.state.error_kind = "Unauthorized"
+        response = error_response(err)
+    else:
+        response = await _limit_body(request, call_next)
     seconds = time.perf_counter() - started
     response.headers["x-embserve-total-ms"] = f"{seconds * 1000:.2f}"
     kind = getattr(request.state, "error_kind", None) or ("PayloadTooLarge" if response.status_code == 413 else None)
@@ -107,13 +113,39 @@ async def _limit_body(request: Request, call_next):
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return error_response(too_large)
     if request.method in ("POST", "PUT"):
-        body = b""
+        chunks, size = [], 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
                 return error_response(too_large)
-        request._body = body  # starlette re-reads the cached body for the route
+        request._body = b"".join(chunks)  # starlette re-reads the cached body for the route
     return await call_next(request)
+
+
+def _check_key(request: Request, open_when: bool = False) -> None:
+    keys: list[bytes] = request.app.state.keys
+    if not keys or open_when:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    given = token.strip().encode()
+    # Compare with every key, constant time each, so timing says nothing about which one matched.
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key)
+    if scheme.lower() != "bearer" or not matched:
+        raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+
+
+async def require_key(request: Request) -> None:
+    _check_key(request)
+
+
+async def require_key_for_metrics(request: Request) -> None:
+    _check_key(request, open_when=request.app.state.metrics_public)
+
+
+KEYED = [Depends(require_key)]
 
 
 class ModelRoute:
@@ -141,26 +173,14 @@ class Ingress:
             self.models.append(route)
             for name in (spec.name, *spec.aliases):
                 self.routes[name] = route
-        self.keys = [k.encode() for k in settings.api_keys()]
         self.created = int(time.time())
+        app.state.keys = [k.encode() for k in settings.api_keys()]
+        app.state.metrics_public = settings.metrics_public
         app.state.max_body_bytes = settings.max_body_bytes
         self.app_name = serve.get_replica_context().app_name
         self.reporter = IngressReporter()
         app.state.reporter = self.reporter
         self.shipper = MetricsShipper(self.app_name, self.reporter)
-
-    def _authorize(self, request: Request, open_when: bool = False) -> None:
-        if not self.keys or open_when:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
-        # Compare with every key, constant time each, so timing says nothing about which one matched.
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(given, key)
-        if scheme.lower() != "bearer" or not matched:
-            raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
 
     def _route(self, model: str) -> ModelRoute:
         route = self.routes.get(model)
@@ -169,10 +189,9 @@ class Ingress:
                                 param="model")
         return route
 
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
-    async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)  # key: in _account
+    async def embeddings(self, body: EmbeddingRequest) -> Response:
         self.shipper.start()
-        self._authorize(request)
         route = self._route(body.model)
         normalized = normalize_input(body, self.limits)
         info = await route.model_info()
@@ -211,15 +230,13 @@ class Ingress:
                             type(exc).__name__)
         raise Unavailable(f"the replicas of '{route.name}' are restarting; retry shortly")
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
-    async def list_models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, dependencies=KEYED)
+    async def list_models(self) -> dict[str, Any]:
         infos = await asyncio.gather(*(r.model_info() for r in self.models))
         return {"object": "list", "data": [model_card(i, self.created) for i in infos]}
 
-    @app.get("/v1/models/{model_id}", responses=ERRORS)
-    async def get_model(self, model_id: str, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    @app.get("/v1/models/{model_id}", responses=ERRORS, dependencies=KEYED)
+    async def get_model(self, model_id: str) -> dict[str, Any]:
         return model_card(await self._route(model_id).model_info(), self.created)
 
     @app.get("/health", responses=ERRORS)
@@ -232,20 +249,17 @@ class Ingress:
             raise Unavailable(f"a model is not answering: {type(exc).__name__}") from None
         return {"status": "ok", "models": [r.name for r in self.models]}
 
-    @app.get("/v1/performance", responses=ERRORS)
-    async def performance(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    @app.get("/v1/performance", responses=ERRORS, dependencies=KEYED)
+    async def performance(self) -> dict[str, Any]:
         return await self._metrics_call("snapshot")
 
-    @app.post("/v1/performance/reset", responses=ERRORS)
-    async def performance_reset(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    @app.post("/v1/performance/reset", responses=ERRORS, dependencies=KEYED)
+    async def performance_reset(self) -> dict[str, Any]:
         await self._metrics_call("reset")
         return {"status": "reset"}
 
-    @app.get("/metrics", responses=ERRORS)
-    async def metrics(self, request: Request) -> Response:
-        self._authorize(request, open_when=self.settings.metrics_public)
+    @app.get("/metrics", responses=ERRORS, dependencies=[Depends(require_key_for_metrics)])
+    async def metrics(self) -> Response:
         text = await self._metrics_call("prometheus")
         return Response(content=text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

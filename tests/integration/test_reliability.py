@@ -57,6 +57,11 @@ def test_missing_or_wrong_key_is_401_in_openai_shape(client, headers):
     assert error_of(response)["code"] == "invalid_api_key"
 
 
+def test_without_a_key_even_a_bad_body_is_401_not_400(client):
+    response = client.post("/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 401
+
+
 @pytest.mark.parametrize("key", KEYS)
 def test_every_configured_key_is_accepted(client, key):
     response = client.post("/v1/embeddings", json={"model": MODEL, "input": "x"},
