@@ -15,7 +15,7 @@ from ray.serve import metrics as ray_metrics
 from embserve.coalesce import Coalescer
 from embserve.engine import EmbedJob, EmbedResult, Engine, default_token_budget
 from embserve.model import EmbeddingModel, ModelInfo
-from embserve.settings import BatchingConfig, ModelSpec, Settings
+from embserve.settings import ModelSpec, Settings
 from embserve.stats import ReplicaReporter
 from deployments.metrics import MetricsShipper
 

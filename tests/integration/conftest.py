@@ -30,6 +30,13 @@ def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
 EMBEDDER = "Embedder-all-MiniLM-L6-v2"
 
 
+def fixed_replicas(config: dict[str, Any], n: int, **embedder_options: Any) -> None:
+    """A fixed number of embedder replicas instead of autoscaling, so tests know where requests go."""
+    embedder = deployment(config, EMBEDDER)
+    embedder.pop("autoscaling_config", None)
+    embedder.update(num_replicas=n, **embedder_options)
+
+
 def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
     """Apply a Serve config to the running cluster, then wait until the app runs and answers."""
     from ray import serve

@@ -7,22 +7,16 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.integration.conftest import APP, BASE, EMBEDDER, deploy, deployment
+from tests.integration.conftest import APP, BASE, EMBEDDER, deploy, deployment, fixed_replicas
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"
 
 
-def fixed_single_replica(config) -> None:
-    embedder = deployment(config, EMBEDDER)
-    embedder.pop("autoscaling_config", None)
-    embedder["num_replicas"] = 1
-
-
 @pytest.fixture(scope="module")
 def config(serve_app):
-    return serve_app(fixed_single_replica)
+    return serve_app(lambda c: fixed_replicas(c, 1))
 
 
 def pid() -> int:

@@ -8,7 +8,7 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.metrics import NAMESPACE, actor_name
-from tests.integration.conftest import APP, EMBEDDER, deployment
+from tests.integration.conftest import APP, fixed_replicas
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
@@ -16,10 +16,8 @@ MODEL = "all-MiniLM-L6-v2"
 
 
 def two_replicas(config) -> None:
-    embedder = deployment(config, EMBEDDER)
-    embedder.pop("autoscaling_config", None)
-    embedder["num_replicas"] = 2
-    embedder["ray_actor_options"] = {"num_cpus": 0.5}  # two replicas beside the ingress on a 2-CPU cluster
+    # Half a CPU each: two replicas beside the ingress on a 2-CPU cluster.
+    fixed_replicas(config, 2, ray_actor_options={"num_cpus": 0.5})
 
 
 @pytest.fixture(scope="module", autouse=True)

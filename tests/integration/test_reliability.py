@@ -11,7 +11,7 @@ import httpx
 import pytest
 from ray import serve
 
-from tests.integration.conftest import APP, BASE, EMBEDDER, deployment
+from tests.integration.conftest import APP, BASE, EMBEDDER, fixed_replicas
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
@@ -23,9 +23,7 @@ def guarded(config, key_file) -> None:
     """API keys from a file (Ray logs args and runtime_env, so keys never go there), and small queues."""
     app = next(a for a in config["applications"] if a["name"] == APP)
     app["args"]["api_key_file"] = str(key_file)
-    embedder = deployment(config, EMBEDDER)
-    embedder.pop("autoscaling_config", None)
-    embedder.update(num_replicas=1, max_ongoing_requests=4, max_queued_requests=4)
+    fixed_replicas(config, 1, max_ongoing_requests=4, max_queued_requests=4)
 
 
 @pytest.fixture(scope="module", autouse=True)
