@@ -1,0 +1,183 @@
+"""Knobs that need no code change, each measured against the defaults in the same run: Ray Serve's own
+environment flags, the replica's torch thread count and OS scheduling, and the engine's batching settings. What the profile
+(bench/profile.md) predicts, checked with numbers.
+
+    python -m bench.experiments            # about 12 minutes; writes docs/bench/experiments.json
+    python -m bench.experiments --repeats 1 --duration 6
+
+Environment flags reach the Serve processes only when the cluster starts, so each environment gets its own
+private Ray; variants that differ only in Settings share one. Rounds repeat the whole list so that a burst
+of someone else's load on a shared box hits one round, not one variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+from bench.corpus import load_or_build
+from bench.load import Workload
+from bench.run import FULL, ROOT, Bench, deploy, describe_point, local_serve
+
+# Serve runs user code and the handle's router each on a thread of its own, with a hop between loops per call.
+SAME_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# What RAY_SERVE_THROUGHPUT_OPTIMIZED=1 sets, less direct ingress (it would listen on other ports).
+THROUGHPUT = {**SAME_LOOP, "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+              "RAY_SERVE_LOG_TO_STDERR": "0"}
+# Ray sets OMP_NUM_THREADS to a worker's num_cpus (1 for a replica) unless it is already set.
+TWO_THREADS = {"OMP_NUM_THREADS": "2"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    os_tweak: str | None = None  # "nice0": replica at nice 0; "pin": replica alone on the last core
+
+
+VARIANTS = (
+    Variant("defaults"),
+    Variant("engine: max_wait_time_ms=0 (no batch wait)", settings={"max_wait_time_ms": 0}),
+    Variant("engine: group_cost_tokens=256 (fewer, fuller forwards)", settings={"group_cost_tokens": 256}),
+    Variant("engine: length_group_tolerance=1.0 (cost model alone)", settings={"length_group_tolerance": 1.0}),
+    Variant("OS: replica at nice 0 (Ray starts workers at 15)", os_tweak="nice0"),
+    Variant("OS: replica alone on one core, the rest on the other", os_tweak="pin"),
+    Variant("replica: 2 torch threads (OMP_NUM_THREADS=2)", env=TWO_THREADS),
+    Variant("Serve: user code and router on the main loop", env=SAME_LOOP),
+    Variant("Serve: + gRPC handles, buffered request logs", env=THROUGHPUT),
+    Variant("combined: Serve flags + replica nice 0 + no batch wait", env=THROUGHPUT,
+            settings={"max_wait_time_ms": 0}, os_tweak="nice0"),
+)
+
+
+@contextmanager
+def os_tweak(kind: str | None) -> Iterator[None]:
+    """Changes how the OS schedules the replica for one variant, and undoes what outlives it."""
+    roles = procs.descendants()
+    replica = [pid for pid, role in roles.items() if role == "replica"]
+    previous: dict[int, set[int]] = {}
+    if kind == "nice0":
+        for pid in replica:
+            procs.set_nice(pid, 0)  # the replica process goes with the next deploy
+    elif kind == "pin":
+        last = max(os.sched_getaffinity(0))
+        rest = set(os.sched_getaffinity(0)) - {last}
+        previous = procs.set_affinity(replica, {last})
+        previous.update(procs.set_affinity([pid for pid in roles if pid not in replica], rest))
+    try:
+        yield
+    finally:
+        procs.restore_affinity(previous)
+
+
+def run_round(variants: tuple[Variant, ...], bench_args: dict[str, Any], workloads: dict[str, Workload],
+              port: int) -> dict[str, dict[str, Any]]:
+    """Every variant once: one private Ray per distinct environment."""
+    out: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple, list[Variant]] = {}
+    for v in variants:
+        groups.setdefault(tuple(sorted(v.env.items())), []).append(v)
+    for env_items, members in groups.items():
+        saved = {k: os.environ.get(k) for k, _ in env_items}
+        os.environ.update(dict(env_items))
+        try:
+            with local_serve(port) as base_url:
+                bench = Bench(base_url, **bench_args)
+                for v in members:
+                    print(f"{v.name}: deploying ...", flush=True)
+                    deploy(v.settings)
+                    with os_tweak(v.os_tweak):
+                        bench.warm(workloads["mixed"])
+                        loaded = bench.point(workloads["mixed"], concurrency=32, label=f"{v.name[:30]} c=32")
+                        lone = bench.point(workloads["queries"], concurrency=1, label=f"{v.name[:30]} queries c=1")
+                    print(describe_point(v.name[:22], loaded, None), flush=True)
+                    print(describe_point(v.name[:22], lone, None), flush=True)
+                    out[v.name] = {"env": v.env, "settings": v.settings, "os_tweak": v.os_tweak, "c32": loaded,
+                                   "single_query": lone}
+        finally:
+            for k, value in saved.items():
+                if value is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = value
+    return out
+
+
+def summarize(rounds: list[dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Median over rounds of each variant's figures, and its ratio to the defaults."""
+    rows = []
+    for name in rounds[0]:
+        runs = [r[name] for r in rounds if name in r]
+        med = lambda f: statistics.median(f(x) for x in runs)  # noqa: E731
+        cpu = lambda x, role: (x["c32"]["cpu"] or {}).get("by_role", {}).get(role, 0.0)  # noqa: E731
+        rows.append({
+            "variant": name, "env": runs[0]["env"], "settings": runs[0]["settings"],
+            "os_tweak": runs[0].get("os_tweak"), "rounds": len(runs),
+            "texts_per_s": med(lambda x: x["c32"]["texts_per_s"]),
+            "p50_ms": med(lambda x: x["c32"]["latency_ms"].get("p50", 0.0)),
+            "single_p50_ms": med(lambda x: x["single_query"]["latency_ms"].get("p50", 0.0)),
+            "padding_efficiency": med(lambda x: (x["c32"]["perf"] or {}).get("padding_efficiency") or 0.0),
+            "inputs_per_forward": med(lambda x: (x["c32"]["perf"] or {}).get("inputs_per_forward") or 0.0),
+            "cpu_ms_per_text": {role: med(lambda x: cpu(x, role) * 1000 / x["c32"]["texts_per_s"]
+                                          if x["c32"]["texts_per_s"] > 0.1 else float("nan"))
+                                for role in ("proxy", "ingress", "replica", "load generator")},
+            "other_load": med(lambda x: (x["c32"]["cpu"] or {}).get("foreign", 0.0)),
+        })
+    base = rows[0]
+    for row in rows:
+        row["vs_defaults"] = row["texts_per_s"] / base["texts_per_s"] if base["texts_per_s"] else None
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\n| variant | texts/s at 32 clients | vs defaults | p50 ms | one client p50 ms | padding | inputs/forward "
+          "| CPU ms/text proxy / ingress / replica | other load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|---:|")
+    for r in rows:
+        c = r["cpu_ms_per_text"]
+        print(f"| {r['variant']} | {r['texts_per_s']:.1f} | {r['vs_defaults']:.2f}× | {r['p50_ms']:.0f} | "
+              f"{r['single_p50_ms']:.1f} | {r['padding_efficiency']:.3f} | {r['inputs_per_forward']:.1f} | "
+              f"{c['proxy']:.1f} / {c['ingress']:.1f} / {c['replica']:.1f} | {r['other_load']:.2f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Measure Serve/engine knobs against the defaults.")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds over all variants")
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "experiments.json")
+    parser.add_argument("--quiet-wait", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    corpus = load_or_build(None, 0)
+    workloads = {"mixed": Workload("mixed", corpus.mixed(2000, 0)), "queries": Workload("queries", corpus.queries)}
+    mode = FULL.__class__(**{**FULL.__dict__, "duration_s": args.duration})
+    gate = procs.QuietGate(args.quiet_wait)
+    bench_args = {"mode": mode, "progress": False, "gate": gate}
+    rounds = []
+    for i in range(args.repeats):
+        print(f"round {i + 1}/{args.repeats}", flush=True)
+        rounds.append(run_round(VARIANTS, bench_args, workloads, args.port))
+    rows = summarize(rounds)
+    print_table(rows)
+    from bench.run import machine
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"machine": machine(), "duration_s": args.duration, "summary": rows,
+                                    "rounds": rounds}, indent=1, default=str))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
