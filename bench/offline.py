@@ -87,15 +87,44 @@ class OfflineModel:
         return OfflineResult(texts=len(ids), tokens=sum(map(len, ids)), padded_tokens=padded, seconds=seconds,
                              tokenize_s=tokenize_s, batch_size=batch_size, threads=threads)
 
+    def engine_runs(self, texts: list[str], run_inputs: int, threads: int = 1) -> OfflineResult:
+        """embserve's own Engine.run (default batching settings) over consecutive chunks of `run_inputs`
+        one-text jobs: what a replica's forward thread could do with the batches it gets under load,
+        with no serving around it. `batch_size` in the result is `run_inputs`."""
+        from embserve.engine import EmbedJob, Engine
+        from embserve.settings import BatchingConfig
+
+        engine = Engine(self.model, MAX_BATCH_TOKENS)
+        cfg = BatchingConfig()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            engine.run([EmbedJob(texts=[t]) for t in texts[:4]], cfg)
+            tokens = padded = 0
+            tokenize_s = 0.0
+            t0 = time.perf_counter()
+            for start in range(0, len(texts), run_inputs):
+                _, report = engine.run([EmbedJob(texts=[t]) for t in texts[start : start + run_inputs]], cfg)
+                tokens += report.tokens
+                padded += report.padded_tokens
+                tokenize_s += report.tokenize_s
+            seconds = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(previous)
+        return OfflineResult(texts=len(texts), tokens=tokens, padded_tokens=padded, seconds=seconds,
+                             tokenize_s=tokenize_s, batch_size=run_inputs, threads=threads)
+
     def best(self, texts: list[str], batch_sizes: tuple[int, ...] = (8, 32, 128),
              threads: tuple[int, ...] = (1, 2)) -> tuple[OfflineResult, list[OfflineResult]]:
         """The fastest of the tried (batch size, threads) pairs, and all of them."""
         tried = [self.sorted_batches(texts, b, t) for t in threads for b in batch_sizes]
         return max(tried, key=lambda r: r.texts_per_s), tried
 
-    def single_latency_ms(self, texts: list[str], threads: int, repeats: int = 3) -> dict[str, float]:
+    def single_latency_ms(self, texts: list[str], threads: int, repeats: int = 3,
+                          gap_s: float = 0.0) -> dict[str, float]:
         """Tokenize + forward of one text at a time, as a replica does for a lone request: the floor
-        under a single client's latency. Median over `texts`, each run `repeats` times."""
+        under a single client's latency. Median over `texts`, each run `repeats` times; `gap_s` of
+        idle time before each (a lone client's forwards are that far apart, and caches go cold)."""
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -104,6 +133,8 @@ class OfflineModel:
             times = []
             for text in texts:
                 for _ in range(repeats):
+                    if gap_s:
+                        time.sleep(gap_s)  # idle on purpose: the gap is what is being measured
                     t0 = time.perf_counter()
                     self.model.forward(self.ids([text]))
                     times.append((time.perf_counter() - t0) * 1000)
@@ -111,7 +142,7 @@ class OfflineModel:
             torch.set_num_threads(previous)
         a = np.array(times)
         return {"p50": round(float(np.median(a)), 3), "p95": round(float(np.percentile(a, 95)), 3),
-                "min": round(float(a.min()), 3), "threads": threads,
+                "min": round(float(a.min()), 3), "threads": threads, "gap_ms": gap_s * 1000,
                 "tokens_mean": round(float(np.mean([len(i) for i in self.ids(texts)])), 1)}
 
 

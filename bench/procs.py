@@ -146,6 +146,43 @@ class QuietGate:
         return waited
 
 
+def threads_of(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def set_affinity(pids: list[int], cpus: set[int]) -> dict[int, set[int]]:
+    """Pins every thread of `pids` to `cpus`; returns what each thread had, for `restore_affinity`."""
+    previous = {}
+    for pid in pids:
+        for tid in threads_of(pid):
+            try:
+                previous[tid] = os.sched_getaffinity(tid)
+                os.sched_setaffinity(tid, cpus)
+            except OSError:  # the thread ended meanwhile
+                pass
+    return previous
+
+
+def restore_affinity(previous: dict[int, set[int]]) -> None:
+    for tid, cpus in previous.items():
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:
+            pass
+
+
+def set_nice(pid: int, nice: int) -> None:
+    """Niceness of every thread of a process (Linux keeps it per thread). Lowering it needs root."""
+    for tid in threads_of(pid):
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:
+            pass
+
+
 # Stages of the serving pipeline, by the file a sampled frame belongs to. A sample is charged to the
 # innermost frame that matches one of these, so a json.dumps called by the route counts as serialization.
 STAGES = (

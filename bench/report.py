@@ -41,6 +41,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "served_texts_per_s": full["texts_per_s"], "offline_texts_per_s": limit,
         "ratio": full["texts_per_s"] / limit, "token_ratio": full["tokens_per_s"] / token_limit,
         "ratio_1thread": full["texts_per_s"] / one_thread["texts_per_s"] if one_thread else None,
+        "ratio_engine": (full["texts_per_s"] / results["offline"]["engine_runs"]["texts_per_s"]
+                         if "engine_runs" in results["offline"] else None),
         "padding_efficiency": padding,
         "single_p50_ms": lone, "floor_ms": floor, "latency_budget_ms": floor + LATENCY_SLACK_MS,
         "gain_vs_off": full["texts_per_s"] / off["texts_per_s"] if off["texts_per_s"] else None,
@@ -205,6 +207,34 @@ def plot_sweep(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_packing(results: dict[str, Any], path: Path) -> bool:
+    """Throughput with 32 texts in flight, by texts per request (1 = the 32-client single-text point)."""
+    limit = results["offline"]["mixed"]["texts_per_s"]
+    full = _at(results["configs"][FULL_ENGINE]["points"], HEADLINE_C)
+    packed = [p for p in results.get("extras", []) if p.get("per_request")]
+    if not packed or not full:
+        return False
+    xs = [1] + [p["per_request"] for p in packed]
+    ys = [full["texts_per_s"]] + [p["texts_per_s"] for p in packed]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(xs, ys, marker="o", label="served (full engine)")
+    ax.axhline(limit, color="black", lw=1, label="offline limit")
+    if "engine_runs" in results["offline"]:
+        ax.axhline(results["offline"]["engine_runs"]["texts_per_s"], color="gray", lw=1, ls=":",
+                   label="Engine in-process, runs of 16")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("texts per request (32 texts in flight: 32 / n clients)")
+    ax.set_ylabel("texts/s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Per-request cost: same load, fewer requests")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(results: dict[str, Any], out: Path) -> Path:
     """Writes `out/benchmarks.md`, `out/bench/*.png` and `out/bench/results.json`; returns the .md path."""
     img = out / "bench"
@@ -215,6 +245,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     plot_padding(results, img / "padding.png")
     if results.get("sweep"):
         plot_sweep(results, img / "batch_size_sweep.png")
+    packing = plot_packing(results, img / "packing.png")
 
     m, off = results["machine"], results["offline"]
     limit, token_limit = off["mixed"]["texts_per_s"], off["mixed"]["tokens_per_s"]
@@ -253,7 +284,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
           "| figure | measured | target | met |", "|---|---:|---:|:-:|",
           f"| served throughput, {h['concurrency']} clients, full engine ÷ offline limit | {h['ratio']:.2f}× "
           f"({h['served_texts_per_s']:.1f} ÷ {h['offline_texts_per_s']:.1f} texts/s; tokens {h['token_ratio']:.2f}×; "
-          f"{_fmt(h['ratio_1thread'], '.2f')}× the 1-thread offline limit) "
+          f"{_fmt(h['ratio_1thread'], '.2f')}× the 1-thread offline limit; {_fmt(h['ratio_engine'], '.2f')}× "
+          "embserve's Engine in-process on runs of 16) "
           f"| ≥ {TARGET_RATIO}× | {_yes(h['ratio'] >= TARGET_RATIO)} |",
           f"| padding efficiency, full engine, {h['concurrency']} clients | {_fmt(h['padding_efficiency'], '.3f')} "
           f"| ≥ {TARGET_PADDING} | {_yes(None if h['padding_efficiency'] is None else h['padding_efficiency'] >= TARGET_PADDING)} |",
@@ -281,6 +313,16 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     for t, v in off["single_forward"].items():
         L.append(f"- one short query ({v['tokens_mean']} tokens on average), {t} torch thread(s): p50 {v['p50']:.1f} ms, "
                  f"p95 {v['p95']:.1f} ms, min {v['min']:.1f} ms")
+    if "engine_runs" in off:
+        e = off["engine_runs"]
+        L.append(f"- embserve's Engine.run in-process on runs of {e['batch_size']} one-text jobs, 1 thread (what the "
+                 f"replica's forward thread gets at 32 clients, with no serving around it): {e['texts_per_s']:.1f} "
+                 f"texts/s, {e['tokens_per_s']:.0f} tokens/s, padding efficiency {e['padding_efficiency']:.3f} "
+                 f"({e['texts_per_s'] / limit:.2f}× the limit)")
+    if "single_forward_cold" in off:
+        c = off["single_forward_cold"]
+        L.append(f"- one short query, 1 thread, 30 ms idle before each forward (as a lone client's forwards are): "
+                 f"p50 {c['p50']:.1f} ms")
     if "documents" in off:
         d = off["documents"]
         L.append(f"- long documents cut to 256 tokens: {d['texts_per_s']:.1f} texts/s, {d['tokens_per_s']:.0f} tokens/s")
@@ -325,7 +367,11 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             L.append(f"| {p['label']} | {load} | {p['texts_per_s']:.1f} | {p['texts_per_s'] / ref:.2f} | "
                      f"{_fmt(lat.get('p50'))} | {_fmt(lat.get('p95'))} | {_fmt(lat.get('p99'))} | "
                      f"{_fmt(perf.get('padding_efficiency'), '.3f')} | {sum(p['errors'].values())} |")
-        L += ["", "Long documents are compared with the offline limit for the same documents cut to 256 tokens.", ""]
+        L += ["", "Long documents are compared with the offline limit for the same documents cut to 256 tokens. "
+              "The *n texts per request* rows keep 32 texts in flight, like the 32-client single-text point, "
+              "but in 32/n requests: the difference is what each request costs the pipeline.", ""]
+        if packing:
+            L += ["![packing](bench/packing.png)", ""]
 
     L += ["## Where the CPU goes at 32 clients", "",
           "Cores used by each process of this benchmark during the 32-client window (from /proc; 2.00 = both "
@@ -344,3 +390,19 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     path = out / "benchmarks.md"
     path.write_text("\n".join(L))
     return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-renders a report from a run's results.json (after a change to this file, without re-measuring)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results", type=Path, nargs="?", default=Path("docs/bench/results.json"))
+    parser.add_argument("--out", type=Path, default=None, help="default: the folder above results.json's")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    print(write_report(results, args.out or args.results.resolve().parent.parent))
+
+
+if __name__ == "__main__":
+    main()

@@ -56,6 +56,9 @@ QUICK = Mode("quick", (1, 32), 3.0, 1.0, (1,), 128, (32,), extras=False, profile
 FULL = Mode("full", (1, 4, 16, 32, 64), 8.0, 2.0, (1, 2, 4, 8, 16, 32, 64, 128), 384, (8, 32, 128),
             extras=True, profile_s=12)
 SWEEP_CONCURRENCY = 32
+ENGINE_RUN_INPUTS = 16
+IN_FLIGHT = 32
+PACKINGS = (2, 4, 8, 32)  # texts per request, at IN_FLIGHT / n clients
 HEADLINE_CONCURRENCY = 32
 
 
@@ -189,10 +192,19 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
         docs, _ = model.best(corpus.documents[:48], (8, 32), (best.threads,))
         out["documents"] = docs.to_dict()
         print(f"  documents (truncated to 256 tokens): {docs.texts_per_s:.1f} texts/s", flush=True)
+    # The replica's forward thread under 32 clients gets runs of about 16 one-text jobs (half the clients
+    # wait while the other half's batch runs): the same texts through embserve's Engine in such runs.
+    engine = model.engine_runs(mixed[: mode.offline_texts], ENGINE_RUN_INPUTS, threads=1)
+    out["engine_runs"] = engine.to_dict()
+    print(f"  embserve Engine, runs of {ENGINE_RUN_INPUTS} texts, 1 thread: {engine.texts_per_s:.1f} texts/s",
+          flush=True)
     floors = {t: model.single_latency_ms(corpus.queries[:40], t) for t in threads}
     out["single_forward"] = {str(t): v for t, v in floors.items()}
     out["single_forward_floor_ms"] = min(v["p50"] for v in floors.values())
-    print(f"  one short query, tokenize + forward: p50 {out['single_forward_floor_ms']:.1f} ms", flush=True)
+    cold = model.single_latency_ms(corpus.queries[:20], 1, repeats=2, gap_s=0.03)
+    out["single_forward_cold"] = cold
+    print(f"  one short query, tokenize + forward: p50 {out['single_forward_floor_ms']:.1f} ms "
+          f"({cold['p50']:.1f} ms at 1 thread with 30 ms idle before each)", flush=True)
     del model
     return out
 
@@ -240,10 +252,15 @@ def run_extras(bench: Bench, corpus: Corpus, mixed: list[str], points: list[dict
                offline: dict[str, Any]) -> list[dict[str, Any]]:
     """On the full engine: several texts per request, Poisson arrivals, and long (truncated) documents."""
     extras = []
-    multi = bench.point(Workload("mixed", mixed, per_request=32), concurrency=4, label="32 texts/request c=4")
-    multi["label"] = "32 texts per request, 4 clients"
-    extras.append(multi)
-    print(describe_point("multi-text", multi, limit), flush=True)
+    # The same 32 texts in flight, packed into fewer, larger requests: what per-request cost takes.
+    for per_request in PACKINGS:
+        clients = IN_FLIGHT // per_request
+        multi = bench.point(Workload("mixed", mixed, per_request=per_request), concurrency=clients,
+                            label=f"{per_request} texts/request c={clients}")
+        multi["label"] = f"{per_request} texts per request, {clients} clients"
+        multi["per_request"] = per_request
+        extras.append(multi)
+        print(describe_point(f"{per_request} per request", multi, limit), flush=True)
     at32 = next((p for p in points if p["concurrency"] == HEADLINE_CONCURRENCY), points[-1])
     for share in (0.5, 0.9):
         rate = round(at32["requests_per_s"] * share, 1)
