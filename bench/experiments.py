@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "experiments.json")
     parser.add_argument("--quiet-wait", type=float, default=120.0)
+    parser.add_argument("--only", nargs="*", default=None, help="variants whose name contains any of these "
+                        "(the defaults always run, first)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -165,10 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     mode = FULL.__class__(**{**FULL.__dict__, "duration_s": args.duration})
     gate = procs.QuietGate(args.quiet_wait)
     bench_args = {"mode": mode, "progress": False, "gate": gate}
+    variants = VARIANTS if not args.only else (VARIANTS[0],) + tuple(
+        v for v in VARIANTS[1:] if any(word in v.name for word in args.only))
     rounds = []
     for i in range(args.repeats):
         print(f"round {i + 1}/{args.repeats}", flush=True)
-        rounds.append(run_round(VARIANTS, bench_args, workloads, args.port))
+        rounds.append(run_round(variants, bench_args, workloads, args.port))
     rows = summarize(rounds)
     print_table(rows)
     from bench.run import machine

@@ -302,8 +302,11 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     L += ["## Offline limit", "",
           f"The same mixed texts embedded in-process by embserve's own EmbeddingModel and Tokenizer: tokenize all, "
           f"sort by length, forward in batches (the fastest of the tried batch sizes and torch thread counts "
-          f"is the limit). One forward of one short query (tokenize + forward, median over 40 queries) is the "
+          f"is the limit; each pair is measured {results['settings'].get('offline_rounds', 1)} time(s), "
+          "interleaved, and its best pass counts, since other load only ever slows a pass down). One forward of one short query (tokenize + forward, median over 40 queries) is the "
           f"floor under a lone client's latency.", "",
+          ] + ([f"Other processes used {off['other_load']:.2f} cores on average while it was measured.", ""]
+               if off.get("other_load") is not None else []) + [
           "| texts | batch size | torch threads | texts/s | tokens/s | padding eff. |", "|---:|---:|---:|---:|---:|---:|"]
     for r in off["mixed_tried"]:
         mark = " **(limit)**" if r == off["mixed"] else ""
