@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from typing import Any
 from bench import procs
 from bench.corpus import load_or_build
 from bench.load import Workload
-from bench.run import FULL, ROOT, Bench, deploy, describe_point, local_serve
+from bench.run import FULL, ROOT, Bench, _interrupt, deploy, describe_point, local_serve
 
 # Serve runs user code and the handle's router each on a thread of its own, with a hop between loops per call.
 SAME_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, _interrupt)  # local_serve's finally shuts Ray down on either signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     corpus = load_or_build(None, 0)
     workloads = {"mixed": Workload("mixed", corpus.mixed(2000, 0)), "queries": Workload("queries", corpus.queries)}

@@ -74,6 +74,7 @@ def local_serve(port: int) -> Iterator[str]:
     from ray import serve
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs its own; ours shuts Serve down first
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}/v1"
@@ -359,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     signal.signal(signal.SIGTERM, _interrupt)
+    # A shell without job control starts background jobs with SIGINT ignored; Ctrl-C and kill -INT
+    # should still stop a run cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     from bench.report import write_report
 
