@@ -387,9 +387,11 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     L += ["Analysis and proposed changes: [bench/profile.md](../bench/profile.md).", "",
           "## Reproduce", "", "```bash", ". .venv/bin/activate",
           "python -m bench.run --quick     # ~3 min smoke run, writes build/bench-quick/",
-          "python -m bench.run             # full run (~15 min), rewrites docs/benchmarks.md and docs/bench/",
+          "python -m bench.run             # full run (~12 min), rewrites docs/benchmarks.md and docs/bench/",
           "python -m bench.load --base-url http://127.0.0.1:8000/v1 --concurrency 1 4 16 32 64   # any running server",
-          "python -m bench.offline         # the offline limit alone", "```", ""]
+          "python -m bench.offline         # the offline limit alone",
+          "python -m bench.experiments     # Serve flags, torch threads, engine knobs vs defaults (~12 min)",
+          "python -m bench.report          # re-render this page from docs/bench/results.json", "```", ""]
     path = out / "benchmarks.md"
     path.write_text("\n".join(L))
     return path
