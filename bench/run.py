@@ -2,7 +2,7 @@
 Ray (port 8100), then docs/benchmarks.md with plots.
 
     python -m bench.run --quick     # about 3 minutes, writes build/bench-quick/
-    python -m bench.run             # the full run (about 15 minutes), writes docs/benchmarks.md + docs/bench/
+    python -m bench.run             # the full run (about 12 minutes), writes docs/benchmarks.md + docs/bench/
 
 Every served figure is set against the offline limit measured at the start of the same run, on the same
 texts. Ray and Serve are shut down on exit, Ctrl-C and SIGTERM included.
