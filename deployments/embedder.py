@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from ray import serve
 from ray.serve import metrics as ray_metrics
 
@@ -31,7 +32,8 @@ def count_inputs(jobs: list[EmbedJob]) -> int:
 class Embedder:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.settings = settings
-        self.model = EmbeddingModel(spec, device=settings.device, dtype=settings.dtype)
+        self.model = EmbeddingModel(spec, device=settings.device, dtype=settings.dtype,
+                                    threads=settings.torch_threads)
         budget = default_token_budget(self.model.device, settings.gpu_memory_fraction)
         self.engine = Engine(self.model, budget, settings.group_cost_tokens)
         # The engine (model + tokenizer) is touched by this one thread only.
@@ -54,9 +56,9 @@ class Embedder:
             metric.set_default_tags({"model": spec.name})
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
                                       gauges=lambda: {"queue_size": self._ongoing})
-        log.info("embedder %s ready: device=%s dtype=%s max_length=%d token_budget=%d batching=%s",
-                 spec.name, self.model.device, self.model.info.dtype, self.model.max_length, budget,
-                 self.batching.model_dump())
+        log.info("embedder %s ready: device=%s dtype=%s torch_threads=%d max_length=%d token_budget=%d "
+                 "batching=%s", spec.name, self.model.device, self.model.info.dtype, torch.get_num_threads(),
+                 self.model.max_length, budget, self.batching.model_dump())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this at start and whenever serve_config.yaml's user_config changes."""
@@ -74,7 +76,7 @@ class Embedder:
     def describe(self) -> dict[str, Any]:
         """This replica's process and live batching settings (what reconfigure last applied)."""
         return {"pid": os.getpid(), "model": self.model.info.name, "batching": self.batching.model_dump(),
-                "effective_wait_s": self.batching.effective_wait_s}
+                "effective_wait_s": self.batching.effective_wait_s, "torch_threads": torch.get_num_threads()}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward."""

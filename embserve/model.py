@@ -98,8 +98,12 @@ class ModelInfo:
 class EmbeddingModel:
     """A transformer encoder with its pooling; `forward` embeds one padded group of token-id lists."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto",
+                 threads: int | None = None) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        if threads is not None:
+            torch.set_num_threads(threads)  # per process: this replica's forwards
 
         self.source = resolve_source(spec.source)
         self.device = pick_device(device)

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     num_gpus: float = Field(0, ge=0, description="GPUs per embedding replica (ray_actor_options).")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Threads for a replica's CPU forward. None: what Ray gives (its "
+        "OMP_NUM_THREADS follows the replica's num_cpus, 1 by default).")
     gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="Peak share of the card the "
                                        "token budget is sized for.")
 

@@ -14,13 +14,22 @@ pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"
 
 
+def one_replica_two_threads(config) -> None:
+    fixed_replicas(config, 1)
+    next(a for a in config["applications"] if a["name"] == APP)["args"]["torch_threads"] = 2
+
+
 @pytest.fixture(scope="module")
 def config(serve_app):
-    return serve_app(lambda c: fixed_replicas(c, 1))
+    return serve_app(one_replica_two_threads)
 
 
 def pid() -> int:
     return serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()["pid"]
+
+
+def test_torch_threads_reach_the_replica_past_rays_one_thread_default(config):
+    assert serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()["torch_threads"] == 2
 
 
 def test_in_flight_requests_finish_when_a_redeploy_replaces_the_replica(config, client):

@@ -119,3 +119,12 @@ def test_padding_in_a_group_does_not_change_a_vector(bundled_model):
 def test_max_length_past_the_position_limit_is_refused_at_load():
     with pytest.raises(ValueError, match="position limit of 512"):
         EmbeddingModel(ModelSpec(name="x", max_length=600), device="cpu")
+
+
+def test_torch_threads_sets_the_forward_threads_of_the_process():
+    before = torch.get_num_threads()
+    try:
+        EmbeddingModel(ModelSpec(name="x"), device="cpu", threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
