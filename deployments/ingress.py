@@ -14,7 +14,9 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embserve.engine import EmbedJob
 from embserve.encode import apply_dimensions
@@ -84,65 +86,111 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(body, status_code=500)
 
 
-@app.middleware("http")
-async def _account(request: Request, call_next):
-    """Every embedding request is counted with its status and latency, rejected ones included."""
-    if request.url.path != "/v1/embeddings":
-        return await call_next(request)
-    started = time.perf_counter()
-    try:
-        _check_key(request)  # before the body is read: without a key, even malformed JSON is a 401
-    except Unauthorized as err:
-        request.state.error_kind = "Unauthorized"
-        response = error_response(err)
-    else:
-        response = await _limit_body(request, call_next)
-    seconds = time.perf_counter() - started
-    response.headers["x-embserve-total-ms"] = f"{seconds * 1000:.2f}"
-    kind = getattr(request.state, "error_kind", None) or ("PayloadTooLarge" if response.status_code == 413 else None)
-    request.app.state.reporter.record_request(response.status_code, seconds,
-                                              kind if response.status_code >= 400 else None)
-    return response
+class Accounting:
+    """Counts every embedding request with its status and latency, rejected ones included, and checks the
+    key and the body size before the route parses anything.
+
+    A plain ASGI middleware: Starlette's `@app.middleware("http")` runs a task group and memory streams per
+    request, which was an eighth of the ingress's CPU (bench/profile.md)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/embeddings":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        owner = scope["app"].state
+        state = scope.setdefault("state", {})  # the dict behind request.state: the error handlers fill it
+        status = 500
+
+        async def send_timed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                elapsed = f"{(time.perf_counter() - started) * 1000:.2f}".encode()
+                message["headers"] = [*message.get("headers", ()), (b"x-embserve-total-ms", elapsed)]
+            await send(message)
+
+        try:
+            error = _check_key(Headers(scope=scope), owner.keys)  # before the body: no key, no parsing
+            body = None
+            if error is None:
+                body, error = await _read_limited(scope, receive, owner.max_body_bytes)
+            if error is not None:
+                state["error_kind"] = type(error).__name__
+                await error_response(error)(scope, receive, send_timed)
+            else:
+                await self.app(scope, _replay(body, receive), send_timed)
+        except Exception as exc:  # answered by Starlette's outermost handler (_unexpected) as a 500
+            state.setdefault("error_kind", type(exc).__name__)
+            raise
+        finally:
+            kind = state.get("error_kind") if status >= 400 else None
+            owner.reporter.record_request(status, time.perf_counter() - started, kind)
 
 
-async def _limit_body(request: Request, call_next):
-    """413 before the body is parsed, whether or not the client sent Content-Length."""
-    limit = request.app.state.max_body_bytes
-    declared = request.headers.get("content-length")
+async def _read_limited(scope: Scope, receive: Receive, limit: int) -> tuple[bytes, EmbservError | None]:
+    """The whole body, or a 413 as soon as it passes the limit, whether or not Content-Length was sent."""
     too_large = PayloadTooLarge(f"request body larger than {limit} bytes")
+    declared = Headers(scope=scope).get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        return error_response(too_large)
-    if request.method in ("POST", "PUT"):
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                return error_response(too_large)
-        request._body = b"".join(chunks)  # starlette re-reads the cached body for the route
-    return await call_next(request)
+        return b"", too_large
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left: the route will see an empty body
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return b"", too_large
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks), None
 
 
-def _check_key(request: Request, open_when: bool = False) -> None:
-    keys: list[bytes] = request.app.state.keys
+def _replay(body: bytes | None, receive: Receive) -> Receive:
+    """The body already read, as one message; then the real channel (for disconnects)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body or b"", "more_body": False}
+        return await receive()
+
+    return replay
+
+
+app.add_middleware(Accounting)
+
+
+def _check_key(headers: Headers, keys: list[bytes], open_when: bool = False) -> Unauthorized | None:
     if not keys or open_when:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return None
+    scheme, _, token = headers.get("authorization", "").partition(" ")
     given = token.strip().encode()
     # Compare with every key, constant time each, so timing says nothing about which one matched.
     matched = False
     for key in keys:
         matched |= hmac.compare_digest(given, key)
     if scheme.lower() != "bearer" or not matched:
-        raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+        return Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+    return None
 
 
 async def require_key(request: Request) -> None:
-    _check_key(request)
+    error = _check_key(request.headers, request.app.state.keys)
+    if error is not None:
+        raise error
 
 
 async def require_key_for_metrics(request: Request) -> None:
-    _check_key(request, open_when=request.app.state.metrics_public)
+    error = _check_key(request.headers, request.app.state.keys, open_when=request.app.state.metrics_public)
+    if error is not None:
+        raise error
 
 
 KEYED = [Depends(require_key)]
