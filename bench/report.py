@@ -295,9 +295,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
           f"| {_yes(None if h['gain_vs_off'] is None else h['gain_vs_off'] > 1)} |",
           f"| batching gain: full engine ÷ one input per batch (max_batch_size=1) | {_fmt(h['gain_vs_per_request'], '.2f')}× "
           f"| > 1× | {_yes(None if h['gain_vs_per_request'] is None else h['gain_vs_per_request'] > 1)} |", ""]
-    L += ["*Batching off* is `enable_dynamic_batching=False`: a batch never waits to fill, but requests that "
-          "queue while the model is busy still share the next forward, so it is not one forward per request; "
-          "`max_batch_size=1` is.", ""]
+    L += ["*Batching off* is `enable_dynamic_batching=False`: no batching across requests, each request runs "
+          "on its own. `max_batch_size=1` also splits a multi-text request into one input per run.", ""]
 
     L += ["## Offline limit", "",
           f"The same mixed texts embedded in-process by embserve's own EmbeddingModel and Tokenizer: tokenize all, "

@@ -40,7 +40,7 @@ class Embedder:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self.batching = settings.batching()
         self._coalescer = Coalescer(self._run, size=lambda job: job.weight,
-                                    max_size=lambda: self.batching.max_batch_size)
+                                    max_size=lambda: self.batching.effective_max_batch_size)
         self._apply_batching()
         self.reporter = ReplicaReporter(spec.name)
         self._ongoing = 0
@@ -67,7 +67,7 @@ class Embedder:
         log.info("embedder re-tuned: %s", self.batching.model_dump())
 
     def _apply_batching(self) -> None:
-        self._batch.set_max_batch_size(self.batching.max_batch_size)
+        self._batch.set_max_batch_size(self.batching.effective_max_batch_size)
         self._batch.set_batch_wait_timeout_s(self.batching.effective_wait_s)
 
     def info(self) -> ModelInfo:
@@ -76,7 +76,8 @@ class Embedder:
     def describe(self) -> dict[str, Any]:
         """This replica's process and live batching settings (what reconfigure last applied)."""
         return {"pid": os.getpid(), "model": self.model.info.name, "batching": self.batching.model_dump(),
-                "effective_wait_s": self.batching.effective_wait_s, "torch_threads": torch.get_num_threads()}
+                "effective_wait_s": self.batching.effective_wait_s,
+                "effective_max_batch_size": self.batching.effective_max_batch_size, "torch_threads": torch.get_num_threads()}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward."""
@@ -84,7 +85,7 @@ class Embedder:
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         # A request larger than a batch still fits one: it counts as a full batch.
-        job.weight = max(1, min(len(job), self.batching.max_batch_size))
+        job.weight = max(1, min(len(job), self.batching.effective_max_batch_size))
         job.enqueued_at = time.time()
         self.shipper.start()
         self._ongoing += 1
@@ -97,7 +98,7 @@ class Embedder:
             self._ongoing -= 1
 
     # Batches formed while the model is busy all reach the handler and are coalesced into the next run.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=count_inputs,
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=count_inputs,
                  max_concurrent_batches=16)
     async def _batch(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
         return await self._coalescer.submit(jobs)

@@ -26,14 +26,16 @@ class BatchingConfig(BaseModel):
 
     max_batch_size: int = Field(32, ge=1, description="Most inputs (texts) one @serve.batch call holds.")
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, le=10, description="How long a batch waits to fill after its first request."
+        0.0, ge=0, le=10, description="How long a batch waits to fill after its first request. 0: none; "
+        "what queues while the model is busy shares the next run anyway."
     )
     min_batch_size: int = Field(
         1, ge=1, description="Length groups smaller than this are merged into a neighbour when the "
         "token budget allows: fewer, fuller forwards at the price of some padding."
     )
     enable_dynamic_batching: bool = Field(
-        True, description="False is the low-latency profile: a batch never waits to fill."
+        True, description="False: no batching across requests; each request runs alone (its own "
+        "inputs are still grouped), and nothing waits."
     )
     enable_length_grouping: bool = Field(
         True, description="Sort inputs by token length and group them; False keeps arrival order."
@@ -65,6 +67,11 @@ class BatchingConfig(BaseModel):
     @property
     def effective_wait_s(self) -> float:
         return self.batch_wait_timeout_s if self.enable_dynamic_batching else 0.0
+
+    @property
+    def effective_max_batch_size(self) -> int:
+        """Inputs one run may hold; 1 without dynamic batching, so every request runs on its own."""
+        return self.max_batch_size if self.enable_dynamic_batching else 1
 
     def updated(self, user_config: dict[str, Any] | None) -> "BatchingConfig":
         """This config with a Serve user_config applied; keys it does not name keep their value."""
@@ -133,7 +140,7 @@ class Settings(BaseSettings):
 
     # Batching (the replica's user_config can change these at run time).
     max_batch_size: int = Field(32, ge=1)
-    max_wait_time_ms: float = Field(5.0, ge=0, le=10_000)
+    max_wait_time_ms: float = Field(0.0, ge=0, le=10_000)
     min_batch_size: int = Field(1, ge=1)
     enable_dynamic_batching: bool = True
     enable_length_grouping: bool = True

@@ -29,9 +29,15 @@ def embed(client, texts, **extra):
     return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
 
 
-def performance(client) -> dict:
-    time.sleep(1.2)  # replicas report every 0.5 s
-    return client.get("/v1/performance").json()
+def performance(client, requests: int | None = None) -> dict:
+    """/v1/performance once the replicas have reported `requests` (they ship every 0.5 s)."""
+    time.sleep(1.2)
+    deadline = time.monotonic() + 15
+    while True:
+        perf = client.get("/v1/performance").json()
+        if requests is None or perf["totals"]["requests"] >= requests or time.monotonic() > deadline:
+            return perf
+        time.sleep(0.3)
 
 
 def test_user_config_retunes_running_replicas_without_restart(config, client):
@@ -42,16 +48,26 @@ def test_user_config_retunes_running_replicas_without_restart(config, client):
     after = describe()
     assert after["pid"] == before["pid"]  # same process: re-tuned, not restarted
     assert after["batching"]["max_batch_size"] == 4
-    assert after["effective_wait_s"] == 0.0
+    assert after["effective_wait_s"] == 0.0 and after["effective_max_batch_size"] == 1
 
     client.post("/v1/performance/reset")
     texts = mixed_texts(24, seed=3)
     with cf.ThreadPoolExecutor(12) as pool:
         list(pool.map(lambda t: embed(client, t), texts))
+    perf = performance(client, requests=24)
+    assert perf["batch_inputs"]["max"] == 1, "without dynamic batching each one-text request runs alone"
+    assert perf["totals"]["batches"] == perf["totals"]["forwards"] == 24
+
+    deployment(config, EMBEDDER)["user_config"].update(enable_dynamic_batching=True)
+    deploy(config)
+    assert describe()["effective_max_batch_size"] == 4
+    client.post("/v1/performance/reset")
+    with cf.ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda t: embed(client, t), texts))
     batches = performance(client)["batch_inputs"]
     assert batches["max"] <= 4  # the new max_batch_size holds inputs, not requests
 
-    deployment(config, EMBEDDER)["user_config"].update(max_batch_size=32, enable_dynamic_batching=True)
+    deployment(config, EMBEDDER)["user_config"].update(max_batch_size=32)
     deploy(config)
     assert describe()["batching"]["max_batch_size"] == 32 and describe()["pid"] == before["pid"]
 

@@ -29,7 +29,7 @@ def test_defaults_serve_the_bundled_model_with_dynamic_batching():
     assert s.model == BUNDLED_MODEL
     assert s.model_name == BUNDLED_MODEL_NAME
     assert s.max_batch_size == 32
-    assert s.max_wait_time_ms == 5.0
+    assert s.max_wait_time_ms == 0.0  # no timer: what queues during a forward shares the next run
     assert s.enable_dynamic_batching and s.enable_length_grouping
     assert s.truncate is False
     assert _keys(s) == []
@@ -216,7 +216,7 @@ def test_updated_maps_max_wait_time_ms_to_seconds_and_keeps_other_values():
     new = base.updated({"max_wait_time_ms": 50})
     assert new.batch_wait_timeout_s == pytest.approx(0.05)
     assert new.max_batch_size == 8 and new.min_batch_size == 2
-    assert base.batch_wait_timeout_s == 0.005, "the original is left as it was"
+    assert base.batch_wait_timeout_s == 0.0, "the original is left as it was"
 
 
 def test_updated_sets_named_keys():
@@ -252,6 +252,15 @@ def test_effective_wait_is_zero_when_dynamic_batching_is_off():
     assert cfg.effective_wait_s == 0.05
     assert cfg.updated({"enable_dynamic_batching": False}).effective_wait_s == 0.0
     assert Settings(enable_dynamic_batching=False, max_wait_time_ms=30).batching().effective_wait_s == 0.0
+
+
+def test_without_dynamic_batching_every_request_runs_alone():
+    cfg = BatchingConfig(max_batch_size=32)
+    assert cfg.effective_max_batch_size == 32
+    off = cfg.updated({"enable_dynamic_batching": False})
+    assert off.effective_max_batch_size == 1
+    assert off.max_batch_size == 32, "turning it back on restores the configured size"
+    assert off.updated({"enable_dynamic_batching": True}).effective_max_batch_size == 32
 
 
 @pytest.mark.parametrize("bad", [None, "abc", [1], True])
