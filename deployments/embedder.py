@@ -15,12 +15,18 @@ from ray.serve import metrics as ray_metrics
 
 from embserve.coalesce import Coalescer
 from embserve.engine import EmbedJob, EmbedResult, Engine, default_token_budget
+from embserve.errors import EmbservError
 from embserve.model import EmbeddingModel, ModelInfo
 from embserve.settings import ModelSpec, Settings
 from embserve.stats import ReplicaReporter
 from deployments.metrics import MetricsShipper
 
 log = logging.getLogger("ray.serve")
+
+
+def _internal_error(exc: BaseException) -> EmbservError:
+    log.error("a request failed in the replica", exc_info=exc)
+    return EmbservError(f"internal error ({type(exc).__name__})")
 
 
 def count_inputs(jobs: list[EmbedJob]) -> int:
@@ -44,6 +50,7 @@ class Embedder:
         self._apply_batching()
         self.reporter = ReplicaReporter(spec.name)
         self._ongoing = 0
+        self._calls = 0  # Serve calls received: one per request, or one per group the ingress sent together
         # Ray's own metrics pipeline (Prometheus via the Ray dashboard agent, Grafana) sees these too.
         self._ray_inputs = ray_metrics.Counter("embserve_replica_inputs", "Inputs embedded by this replica.",
                                                tag_keys=("model",))
@@ -77,13 +84,25 @@ class Embedder:
         """This replica's process and live batching settings (what reconfigure last applied)."""
         return {"pid": os.getpid(), "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
-                "effective_max_batch_size": self.batching.effective_max_batch_size, "torch_threads": torch.get_num_threads()}
+                "effective_max_batch_size": self.batching.effective_max_batch_size, "calls": self._calls,
+                "torch_threads": torch.get_num_threads()}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward."""
         await asyncio.get_running_loop().run_in_executor(self._worker, self.model.forward, [[0]])
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
+        self._calls += 1
+        return await self._embed_one(job)
+
+    async def embed_many(self, jobs: list[EmbedJob]) -> list[EmbedResult | EmbservError]:
+        """Several requests in one call (the ingress's `ingress_calls_in_flight`): each is still batched,
+        counted and failed on its own."""
+        self._calls += 1
+        outcomes = await asyncio.gather(*(self._embed_one(job) for job in jobs), return_exceptions=True)
+        return [o if isinstance(o, (EmbedResult, EmbservError)) else _internal_error(o) for o in outcomes]
+
+    async def _embed_one(self, job: EmbedJob) -> EmbedResult:
         # A request larger than a batch still fits one: it counts as a full batch.
         job.weight = max(1, min(len(job), self.batching.effective_max_batch_size))
         job.enqueued_at = time.time()

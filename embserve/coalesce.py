@@ -1,9 +1,11 @@
-"""Merges the batches that queue while the model is busy into one run when it is free.
+"""Merges the work that queues while earlier work is in flight into one run when a slot frees.
 
 Ray's @serve.batch forms the next batch as soon as the previous one starts, so under load many small
 batches wait behind a running forward. With `max_concurrent_batches` > 1 they all reach the handler;
-the Coalescer holds them and hands the worker everything pending (up to a cap) at once, so the next
-run is as full as the load allows and no batch waits longer than the current forward.
+the replica's Coalescer (one run in flight) holds them and hands the worker everything pending (up to a
+cap) at once, so the next run is as full as the load allows and no batch waits longer than the current
+forward. The ingress can use one too (`max_calls_in_flight`), so that requests arriving while its calls
+to a model are in flight go to a replica as one call.
 """
 
 from __future__ import annotations
@@ -15,27 +17,55 @@ from typing import Generic, TypeVar
 J = TypeVar("J")
 R = TypeVar("R")
 
+Entry = tuple[list, asyncio.Future]
+
 
 class Coalescer(Generic[J, R]):
+    """`run(jobs)` returns one result per job, in order; at most `max_in_flight()` runs at a time."""
+
     def __init__(self, run: Callable[[list[J]], Awaitable[list[R]]], size: Callable[[J], int],
-                 max_size: Callable[[], int]) -> None:
+                 max_size: Callable[[], int], max_in_flight: Callable[[], int] = lambda: 1) -> None:
         self._run = run
         self._size = size
         self._max_size = max_size
-        self._pending: list[tuple[list[J], asyncio.Future]] = []
-        self._draining = False
+        self._max_in_flight = max_in_flight
+        self._pending: list[Entry] = []
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def pending(self) -> int:
+        """Submissions waiting for a slot."""
+        return len(self._pending)
 
     async def submit(self, jobs: list[J]) -> list[R]:
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending.append((jobs, future))
-        if not self._draining:
-            self._draining = True
-            asyncio.get_running_loop().create_task(self._drain())
+        self._pump()
         return await future
 
-    def _take(self) -> list[tuple[list[J], asyncio.Future]]:
-        """Whole pending batches, oldest first, up to max_size (always at least one)."""
-        taken, total, cap = [], 0, self._max_size()
+    def _pump(self) -> None:
+        while self._in_flight < max(1, self._max_in_flight()):
+            taken = self._take()
+            if not taken:
+                return
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._dispatch(taken))
+            # Once every caller of this run has gone away, nobody needs it: cancel it.
+            watch = lambda _, task=task, taken=taken: (  # noqa: E731
+                task.cancel() if all(f.cancelled() for _, f in taken) else None)
+            for _, future in taken:
+                future.add_done_callback(watch)
+
+    def _take(self) -> list[Entry]:
+        """Whole pending submissions, oldest first, up to max_size (always at least one); callers that
+        went away before their turn are dropped here, so their work is never sent."""
+        self._pending = [entry for entry in self._pending if not entry[1].done()]
+        taken: list[Entry] = []
+        total, cap = 0, self._max_size()
         while self._pending:
             size = sum(self._size(j) for j in self._pending[0][0])
             if taken and total + size > cap:
@@ -44,22 +74,24 @@ class Coalescer(Generic[J, R]):
             total += size
         return taken
 
-    async def _drain(self) -> None:
+    async def _dispatch(self, taken: list[Entry]) -> None:
         try:
-            while self._pending:
-                taken = self._take()
-                jobs = [job for batch, _ in taken for job in batch]
-                try:
-                    results = await self._run(jobs)
-                except Exception as exc:  # the run failed as a whole: every caller in it hears why
-                    for _, future in taken:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                start = 0
-                for batch, future in taken:
+            try:
+                results = await self._run([job for jobs, _ in taken for job in jobs])
+            except asyncio.CancelledError:
+                for _, future in taken:
+                    future.cancel()
+                raise
+            except Exception as exc:  # the run failed as a whole: every caller in it hears why
+                for _, future in taken:
                     if not future.done():
-                        future.set_result(results[start : start + len(batch)])
-                    start += len(batch)
+                        future.set_exception(exc)
+                return
+            start = 0
+            for jobs, future in taken:
+                if not future.done():
+                    future.set_result(results[start : start + len(jobs)])
+                start += len(jobs)
         finally:
-            self._draining = False
+            self._in_flight -= 1
+            self._pump()

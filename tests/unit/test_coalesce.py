@@ -154,3 +154,93 @@ def test_the_cap_counts_job_weights_not_jobs():
         return rec
 
     assert asyncio.run(main()).calls == [["a"], ["bb", "cc"], ["ddd"]]
+
+
+def test_a_caller_that_left_before_its_turn_is_never_sent():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        co = _coalescer(rec)
+        first = asyncio.create_task(co.submit(["a"]))
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(co.submit(["b"]))
+        kept = asyncio.create_task(co.submit(["c"]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        rec.gate.set()
+        return rec, await first, await kept
+
+    rec, first, kept = asyncio.run(main())
+    assert rec.calls == [["a"], ["c"]], "'b' left while queued: nobody computes it"
+    assert (first, kept) == (["A"], ["C"])
+
+
+def test_several_runs_in_flight_and_what_queues_behind_them_goes_together():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        co = Coalescer(rec.run, size=lambda job: 1, max_size=lambda: 100, max_in_flight=lambda: 2)
+        first = [asyncio.create_task(co.submit([x])) for x in "ab"]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert rec.calls == [["a"], ["b"]], "two slots: two runs at once"
+        assert co.in_flight == 2
+        later = [asyncio.create_task(co.submit([x])) for x in "cde"]
+        await asyncio.sleep(0)
+        assert len(rec.calls) == 2, "no slot free: c, d and e wait"
+        rec.gate.set()
+        out = await asyncio.gather(*first, *later)
+        return rec, out, co.in_flight
+
+    rec, out, in_flight = asyncio.run(main())
+    assert rec.calls == [["a"], ["b"], ["c", "d", "e"]]
+    assert out == [["A"], ["B"], ["C"], ["D"], ["E"]]
+    assert in_flight == 0
+
+
+def test_a_run_whose_callers_all_left_is_cancelled_and_frees_its_slot():
+    async def main():
+        started, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def run(jobs):
+            started.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return jobs
+
+        co = Coalescer(run, size=lambda job: 1, max_size=lambda: 100)
+        gone = asyncio.create_task(co.submit(["a"]))
+        await started.wait()
+        gone.cancel()
+        await asyncio.wait_for(cancelled.wait(), 1)
+        await asyncio.sleep(0)
+        return co.in_flight
+
+    assert asyncio.run(main()) == 0
+
+
+def test_a_run_is_not_cancelled_while_one_of_its_callers_still_waits():
+    async def main():
+        rec = Recorder()
+        rec.gate.clear()
+        co = _coalescer(rec)
+        first = asyncio.create_task(co.submit(["a"]))
+        await asyncio.sleep(0)
+        gone = asyncio.create_task(co.submit(["b"]))
+        kept = asyncio.create_task(co.submit(["c"]))
+        await asyncio.sleep(0)
+        rec.gate.set()
+        assert await first == ["A"]
+        rec.gate.clear()
+        await asyncio.sleep(0)
+        assert rec.calls[-1] == ["b", "c"]
+        gone.cancel()
+        await asyncio.sleep(0)
+        rec.gate.set()
+        return await kept
+
+    assert asyncio.run(main()) == ["C"]
