@@ -264,8 +264,12 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
           "configuration is `build_app(Settings(...))` deployed as the app `bench` (one ingress, one embedding "
           "replica, the bundled all-MiniLM-L6-v2 on CPU). The load generator (bench/load.py: asyncio, one "
           "httpx client, `encoding_format=base64`) runs in the same process that started Ray, so it **shares "
-          "the 2 cores with the proxy, the ingress and the replica**. The replica runs torch on one thread: Ray "
-          "sets OMP_NUM_THREADS to a worker's num_cpus (1) unless it is set. Closed loop: each client sends its next "
+          "the 2 cores with the proxy, the ingress and the replica**. "
+          + (f"The replica runs torch on {results['settings']['torch_threads']} thread(s) (`torch_threads`, as the "
+             "offline limit may; without it Ray gives a replica one, its num_cpus). "
+             if results['settings'].get('torch_threads') else
+             "The replica runs torch on one thread: Ray sets OMP_NUM_THREADS to a worker's num_cpus (1). ")
+          + "Closed loop: each client sends its next "
           f"request when the last one answers; {results['settings']['warmup_s']:g} s warm-up, then "
           f"{results['settings']['duration_s']:g} s measured per point (requests completing inside the window). "
           "Padding efficiency and batch sizes come from `GET /v1/performance`, reset at the start of each "
@@ -317,7 +321,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
                  f"p95 {v['p95']:.1f} ms, min {v['min']:.1f} ms")
     if "engine_runs" in off:
         e = off["engine_runs"]
-        L.append(f"- embserve's Engine.run in-process on runs of {e['batch_size']} one-text jobs, 1 thread (what the "
+        L.append(f"- embserve's Engine.run in-process on runs of {e['batch_size']} one-text jobs, {e['threads']} "
+                 f"thread(s) (what the "
                  f"replica's forward thread gets at 32 clients, with no serving around it): {e['texts_per_s']:.1f} "
                  f"texts/s, {e['tokens_per_s']:.0f} tokens/s, padding efficiency {e['padding_efficiency']:.3f} "
                  f"({e['texts_per_s'] / limit:.2f}× the limit)")

@@ -51,6 +51,11 @@ class Mode:
     offline_rounds: int  # passes over every (batch size, threads) pair; the best of each counts
     extras: bool  # multi-text, open loop and long documents
     profile_s: float  # 0: no py-spy
+    torch_threads: int = os.cpu_count() or 1  # the replica's, like the offline limit's best; 0: Ray's (1)
+
+    def served(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """A configuration's Settings: the replica gets the box's cores, as the offline limit does."""
+        return {**({"torch_threads": self.torch_threads} if self.torch_threads else {}), **overrides}
 
 
 QUICK = Mode("quick", (1, 32), 3.0, 1.0, (1,), 128, (32,), 1, extras=False, profile_s=0)
@@ -197,10 +202,10 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
         print(f"  documents (truncated to 256 tokens): {docs.texts_per_s:.1f} texts/s", flush=True)
     # The replica's forward thread under 32 clients gets runs of about 16 one-text jobs (half the clients
     # wait while the other half's batch runs): the same texts through embserve's Engine in such runs.
-    engine = max((model.engine_runs(mixed[: mode.offline_texts], ENGINE_RUN_INPUTS, threads=1)
+    engine = max((model.engine_runs(mixed[: mode.offline_texts], ENGINE_RUN_INPUTS, threads=mode.torch_threads or 1)
                   for _ in range(mode.offline_rounds)), key=lambda r: r.texts_per_s)
     out["engine_runs"] = engine.to_dict()
-    print(f"  embserve Engine, runs of {ENGINE_RUN_INPUTS} texts, 1 thread: {engine.texts_per_s:.1f} texts/s",
+    print(f"  embserve Engine, runs of {ENGINE_RUN_INPUTS} texts, {engine.threads} thread(s): {engine.texts_per_s:.1f} texts/s",
           flush=True)
     floors = {t: model.single_latency_ms(corpus.queries[:40], t) for t in threads}
     out["single_forward"] = {str(t): v for t, v in floors.items()}
@@ -224,7 +229,7 @@ def run_served(base_url: str, corpus: Corpus, mixed: list[str], mode: Mode, offl
 
     for name, overrides in CONFIGS.items():
         print(f"{name}: deploying {overrides or 'defaults'} ...", flush=True)
-        deploy(overrides)
+        deploy(mode.served(overrides))
         bench.warm(single)
         points = []
         for c in mode.concurrencies:
@@ -241,7 +246,7 @@ def run_served(base_url: str, corpus: Corpus, mixed: list[str], mode: Mode, offl
     for size in mode.sweep:
         overrides = {"max_batch_size": size}
         print(f"sweep: max_batch_size={size} ...", flush=True)
-        deploy(overrides)
+        deploy(mode.served(overrides))
         bench.warm(single)
         point = bench.point(single, concurrency=SWEEP_CONCURRENCY, label=f"max_batch_size={size}")
         point["max_batch_size"] = size
@@ -284,7 +289,7 @@ def run_extras(bench: Bench, corpus: Corpus, mixed: list[str], points: list[dict
 def run_profile(bench: Bench, workload: Workload, mode: Mode, out_dir: Path) -> dict[str, Any]:
     """py-spy on the replica, the ingress and the proxy while 32 clients load the full engine."""
     print(f"profile: py-spy for {mode.profile_s:.0f} s under {HEADLINE_CONCURRENCY} clients ...", flush=True)
-    deploy(CONFIGS[FULL_ENGINE])
+    deploy(mode.served(CONFIGS[FULL_ENGINE]))
     bench.warm(workload)
     targets = {pid: role for pid, role in procs.descendants().items() if role in ("replica", "ingress", "proxy")}
     running: dict[str, Any] = {}
@@ -349,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet-wait", type=float, default=None, help="seconds in all to wait for other "
                         "processes' CPU load to drop before points (default: 180 full, 0 quick)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--torch-threads", type=int, default=None, help="the replica's torch_threads "
+                        "(default: this box's cores, as the offline limit may use; 0: Ray's default, 1)")
     args = parser.parse_args(argv)
 
     mode = QUICK if args.quick else FULL
@@ -356,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         mode = replace(mode, duration_s=args.duration)
     if args.profile_seconds is not None:
         mode = replace(mode, profile_s=args.profile_seconds)
+    if args.torch_threads is not None:
+        mode = replace(mode, torch_threads=args.torch_threads)
     out = args.out or (ROOT / "build" / "bench-quick" if args.quick else ROOT / "docs")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
