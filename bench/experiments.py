@@ -61,6 +61,8 @@ VARIANTS = (
     Variant("Serve: + gRPC handles, buffered request logs", env=THROUGHPUT),
     Variant("combined: Serve flags + replica nice 0", env=THROUGHPUT, os_tweak="nice0"),
     Variant("combined: Serve flags + torch_threads=2", env=THROUGHPUT, settings={"torch_threads": 2}),
+    Variant("ingress: ingress_calls_in_flight=2, torch_threads=2",
+            settings={"ingress_calls_in_flight": 2, "torch_threads": 2}),
 )
 
 
