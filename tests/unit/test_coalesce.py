@@ -118,26 +118,6 @@ def test_submitting_after_a_drain_finished_starts_a_new_one():
     assert rec.calls == [["a"], ["b"]]
 
 
-def test_a_caller_that_went_away_does_not_break_the_others():
-    async def main():
-        rec = Recorder()
-        rec.gate.clear()
-        co = _coalescer(rec)
-        first = asyncio.create_task(co.submit(["a"]))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        gone = asyncio.create_task(co.submit(["b"]))
-        kept = asyncio.create_task(co.submit(["c"]))
-        await asyncio.sleep(0)
-        gone.cancel()
-        rec.gate.set()
-        with pytest.raises(asyncio.CancelledError):
-            await gone
-        return await first, await kept
-
-    assert asyncio.run(main()) == (["A"], ["C"])
-
-
 def test_the_cap_counts_job_weights_not_jobs():
     async def main():
         rec = Recorder()
