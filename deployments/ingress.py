@@ -115,10 +115,11 @@ class Accounting:
             await send(message)
 
         try:
-            error = _check_key(Headers(scope=scope), owner.keys)  # before the body: no key, no parsing
+            headers = Headers(scope=scope)
+            error = _check_key(headers, owner.keys)  # before the body: no key, no parsing
             body = None
             if error is None:
-                body, error = await _read_limited(scope, receive, owner.max_body_bytes)
+                body, error = await _read_limited(headers, receive, owner.max_body_bytes)
             if error is not None:
                 state["error_kind"] = type(error).__name__
                 await error_response(error)(scope, receive, send_timed)
@@ -132,10 +133,10 @@ class Accounting:
             owner.reporter.record_request(status, time.perf_counter() - started, kind)
 
 
-async def _read_limited(scope: Scope, receive: Receive, limit: int) -> tuple[bytes, EmbservError | None]:
+async def _read_limited(headers: Headers, receive: Receive, limit: int) -> tuple[bytes, EmbservError | None]:
     """The whole body, or a 413 as soon as it passes the limit, whether or not Content-Length was sent."""
     too_large = PayloadTooLarge(f"request body larger than {limit} bytes")
-    declared = Headers(scope=scope).get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return b"", too_large
     chunks, size = [], 0
