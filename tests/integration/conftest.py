@@ -1,7 +1,9 @@
 """One local Ray cluster per test session; apps deployed from serve_config.yaml as `serve deploy` does."""
 
+import asyncio
 import copy
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -56,6 +58,28 @@ def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
             raise RuntimeError(f"deploy failed: {app.message}")
         time.sleep(0.5)
     raise TimeoutError(f"app not running after {timeout_s}s (status {status})")
+
+
+_handle_loop: asyncio.AbstractEventLoop | None = None
+
+
+def call_deployment(method: str, deployment_name: str = EMBEDDER, app: str = APP, timeout_s: float = 60) -> Any:
+    """`deployment_name.method()` on one replica, through a Serve handle, from the test process.
+
+    The handle is used inside an event loop of its own: with Serve's fast path
+    (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0) a handle cannot be used outside a running loop.
+    """
+    global _handle_loop
+    from ray import serve
+
+    if _handle_loop is None:
+        _handle_loop = asyncio.new_event_loop()
+        threading.Thread(target=_handle_loop.run_forever, name="serve-handles", daemon=True).start()
+
+    async def call() -> Any:
+        return await getattr(serve.get_deployment_handle(deployment_name, app), method).remote()
+
+    return asyncio.run_coroutine_threadsafe(call(), _handle_loop).result(timeout_s)
 
 
 def follow_coverage_into_ray_workers(config) -> None:

@@ -5,9 +5,8 @@ import time
 
 import numpy as np
 import pytest
-from ray import serve
 
-from tests.integration.conftest import APP, EMBEDDER, deploy, deployment
+from tests.integration.conftest import EMBEDDER, call_deployment, deploy, deployment
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
@@ -20,7 +19,7 @@ def config(serve_app):
 
 
 def describe() -> dict:
-    return serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()
+    return call_deployment("describe")
 
 
 def embed(client, texts, **extra):

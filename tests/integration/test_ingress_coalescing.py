@@ -5,9 +5,8 @@ import concurrent.futures as cf
 
 import numpy as np
 import pytest
-from ray import serve
 
-from tests.integration.conftest import APP, EMBEDDER, app_config, fixed_replicas
+from tests.integration.conftest import app_config, call_deployment, fixed_replicas
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
@@ -24,7 +23,7 @@ def config(serve_app):
 
 
 def calls() -> int:
-    return serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()["calls"]
+    return call_deployment("describe")["calls"]
 
 
 def test_concurrent_requests_share_calls_and_each_gets_its_own_vectors(config, client, reference):

@@ -9,9 +9,8 @@ import time
 
 import httpx
 import pytest
-from ray import serve
 
-from tests.integration.conftest import APP, BASE, EMBEDDER, fixed_replicas
+from tests.integration.conftest import APP, BASE, call_deployment, fixed_replicas
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
@@ -156,7 +155,7 @@ def test_overload_is_refused_fast_with_retry_after_and_nothing_hangs(authed, sha
 # --- faults ---------------------------------------------------------------------------------------
 
 def test_killed_replica_is_replaced_and_no_request_hangs(authed):
-    pid = serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()["pid"]
+    pid = call_deployment("describe")["pid"]
     texts = mixed_texts(40, seed=32)
 
     def call(text):
@@ -183,5 +182,5 @@ def test_killed_replica_is_replaced_and_no_request_hangs(authed):
         time.sleep(1)
     response = authed.post("/v1/embeddings", json={"model": MODEL, "input": "back again"})
     assert response.status_code == 200
-    new_pid = serve.get_deployment_handle(EMBEDDER, APP).describe.remote().result()["pid"]
+    new_pid = call_deployment("describe")["pid"]
     assert new_pid != pid
