@@ -28,6 +28,8 @@ case "${1:-}" in
   serve)
     setup bench
     shift
+    # Serve's fast path (HAProxy in front, gRPC between deployments): deployments/serve_env.py.
+    eval "$("$VENV/bin/python" -m deployments.serve_env)"
     exec "$VENV/bin/serve" run serve_config.yaml "$@"
     ;;
   test)

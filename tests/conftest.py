@@ -1,10 +1,18 @@
-"""Shared fixtures: the real bundled model, loaded once per session (no downloads)."""
+"""Shared fixtures: the real bundled model, loaded once per session (no downloads); Serve's environment."""
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The tests' Ray runs Serve as `./run.sh serve` does: the fast path, before anything imports Ray.
+# An ingress replica that leaves waits this long for HAProxy to stop sending it requests (Ray's default
+# of 30 s is for load balancers in front of many nodes; HAProxy on the same node notices in about 1 s).
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+
+from deployments import serve_env  # noqa: E402
+
+serve_env.apply()
 
 import pytest  # noqa: E402
 

@@ -144,6 +144,16 @@ def test_too_large_body_is_413(client):
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
+def test_a_request_of_several_megabytes_reaches_the_model(oai, reference):
+    """5 MB of text: over gRPC's 4 MiB default between the ingress and the embedder, under the body limit."""
+    words = "embedding servers batch many long documents together. "
+    texts = [(words * 2000)[:100_000] for _ in range(49)] + [TEXTS[0]]
+    response = oai.embeddings.create(model=MODEL, input=texts, extra_body={"truncate": True})
+    assert len(response.data) == 50
+    assert_close([response.data[0].embedding, response.data[-1].embedding],
+                 reference([texts[0], TEXTS[0]]))
+
+
 def test_models_lists_the_served_model_in_openai_shape(oai):
     models = oai.models.list()
     assert [m.id for m in models.data] == [MODEL]

