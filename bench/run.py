@@ -25,6 +25,7 @@ from bench import procs
 from bench.corpus import Corpus, load_or_build
 from bench.load import EmbeddingsClient, LoadResult, Workload, closed_loop, open_loop
 from bench.offline import OfflineModel
+from deployments import serve_env
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "bench"
@@ -356,6 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument("--torch-threads", type=int, default=None, help="the replica's torch_threads "
                         "(default: this box's cores, as the offline limit may use; 0: Ray's default, 1)")
+    parser.add_argument("--plain-serve", action="store_true", help="Serve's Python proxy and plain handles "
+                        "instead of the fast path that ./run.sh serve starts (deployments/serve_env.py)")
     args = parser.parse_args(argv)
 
     mode = QUICK if args.quick else FULL
@@ -368,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (ROOT / "build" / "bench-quick" if args.quick else ROOT / "docs")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.plain_serve:
+        serve_env.apply()  # before local_serve imports Ray
+    # HAProxy's stats and metrics ports, clear of a service running on this box with Ray's defaults.
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(args.port + 1))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(args.port + 2))
     signal.signal(signal.SIGTERM, _interrupt)
     # A shell without job control starts background jobs with SIGINT ignored; Ctrl-C and kill -INT
     # should still stop a run cleanly.
@@ -376,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     from bench.report import write_report
 
     started = time.time()
-    results: dict[str, Any] = {"mode": mode.name, "machine": machine(), "settings": mode.__dict__}
+    results: dict[str, Any] = {"mode": mode.name, "machine": machine(), "settings": mode.__dict__,
+                               "serve_env": {k: os.environ.get(k) for k in serve_env.FAST_PATH}}
     corpus = load_or_build(None, args.seed)
     results["corpus"] = corpus.stats()
     mixed = corpus.mixed(2000, args.seed)
