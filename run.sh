@@ -29,7 +29,10 @@ case "${1:-}" in
     setup bench
     shift
     # Serve's fast path (HAProxy in front, gRPC between deployments): deployments/serve_env.py.
-    eval "$("$VENV/bin/python" -m deployments.serve_env)"
+    exports=$("$VENV/bin/python" -m deployments.serve_env)
+    eval "$exports"
+    # One node: its HAProxy notices a stopping ingress replica within a second, not Ray's 30 s.
+    export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=${RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S:-2}
     exec "$VENV/bin/serve" run serve_config.yaml "$@"
     ;;
   test)

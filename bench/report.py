@@ -263,7 +263,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     fast = (results.get("serve_env") or {}).get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
     front = ("Serve's fast path, as `./run.sh serve` starts it (HAProxy on 127.0.0.1:8100, gRPC between "
              "deployments: " + ", ".join(f"`{k}={v}`" for k, v in results["serve_env"].items() if v) + ")"
-             if fast else "Serve's plain setup (its Python proxy on 127.0.0.1:8100, `--plain-serve`)")
+             if fast else "Serve's plain setup (its Python proxy on 127.0.0.1:8100)")
     L += [f"**Setup.** A private Ray (`ray.init(num_cpus=2)`) with {front}; each "
           "configuration is `build_app(Settings(...))` deployed as the app `bench` (one ingress, one embedding "
           "replica, the bundled all-MiniLM-L6-v2 on CPU). The load generator (bench/load.py: asyncio, one "

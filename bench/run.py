@@ -2,7 +2,7 @@
 Ray (port 8100), then docs/benchmarks.md with plots.
 
     python -m bench.run --quick     # about 3 minutes, writes build/bench-quick/
-    python -m bench.run             # the full run (about 12 minutes), writes docs/benchmarks.md + docs/bench/
+    python -m bench.run             # the full run (about 15 minutes), writes docs/benchmarks.md + docs/bench/
 
 Every served figure is set against the offline limit measured at the start of the same run, on the same
 texts. Ray and Serve are shut down on exit, Ctrl-C and SIGTERM included.
@@ -75,7 +75,13 @@ def _interrupt(signum: int, _frame: Any) -> None:
 
 @contextmanager
 def local_serve(port: int) -> Iterator[str]:
-    """A private Ray (never an existing cluster: address='local') and Serve's proxy on `port`."""
+    """A private Ray (never an existing cluster: address='local') answering HTTP on `port` (HAProxy on the
+    fast path, Serve's Python proxy otherwise: whatever the environment says when this starts Ray)."""
+    # HAProxy's stats and metrics ports, clear of a service running on this box with Ray's defaults; and
+    # a short drain for the ingress replica that each redeploy stops (one node, as in run.sh).
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(port + 1))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(port + 2))
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     import ray
     from ray import serve
 
@@ -371,11 +377,11 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (ROOT / "build" / "bench-quick" if args.quick else ROOT / "docs")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not args.plain_serve:
+    if args.plain_serve:
+        for key in serve_env.FAST_PATH:
+            os.environ.pop(key, None)
+    else:
         serve_env.apply()  # before local_serve imports Ray
-    # HAProxy's stats and metrics ports, clear of a service running on this box with Ray's defaults.
-    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(args.port + 1))
-    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(args.port + 2))
     signal.signal(signal.SIGTERM, _interrupt)
     # A shell without job control starts background jobs with SIGINT ignored; Ctrl-C and kill -INT
     # should still stop a run cleanly.

