@@ -154,19 +154,24 @@ def test_overload_is_refused_fast_with_retry_after_and_nothing_hangs(authed, sha
 
 # --- faults ---------------------------------------------------------------------------------------
 
+def embed_status(client: httpx.Client, text: str) -> int | str:
+    """The status of one embeddings request, or what happened instead: "hung" or "dropped" (the
+    connection closed with no response)."""
+    try:
+        return client.post("/v1/embeddings", json={"model": MODEL, "input": text, "truncate": True},
+                           timeout=90).status_code
+    except httpx.TimeoutException:
+        return "hung"
+    except httpx.TransportError:
+        return "dropped"
+
+
 def test_killed_replica_is_replaced_and_no_request_hangs(authed):
     pid = call_deployment("describe")["pid"]
     texts = mixed_texts(40, seed=32)
 
-    def call(text):
-        try:
-            return authed.post("/v1/embeddings", json={"model": MODEL, "input": text, "truncate": True},
-                               timeout=90).status_code
-        except httpx.TimeoutException:
-            return "hung"
-
     with cf.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(call, t) for t in texts]
+        futures = [pool.submit(embed_status, authed, t) for t in texts]
         time.sleep(0.5)
         os.kill(pid, signal.SIGKILL)
         health_during = authed.get("/health", timeout=30)
@@ -208,17 +213,8 @@ def test_killed_ingress_replica_is_replaced_and_no_request_hangs(authed):
     (pid,) = ingress_pids()
     texts = mixed_texts(40, seed=33)
 
-    def call(text):
-        try:
-            return authed.post("/v1/embeddings", json={"model": MODEL, "input": text, "truncate": True},
-                               timeout=90).status_code
-        except httpx.TimeoutException:
-            return "hung"
-        except httpx.TransportError:  # the connection closed with no response
-            return "dropped"
-
     with cf.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(call, t) for t in texts]
+        futures = [pool.submit(embed_status, authed, t) for t in texts]
         time.sleep(0.5)
         os.kill(pid, signal.SIGKILL)
         statuses = [f.result() for f in futures]
