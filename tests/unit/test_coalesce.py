@@ -30,6 +30,14 @@ def _coalescer(rec: Recorder, cap: int = 100) -> Coalescer[str, str]:
     return Coalescer(rec.run, size=lambda job: 1, max_size=lambda: cap)
 
 
+async def _held_run(rec: Recorder, co: Coalescer[str, str]) -> asyncio.Task:
+    """Submits ["a"] with the gate closed: its run starts and is held until `rec.gate.set()`."""
+    rec.gate.clear()
+    first = asyncio.create_task(co.submit(["a"]))
+    await asyncio.sleep(0)
+    return first
+
+
 def test_a_lone_batch_runs_and_gets_its_results():
     async def main():
         rec = Recorder()
@@ -44,10 +52,8 @@ def test_a_lone_batch_runs_and_gets_its_results():
 def test_batches_queued_during_a_run_go_together_into_the_next_run():
     async def main():
         rec = Recorder()
-        rec.gate.clear()
         co = _coalescer(rec)
-        first = asyncio.create_task(co.submit(["a"]))
-        await asyncio.sleep(0)
+        first = await _held_run(rec, co)
         await asyncio.sleep(0)
         assert rec.calls == [["a"]], "the first run started and is held"
         later = [asyncio.create_task(co.submit(batch)) for batch in (["b", "c"], ["d"], ["e", "f"])]
@@ -64,10 +70,8 @@ def test_batches_queued_during_a_run_go_together_into_the_next_run():
 def test_a_run_takes_whole_batches_up_to_the_cap():
     async def main():
         rec = Recorder()
-        rec.gate.clear()
         co = _coalescer(rec, cap=3)
-        first = asyncio.create_task(co.submit(["a"]))
-        await asyncio.sleep(0)
+        first = await _held_run(rec, co)
         await asyncio.sleep(0)
         later = [asyncio.create_task(co.submit(b)) for b in (["b", "c"], ["d"], ["e", "f", "g", "h"], ["i"])]
         await asyncio.sleep(0)
@@ -84,10 +88,8 @@ def test_a_run_takes_whole_batches_up_to_the_cap():
 def test_a_failed_run_fails_only_its_callers_and_later_batches_still_run():
     async def main():
         rec = Recorder(fail_on={"boom"})
-        rec.gate.clear()
         co = _coalescer(rec, cap=2)
-        first = asyncio.create_task(co.submit(["a"]))
-        await asyncio.sleep(0)
+        first = await _held_run(rec, co)
         await asyncio.sleep(0)
         doomed = [asyncio.create_task(co.submit(b)) for b in (["boom"], ["x"])]
         survivor = asyncio.create_task(co.submit(["y", "z"]))
@@ -121,10 +123,8 @@ def test_submitting_after_a_drain_finished_starts_a_new_one():
 def test_the_cap_counts_job_weights_not_jobs():
     async def main():
         rec = Recorder()
-        rec.gate.clear()
         co = Coalescer(rec.run, size=len, max_size=lambda: 4)  # a job weighs its length
-        first = asyncio.create_task(co.submit(["a"]))
-        await asyncio.sleep(0)
+        first = await _held_run(rec, co)
         await asyncio.sleep(0)
         later = [asyncio.create_task(co.submit(b)) for b in (["bb"], ["cc"], ["ddd"])]
         await asyncio.sleep(0)
@@ -139,10 +139,8 @@ def test_the_cap_counts_job_weights_not_jobs():
 def test_a_caller_that_left_before_its_turn_is_never_sent():
     async def main():
         rec = Recorder()
-        rec.gate.clear()
         co = _coalescer(rec)
-        first = asyncio.create_task(co.submit(["a"]))
-        await asyncio.sleep(0)
+        first = await _held_run(rec, co)
         gone = asyncio.create_task(co.submit(["b"]))
         kept = asyncio.create_task(co.submit(["c"]))
         await asyncio.sleep(0)
@@ -206,10 +204,8 @@ def test_a_run_whose_callers_all_left_is_cancelled_and_frees_its_slot():
 def test_a_run_is_not_cancelled_while_one_of_its_callers_still_waits():
     async def main():
         rec = Recorder()
-        rec.gate.clear()
         co = _coalescer(rec)
-        first = asyncio.create_task(co.submit(["a"]))
-        await asyncio.sleep(0)
+        first = await _held_run(rec, co)
         gone = asyncio.create_task(co.submit(["b"]))
         kept = asyncio.create_task(co.submit(["c"]))
         await asyncio.sleep(0)
