@@ -1,9 +1,9 @@
 """Merges the work that queues while earlier work is in flight into one run when a slot frees.
 
 Ray's @serve.batch forms the next batch as soon as the previous one starts, so under load many small
-batches wait behind a running forward. With `max_concurrent_batches` > 1 they all reach the handler;
-the replica's Coalescer (one run in flight) holds them and hands the worker everything pending (up to a
-cap) at once, so the next run is as full as the load allows and no batch waits longer than the current
+batches wait behind a running forward. With `max_concurrent_batches` above any count of requests a
+replica holds, they all reach the handler; the replica's Coalescer (one run in flight) holds them and
+hands the worker everything pending (up to a cap) at once, so the next run is as full as the load allows and no batch waits longer than the current
 forward. The ingress can use one too (`max_calls_in_flight`), so that requests arriving while its calls
 to a model are in flight go to a replica as one call.
 """

@@ -123,6 +123,24 @@ def test_32_concurrent_clients_fill_batches_with_little_padding(config, client):
     assert perf["totals"]["padded_tokens"] >= perf["totals"]["tokens"]
 
 
+def test_every_request_queued_behind_a_forward_joins_the_next_run(config, client):
+    """Thirty requests that arrive while a long forward runs come out as one run, not as Ray's
+    `max_concurrent_batches` slices of it (it was 16: at most 15 could wait beside a running run)."""
+    long = " ".join(" ".join(mixed_texts(40, seed=17)).split()[:400])
+    queries = [t for t in mixed_texts(120, seed=19) if len(t.split()) <= 15][:30]
+    embed(client, queries[:2])  # warm up
+    client.post("/v1/performance/reset")
+    with cf.ThreadPoolExecutor(31) as pool:
+        busy = pool.submit(embed, client, [long] * 20, truncate=True)  # 20 inputs of the model's max length
+        time.sleep(0.3)
+        followers = [pool.submit(embed, client, q) for q in queries]
+        assert [len(f.result()) for f in followers] == [1] * 30
+        assert len(busy.result()) == 20
+    perf = performance(client, requests=31)
+    assert perf["totals"]["inputs"] == 50
+    assert perf["batch_inputs"]["max"] >= 25, perf["batch_inputs"]
+
+
 def test_one_bad_request_does_not_fail_its_batch_companions(config, client):
     good = mixed_texts(12, seed=13)
 
