@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -140,9 +142,12 @@ class Embedder:
     async def _batch(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
         return await self._coalescer.submit(jobs)
 
-    async def _run(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+    async def _run(self, jobs: list[EmbedJob], deliver: Callable[[int, EmbedResult], None]) -> list[EmbedResult]:
         loop = asyncio.get_running_loop()
-        results, report = await loop.run_in_executor(self._worker, self.engine.run, jobs, self.batching)
+        # Each request is answered as soon as its own groups are computed, while the run goes on.
+        run = functools.partial(self.engine.run, jobs, self.batching,
+                                on_done=lambda j, result: loop.call_soon_threadsafe(deliver, j, result))
+        results, report = await loop.run_in_executor(self._worker, run)
         self.reporter.record_batch(report)
         if report.inputs:
             self._ray_inputs.inc(report.inputs)

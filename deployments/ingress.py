@@ -235,7 +235,8 @@ class ModelRoute:
             raise outcome
         return outcome
 
-    async def _send(self, jobs: list[EmbedJob]) -> list[EmbedResult | EmbservError]:
+    async def _send(self, jobs: list[EmbedJob], _deliver: Any) -> list[EmbedResult | EmbservError]:
+        """One embed_many call for the coalesced requests; its results come back together."""
         response = self.handle.embed_many.remote(jobs)
         try:
             return await response

@@ -4,7 +4,8 @@ Ray's @serve.batch forms the next batch as soon as the previous one starts, so u
 batches wait behind a running forward. With `max_concurrent_batches` above any count of requests a
 replica holds, they all reach the handler; the replica's Coalescer (one run in flight) holds them and
 hands the worker everything pending (up to a cap) at once, so the next run is as full as the load allows and no batch waits longer than the current
-forward. The ingress can use one too (`max_calls_in_flight`), so that requests arriving while its calls
+forward. A run may hand back each job's result as soon as it has it (`deliver`): a submission is answered
+once all of its jobs are, without waiting for the rest of the run. The ingress can use one too (`max_calls_in_flight`), so that requests arriving while its calls
 to a model are in flight go to a replica as one call.
 """
 
@@ -18,12 +19,15 @@ J = TypeVar("J")
 R = TypeVar("R")
 
 Entry = tuple[list, asyncio.Future]
+Deliver = Callable[[int, R], None]
+_MISSING = object()
 
 
 class Coalescer(Generic[J, R]):
-    """`run(jobs)` returns one result per job, in order; at most `max_in_flight()` runs at a time."""
+    """`run(jobs, deliver)` returns one result per job, in order, and may call `deliver(index, result)` on
+    the loop for any job before that; at most `max_in_flight()` runs at a time."""
 
-    def __init__(self, run: Callable[[list[J]], Awaitable[list[R]]], size: Callable[[J], int],
+    def __init__(self, run: Callable[[list[J], Deliver], Awaitable[list[R]]], size: Callable[[J], int],
                  max_size: Callable[[], int], max_in_flight: Callable[[], int] = lambda: 1) -> None:
         self._run = run
         self._size = size
@@ -75,23 +79,37 @@ class Coalescer(Generic[J, R]):
         return taken
 
     async def _dispatch(self, taken: list[Entry]) -> None:
+        slots = [[_MISSING] * len(jobs) for jobs, _ in taken]
+        left = [len(jobs) for jobs, _ in taken]
+        where = [(e, k) for e, (jobs, _) in enumerate(taken) for k in range(len(jobs))]
+
+        def deliver(index: int, result: R) -> None:
+            e, k = where[index]
+            if slots[e][k] is not _MISSING:
+                return
+            slots[e][k] = result
+            left[e] -= 1
+            future = taken[e][1]
+            if left[e] == 0 and not future.done():
+                future.set_result(slots[e])
+
         try:
             try:
-                results = await self._run([job for jobs, _ in taken for job in jobs])
+                results = await self._run([job for jobs, _ in taken for job in jobs], deliver)
             except asyncio.CancelledError:
                 for _, future in taken:
                     future.cancel()
                 raise
-            except Exception as exc:  # the run failed as a whole: every caller in it hears why
+            except Exception as exc:  # the run failed as a whole: every caller still waiting hears why
                 for _, future in taken:
                     if not future.done():
                         future.set_exception(exc)
                 return
-            start = 0
-            for jobs, future in taken:
-                if not future.done():
-                    future.set_result(results[start : start + len(jobs)])
-                start += len(jobs)
+            for index, result in enumerate(results):
+                deliver(index, result)
+            for (_, future), slot in zip(taken, slots):
+                if not slot and not future.done():  # a submission with no jobs
+                    future.set_result([])
         finally:
             self._in_flight -= 1
             self._pump()

@@ -1,10 +1,12 @@
-"""One @serve.batch call as plain code: tokenize all inputs once, plan groups, one forward per group,
-scatter vectors back to each request. Errors stay with the request that caused them."""
+"""One coalesced run as plain code: tokenize all inputs once, plan groups, one forward per group (shortest
+first), and hand each request its vectors as soon as its own inputs are done. Errors stay with the request
+that caused them."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,7 +71,11 @@ class Engine:
         self.default_group_cost = group_cost_tokens if group_cost_tokens is not None else (
             512 if model.device == "cuda" else 32)
 
-    def run(self, jobs: list[EmbedJob], cfg: BatchingConfig, now: float | None = None) -> tuple[list[EmbedResult], BatchReport]:
+    def run(self, jobs: list[EmbedJob], cfg: BatchingConfig, now: float | None = None,
+            on_done: Callable[[int, EmbedResult], None] | None = None) -> tuple[list[EmbedResult], BatchReport]:
+        """Every job's result, in order, and what the run did. `on_done(index, result)` hears of each job
+        as soon as its last input is computed: groups run shortest first, so a short query in a run with
+        long documents is answered after its own forward, not after the whole run."""
         started = time.time() if now is None else now
         report = BatchReport(requests=len(jobs))
         results = [EmbedResult(vectors=None, queue_s=max(0.0, started - j.enqueued_at) if j.enqueued_at else 0.0)
@@ -88,8 +94,25 @@ class Engine:
                             group_cost_tokens=self.default_group_cost if cfg.group_cost_tokens is None
                             else cfg.group_cost_tokens)
         vectors: list[np.ndarray | None] = [None] * len(sequences)
-        done = []
+        inputs_of: dict[int, list[int]] = {}  # job -> its sequences, in input order
+        for i, (j, _pos) in enumerate(owners):
+            inputs_of.setdefault(j, []).append(i)
+        left = {j: len(seqs) for j, seqs in inputs_of.items()}
         t1 = time.perf_counter()
+
+        def finish(j: int) -> None:
+            result = results[j]
+            result.tokenize_s, result.forward_s = tokenize_s, time.perf_counter() - t1
+            if result.error is None and j in inputs_of:
+                result.vectors = np.stack([vectors[i] for i in inputs_of[j]]).astype(np.float32, copy=False)
+                result.prompt_tokens = sum(lengths[i] for i in inputs_of[j])
+            if on_done is not None:
+                on_done(j, result)
+
+        for j in range(len(jobs)):
+            if j not in left:  # nothing to compute: refused at tokenization, or went away
+                finish(j)
+        done = []
         for group in plan:
             try:
                 out = self.model.forward([sequences[i] for i in group])
@@ -99,18 +122,21 @@ class Engine:
                     job = owners[i][0]
                     if results[job].error is None:
                         results[job].error = Unavailable(f"the model failed on this batch: {exc}")
-                continue
-            for row, i in enumerate(group):
-                vectors[i] = out[row]
-            done.append(group)
+            else:
+                for row, i in enumerate(group):
+                    vectors[i] = out[row]
+                done.append(group)
+            for i in group:
+                j = owners[i][0]
+                left[j] -= 1
+                if left[j] == 0:
+                    finish(j)
         report.forward_s = time.perf_counter() - t1
 
         stats = plan_stats(lengths, done)  # what was actually embedded
         report.forwards, report.tokens, report.padded_tokens = stats.groups, stats.tokens, stats.padded_tokens
         report.inputs = stats.inputs
-        self._scatter(jobs, results, vectors, owners, lengths)
         for r in results:
-            r.tokenize_s, r.forward_s = tokenize_s, report.forward_s
             if r.error is not None:
                 kind = type(r.error).__name__
                 report.errors[kind] = report.errors.get(kind, 0) + 1
@@ -139,17 +165,6 @@ class Engine:
             owners.extend((j, pos) for pos in range(len(finished)))
             sequences.extend(finished)
         return sequences, owners
-
-    def _scatter(self, jobs, results, vectors, owners, lengths) -> None:
-        per_job: dict[int, list[tuple[int, np.ndarray | None, int]]] = {}
-        for i, (j, pos) in enumerate(owners):
-            per_job.setdefault(j, []).append((pos, vectors[i], lengths[i]))
-        for j, items in per_job.items():
-            if results[j].error is not None:
-                continue
-            items.sort(key=lambda item: item[0])
-            results[j].vectors = np.stack([v for _, v, _ in items]).astype(np.float32, copy=False)
-            results[j].prompt_tokens = sum(n for _, _, n in items)
 
 
 def default_token_budget(device: str, memory_fraction: float = 0.8, hidden_size: int = 384,

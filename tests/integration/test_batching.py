@@ -141,6 +141,32 @@ def test_every_request_queued_behind_a_forward_joins_the_next_run(config, client
     assert perf["batch_inputs"]["max"] >= 25, perf["batch_inputs"]
 
 
+def test_a_short_query_in_a_run_with_long_documents_is_answered_first(config, client):
+    """Both requests queue behind a busy run and share the next one; the query's group runs first and its
+    answer leaves while the long documents are still computing."""
+    long = " ".join(" ".join(mixed_texts(40, seed=23)).split()[:400])
+    embed(client, ["warm up"])
+    client.post("/v1/performance/reset")
+
+    def timed(texts, **extra):
+        response = client.post("/v1/embeddings", json={"model": MODEL, "input": texts, **extra})
+        assert response.status_code == 200, response.text
+        return time.monotonic(), float(response.headers["x-embserve-inference-ms"])
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        busy = pool.submit(timed, [long] * 20, truncate=True)
+        time.sleep(0.3)
+        documents = pool.submit(timed, [long] * 16, truncate=True)
+        time.sleep(0.05)
+        query = pool.submit(timed, "how do I join a thread")
+        (query_done, query_ms), (documents_done, documents_ms) = query.result(), documents.result()
+        busy.result()
+    assert performance(client, requests=3)["totals"]["batches"] == 2, "the query and the documents shared a run"
+    assert query_ms < documents_ms
+    # Answered after its own forward, not at the run's end: most of the documents' compute came after it.
+    assert documents_done - query_done > 0.5 * (documents_ms - query_ms) / 1000
+
+
 def test_one_bad_request_does_not_fail_its_batch_companions(config, client):
     good = mixed_texts(12, seed=13)
 

@@ -12,14 +12,18 @@ from embserve.coalesce import Coalescer
 class Recorder:
     """A run function that records each call and can be held until released."""
 
-    def __init__(self, fail_on: set[str] | None = None) -> None:
+    def __init__(self, fail_on: set[str] | None = None, early: set[str] | None = None) -> None:
         self.calls: list[list[str]] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail_on = fail_on or set()
+        self.early = early or set()  # jobs delivered ("X!") before the gate, as the engine does
 
-    async def run(self, jobs: list[str]) -> list[str]:
+    async def run(self, jobs: list[str], deliver) -> list[str]:
         self.calls.append(list(jobs))
+        for index, job in enumerate(jobs):
+            if job in self.early:
+                deliver(index, job.upper() + "!")
         await self.gate.wait()
         if self.fail_on & set(jobs):
             raise RuntimeError(f"run failed on {sorted(self.fail_on & set(jobs))}")
@@ -181,7 +185,7 @@ def test_a_run_whose_callers_all_left_is_cancelled_and_frees_its_slot():
     async def main():
         started, cancelled = asyncio.Event(), asyncio.Event()
 
-        async def run(jobs):
+        async def run(jobs, deliver):
             started.set()
             try:
                 await asyncio.sleep(60)
@@ -220,3 +224,63 @@ def test_a_run_is_not_cancelled_while_one_of_its_callers_still_waits():
         return await kept
 
     assert asyncio.run(main()) == ["C"]
+
+
+async def _second_run_held(rec: Recorder, co: Coalescer[str, str], *batches: list[str]) -> list[asyncio.Task]:
+    """`batches` queue behind a held first run, which then ends; their run starts and is held."""
+    first = await _held_run(rec, co)
+    later = [asyncio.create_task(co.submit(b)) for b in batches]
+    await asyncio.sleep(0)
+    held, rec.gate = rec.gate, asyncio.Event()  # the next run waits on a gate of its own
+    held.set()
+    assert await first == ["A"]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert rec.calls[-1] == [job for b in batches for job in b], "one run holds every batch"
+    return later
+
+
+def test_a_caller_is_answered_once_its_jobs_are_delivered_while_the_run_goes_on():
+    async def main():
+        rec = Recorder(early={"b", "c"})
+        co = _coalescer(rec)
+        answered, waiting = await _second_run_held(rec, co, ["b", "c"], ["d"])
+        assert answered.done() and answered.result() == ["B!", "C!"]
+        assert not waiting.done(), "d is not delivered yet: its caller waits for the run"
+        assert co.in_flight == 1
+        rec.gate.set()
+        return await waiting
+
+    assert asyncio.run(main()) == ["D"]
+
+
+def test_a_caller_waits_for_all_of_its_jobs_and_keeps_what_was_delivered_first():
+    async def main():
+        rec = Recorder(early={"b"})
+        co = _coalescer(rec)
+        [half] = await _second_run_held(rec, co, ["b", "c"])
+        assert not half.done(), "c is still running"
+        rec.gate.set()
+        return await half
+
+    assert asyncio.run(main()) == ["B!", "C"], "the run's own result for b does not replace the delivered one"
+
+
+def test_a_run_that_fails_after_delivering_fails_only_the_callers_still_waiting():
+    async def main():
+        rec = Recorder(fail_on={"d"}, early={"b"})
+        co = _coalescer(rec)
+        answered, doomed = await _second_run_held(rec, co, ["b"], ["d"])
+        rec.gate.set()
+        return await answered, await asyncio.gather(doomed, return_exceptions=True)
+
+    answered, [doomed] = asyncio.run(main())
+    assert answered == ["B!"]
+    assert isinstance(doomed, RuntimeError)
+
+
+def test_an_empty_submission_is_answered_with_no_results():
+    async def main():
+        return await _coalescer(Recorder()).submit([])
+
+    assert asyncio.run(main()) == []
