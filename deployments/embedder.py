@@ -21,6 +21,7 @@ from embserve.errors import EmbservError
 from embserve.model import EmbeddingModel, ModelInfo
 from embserve.settings import ModelSpec, Settings
 from embserve.stats import ReplicaReporter
+from deployments import serve_env
 from deployments.metrics import MetricsShipper
 
 log = logging.getLogger("ray.serve")
@@ -86,12 +87,14 @@ class Embedder:
         log.info("embedder %s ready: device=%s dtype=%s torch_threads=%d max_length=%d token_budget=%d "
                  "batching=%s", spec.name, self.model.device, self.model.info.dtype, torch.get_num_threads(),
                  self.model.max_length, budget, self.batching.model_dump())
+        serve_env.flush_warnings_at_once()  # the line above, and warnings from now on, reach the log at once
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this at start and whenever serve_config.yaml's user_config changes."""
         self.batching = self.batching.updated(user_config)
         self._apply_batching()
         log.info("embedder re-tuned: %s", self.batching.model_dump())
+        serve_env.flush_warnings_at_once()
 
     def _apply_batching(self) -> None:
         self._batch.set_max_batch_size(self.batching.effective_max_batch_size)

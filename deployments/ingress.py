@@ -30,6 +30,7 @@ from embserve.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse
 from embserve.responses import embeddings_body, model_card
 from embserve.settings import Settings
 from embserve.stats import IngressReporter
+from deployments import serve_env
 from deployments.metrics import MetricsShipper, get_metrics_actor
 
 log = logging.getLogger("ray.serve")
@@ -266,6 +267,7 @@ class Ingress:
         self.reporter = IngressReporter()
         app.state.reporter = self.reporter
         self.shipper = MetricsShipper(self.app_name, self.reporter)
+        serve_env.flush_warnings_at_once()
 
     def _route(self, model: str) -> ModelRoute:
         route = self.routes.get(model)

@@ -21,6 +21,8 @@ cluster keeps a proxy on its head node only). bench.experiments measures each fl
 from __future__ import annotations
 
 import importlib.util
+import logging
+import logging.handlers
 import os
 import shlex
 import shutil
@@ -55,6 +57,17 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
     added = missing(environ)
     environ.update(added)
     return added
+
+
+def flush_warnings_at_once(logger: logging.Logger | None = None) -> None:
+    """Called in a replica: writes what its Serve logger holds, and from now on writes WARNING and above
+    at once. `RAY_SERVE_THROUGHPUT_OPTIMIZED` buffers a replica's log records until 1000 have gathered or
+    one is an ERROR, so a startup line, or a warning about a failing replica, could wait for a thousand
+    access-log lines, or be lost with the process. Access logs (INFO) stay buffered."""
+    for handler in (logger or logging.getLogger("ray.serve")).handlers:
+        if isinstance(handler, logging.handlers.MemoryHandler):
+            handler.flushLevel = min(handler.flushLevel, logging.WARNING)
+            handler.flush()
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Replica lifecycle through the real service: redeploys under load, and work for clients that left."""
 
 import concurrent.futures as cf
+import glob
 import os
 import time
 
@@ -30,6 +31,14 @@ def pid() -> int:
 
 def test_torch_threads_reach_the_replica_past_rays_one_thread_default(config):
     assert call_deployment("describe")["torch_threads"] == 2
+
+
+def test_a_replicas_startup_line_reaches_its_log_file_at_once(config):
+    """Serve's fast path buffers a replica's log (1000 records, or until an ERROR); the embedder writes its
+    startup line, and warnings, at once."""
+    pattern = f"/tmp/ray/session_latest/logs/serve/replica_{APP}_{EMBEDDER}_*.log"
+    found = [path for path in glob.glob(pattern) if f"embedder {MODEL} ready".encode() in open(path, "rb").read()]
+    assert found, f"no startup line in {glob.glob(pattern)}"
 
 
 def test_in_flight_requests_finish_when_a_redeploy_replaces_the_replica(config, client):

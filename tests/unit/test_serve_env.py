@@ -1,5 +1,7 @@
 """deployments.serve_env: the environment that `./run.sh serve` and the tests give Ray before it starts."""
 
+import logging
+import logging.handlers
 import os
 import subprocess
 import sys
@@ -62,3 +64,27 @@ def test_every_fast_path_variable_is_documented_with_its_value():
     text = (ROOT / "docs" / "settings.md").read_text()
     for key, value in serve_env.FAST_PATH.items():
         assert f"| `{key}` | `{value}` |" in text
+
+
+def test_a_replicas_buffered_log_is_written_now_and_its_warnings_from_then_on():
+    """Serve's buffer as RAY_SERVE_THROUGHPUT_OPTIMIZED sets it up: 1000 records, flushed on ERROR."""
+    written: list[str] = []
+    target = logging.Handler()
+    target.emit = lambda record: written.append(record.getMessage())
+    logger = logging.getLogger("test_serve_env.replica")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    buffer = logging.handlers.MemoryHandler(capacity=1000, flushLevel=logging.ERROR, target=target)
+    logger.addHandler(buffer)
+    try:
+        logger.info("embedder ready")
+        logger.warning("before")
+        assert written == [], "Serve's buffer holds both"
+        serve_env.flush_warnings_at_once(logger)
+        assert written == ["embedder ready", "before"]
+        logger.info("an access log line")
+        assert written == ["embedder ready", "before"], "INFO stays buffered"
+        logger.warning("metrics actor unreachable")
+        assert written[-2:] == ["an access log line", "metrics actor unreachable"]
+    finally:
+        logger.removeHandler(buffer)
