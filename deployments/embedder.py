@@ -26,24 +26,6 @@ from deployments.metrics import MetricsShipper
 
 log = logging.getLogger("ray.serve")
 
-# Each @serve.batch call holds one of Ray's `max_concurrent_batches` permits until its coalesced run ends,
-# so a low cap keeps requests in Ray's queue where the coalescer cannot see them: at 16, a replica holding
-# 32 one-text requests ran them in two runs instead of one. Every request a replica holds
-# (max_ongoing_requests) must be able to reach the handler; the permits are a plain counter, so a cap far
-# above any max_ongoing_requests costs nothing.
-BATCH_CALLS = 1 << 16
-
-
-class _BatchCapWarning(logging.Filter):
-    """Ray warns when max_batch_size x max_concurrent_batches exceeds max_ongoing_requests, meaning that
-    not every concurrent batch can fill. Ours never are meant to: the coalescer merges them into one run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "`max_concurrent_batches`" not in record.getMessage()
-
-
-log.addFilter(_BatchCapWarning())
-
 
 def _internal_error(exc: BaseException) -> EmbservError:
     log.error("a request failed in the replica", exc_info=exc)
@@ -105,7 +87,8 @@ class Embedder:
 
     def describe(self) -> dict[str, Any]:
         """This replica's process and live batching settings (what reconfigure last applied)."""
-        return {"pid": os.getpid(), "model": self.model.info.name, "batching": self.batching.model_dump(),
+        return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
+                "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
                 "effective_max_batch_size": self.batching.effective_max_batch_size, "calls": self._calls,
                 "torch_threads": torch.get_num_threads()}
@@ -132,18 +115,21 @@ class Embedder:
         self.shipper.start()
         self._ongoing += 1
         try:
-            return await self._batch(job)
+            [result] = await (await self._batch(job))
+            return result
         except asyncio.CancelledError:
             job.cancelled = True  # if it already sits in a coalesced run, that run skips it
             raise
         finally:
             self._ongoing -= 1
 
-    # Batches formed while the model is busy all reach the handler and are coalesced into the next run.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=count_inputs,
-                 max_concurrent_batches=BATCH_CALLS)
-    async def _batch(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
-        return await self._coalescer.submit(jobs)
+    # Ray forms batches (max_batch_size inputs, batch_wait_timeout_s); each request in one gets a future of
+    # its own from the coalescer at once, so a batch never holds its requests back: whatever queues while
+    # the model is busy goes into the next run together, and each request is answered when its own inputs
+    # are done, not when its batch companions' are.
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=count_inputs)
+    async def _batch(self, jobs: list[EmbedJob]) -> list[asyncio.Future]:
+        return [self._coalescer.add([job]) for job in jobs]
 
     async def _run(self, jobs: list[EmbedJob], deliver: Callable[[int, EmbedResult], None]) -> list[EmbedResult]:
         loop = asyncio.get_running_loop()

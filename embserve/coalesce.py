@@ -1,12 +1,13 @@
 """Merges the work that queues while earlier work is in flight into one run when a slot frees.
 
 Ray's @serve.batch forms the next batch as soon as the previous one starts, so under load many small
-batches wait behind a running forward. With `max_concurrent_batches` above any count of requests a
-replica holds, they all reach the handler; the replica's Coalescer (one run in flight) holds them and
-hands the worker everything pending (up to a cap) at once, so the next run is as full as the load allows and no batch waits longer than the current
-forward. A run may hand back each job's result as soon as it has it (`deliver`): a submission is answered
-once all of its jobs are, without waiting for the rest of the run. The ingress can use one too (`max_calls_in_flight`), so that requests arriving while its calls
-to a model are in flight go to a replica as one call.
+batches wait behind a running forward. The replica's batch handler hands each of their requests to a
+Coalescer (one run in flight) and returns at once; the Coalescer hands the worker everything pending (up
+to a cap) when the current run ends, so the next run is as full as the load allows and nothing waits
+longer than the current run. A run may hand back each job's result as soon as it has it (`deliver`): a
+submission is answered once all of its jobs are, without waiting for the rest of the run. The ingress
+can use one too (`max_calls_in_flight`), so that requests arriving while its calls to a model are in
+flight go to a replica as one call.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ class Coalescer(Generic[J, R]):
         """Submissions waiting for a slot."""
         return len(self._pending)
 
-    async def submit(self, jobs: list[J]) -> list[R]:
+    def add(self, jobs: list[J]) -> asyncio.Future:
+        """Queues `jobs` as one submission; the future gets their results, in order. Cancelling it
+        withdraws them (or, once every caller of a run has gone, the run)."""
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending.append((jobs, future))
         self._pump()
-        return await future
+        return future
+
+    async def submit(self, jobs: list[J]) -> list[R]:
+        return await self.add(jobs)
 
     def _pump(self) -> None:
         while self._in_flight < max(1, self._max_in_flight()):

@@ -1,6 +1,7 @@
 """One coalesced run as plain code: tokenize all inputs once, plan groups, one forward per group (shortest
-first), and hand each request its vectors as soon as its own inputs are done. Errors stay with the request
-that caused them."""
+first when grouping by length), and hand each request its vectors as soon as its own inputs are done.
+Errors stay with the request that caused them; a request whose caller left is dropped from the forwards
+still to come."""
 
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ class Engine:
     def run(self, jobs: list[EmbedJob], cfg: BatchingConfig, now: float | None = None,
             on_done: Callable[[int, EmbedResult], None] | None = None) -> tuple[list[EmbedResult], BatchReport]:
         """Every job's result, in order, and what the run did. `on_done(index, result)` hears of each job
-        as soon as its last input is computed: groups run shortest first, so a short query in a run with
-        long documents is answered after its own forward, not after the whole run."""
+        as soon as its last input is computed: with length grouping, groups run shortest first, so a short
+        query in a run with long documents is answered after its own forward, not after the whole run."""
         started = time.time() if now is None else now
         report = BatchReport(requests=len(jobs))
         results = [EmbedResult(vectors=None, queue_s=max(0.0, started - j.enqueued_at) if j.enqueued_at else 0.0)
@@ -113,9 +114,16 @@ class Engine:
             if j not in left:  # nothing to compute: refused at tokenization, or went away
                 finish(j)
         done = []
-        for group in plan:
+        for planned in plan:
+            group = []
+            for i in planned:  # a caller that went away while the run went on: its inputs leave the forward
+                j = owners[i][0]
+                if not jobs[j].cancelled:
+                    group.append(i)
+                elif results[j].error is None:
+                    results[j].error = Cancelled("the client went away before its inputs ran")
             try:
-                out = self.model.forward([sequences[i] for i in group])
+                out = self.model.forward([sequences[i] for i in group]) if group else []
             except Exception as exc:  # a failed forward fails only the requests that had inputs in it
                 log.exception("forward of %d inputs failed", len(group))
                 for i in group:
@@ -125,8 +133,9 @@ class Engine:
             else:
                 for row, i in enumerate(group):
                     vectors[i] = out[row]
-                done.append(group)
-            for i in group:
+                if group:
+                    done.append(group)
+            for i in planned:
                 j = owners[i][0]
                 left[j] -= 1
                 if left[j] == 0:

@@ -270,3 +270,20 @@ def test_each_job_is_handed_over_when_its_last_group_is_computed(engine, referen
     early = [forwards for j, _, forwards in handed if j in (1, 3)]
     assert max(early) < report.forwards, "the short jobs were handed over before the last forward"
     assert results[1].forward_s < results[0].forward_s <= report.forward_s
+
+
+def test_a_job_whose_caller_leaves_mid_run_is_dropped_from_the_forwards_still_to_come(engine, reference,
+                                                                                     monkeypatch):
+    long_doc = " ".join(mixed_texts(60, seed=7))
+    short, gone = EmbedJob(texts=["a short query"]), EmbedJob(texts=[long_doc, "another short one"], truncate=True)
+    forwarded: list[int] = []
+    real = engine.model.forward
+
+    def leave_after_first(j, result):  # the short job's answer goes out; then gone's client hangs up
+        gone.cancelled = True
+
+    monkeypatch.setattr(engine.model, "forward", lambda seqs: forwarded.append(len(seqs)) or real(seqs))
+    results, report = engine.run([short, gone], BatchingConfig(), on_done=leave_after_first)
+    assert_close(results[0].vectors, reference(["a short query"]))
+    assert isinstance(results[1].error, Cancelled) and results[1].vectors is None
+    assert report.inputs == sum(forwarded) < 3, "the long document was never computed"
