@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -251,13 +253,20 @@ def _short(frame: str) -> str:
     return f"{func} ({path})"
 
 
+def py_spy() -> str:
+    """The py-spy that pyproject installs next to this interpreter, so that `.venv/bin/python -m bench.run`
+    finds it without an activated venv; else the one on the PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else (shutil.which("py-spy") or "py-spy")
+
+
 def record(pids: dict[int, str], seconds: float, out_dir: Path, rate: int = 50) -> list[subprocess.Popen]:
     """Starts one `py-spy record` per process (non-blocking sampling, so the target is not paused)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for pid, role in pids.items():
         target = out_dir / f"{role.replace(' ', '_')}-{pid}.txt"
-        cmd = ["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
+        cmd = [py_spy(), "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate),
                "--format", "raw", "--nonblocking", "--output", str(target)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
     return procs
@@ -280,6 +289,6 @@ def collect(procs: list[subprocess.Popen], pids: dict[int, str], out_dir: Path, 
 
 def dump(pid: int) -> str:
     """One `py-spy dump` of every thread of a process (what each is doing right now)."""
-    result = subprocess.run(["py-spy", "dump", "--pid", str(pid), "--nonblocking"], capture_output=True,
+    result = subprocess.run([py_spy(), "dump", "--pid", str(pid), "--nonblocking"], capture_output=True,
                             text=True, timeout=30)
     return result.stdout or result.stderr

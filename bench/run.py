@@ -261,7 +261,10 @@ def run_served(base_url: str, corpus: Corpus, mixed: list[str], mode: Mode, offl
         out["sweep"].append(point)
 
     if mode.profile_s:
-        out["profile"] = run_profile(bench, single, mode, profile_dir)
+        try:
+            out["profile"] = run_profile(bench, single, mode, profile_dir)
+        except OSError as exc:  # no py-spy, or not allowed to attach: the measurements above still count
+            print(f"profile skipped: {exc}", flush=True)
     return out
 
 
