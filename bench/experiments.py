@@ -74,6 +74,8 @@ VARIANTS = (
     Variant("Serve: HAProxy ingress, torch_threads=2", env=HAPROXY, settings={"torch_threads": 2}),
     Variant("Serve: fast path (HAProxy + RAY_SERVE_THROUGHPUT_OPTIMIZED), torch_threads=2", env=HAPROXY_THROUGHPUT,
             settings={"torch_threads": 2}),
+    Variant("fast path + replica at nice 0, torch_threads=2", env=HAPROXY_THROUGHPUT, settings={"torch_threads": 2},
+            os_tweak="nice0"),
     Variant("fast path + OMP_WAIT_POLICY=PASSIVE, torch_threads=2", env={**HAPROXY_THROUGHPUT, **PASSIVE},
             settings={"torch_threads": 2}),
     Variant("ingress: ingress_calls_in_flight=2, torch_threads=2",
