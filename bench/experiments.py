@@ -76,6 +76,11 @@ VARIANTS = (
             settings={"torch_threads": 2}),
     Variant("fast path + replica at nice 0, torch_threads=2", env=HAPROXY_THROUGHPUT, settings={"torch_threads": 2},
             os_tweak="nice0"),
+    # Two replicas of one torch thread each: no OpenMP barrier between the cores, and one replica's loop
+    # work overlaps the other's forward; each run holds about half the requests.
+    Variant("fast path, two embedder replicas of 1 torch thread", env=HAPROXY_THROUGHPUT, settings={
+        "torch_threads": 1, "models": [{"name": "all-MiniLM-L6-v2", "deployment": {
+            "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}}]}),
     Variant("fast path + OMP_WAIT_POLICY=PASSIVE, torch_threads=2", env={**HAPROXY_THROUGHPUT, **PASSIVE},
             settings={"torch_threads": 2}),
     Variant("ingress: ingress_calls_in_flight=2, torch_threads=2",
