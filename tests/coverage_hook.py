@@ -8,22 +8,29 @@ process when it first imports embserve or deployments. Only active when the test
 EMBSERVE_COVERAGE_HOOK.
 """
 
+import atexit
 import os
 import sys
 import threading
-import time
 
 import coverage
 
 _saver_pid = None
+_stop = threading.Event()
 
 
 def _save_every_second() -> None:
-    while True:
-        time.sleep(1.0)
+    while not _stop.wait(1.0):
         cov = coverage.Coverage.current()  # started by coverage's own hook, possibly after this file ran
         if cov is not None:
             cov.save()
+
+
+def _stop_saver(saver: threading.Thread) -> None:
+    """At exit, before the interpreter tears down: a save still running in a daemon thread while modules
+    are finalized can crash the process (seen as SIGSEGV at the end of `serve build` under the hook)."""
+    _stop.set()
+    saver.join(timeout=5)
 
 
 class _StartSaverOnImport:
@@ -33,7 +40,10 @@ class _StartSaverOnImport:
         global _saver_pid
         if _saver_pid != os.getpid() and name.split(".")[0] in ("embserve", "deployments"):
             _saver_pid = os.getpid()
-            threading.Thread(target=_save_every_second, name="coverage-saver", daemon=True).start()
+            _stop.clear()
+            saver = threading.Thread(target=_save_every_second, name="coverage-saver", daemon=True)
+            saver.start()
+            atexit.register(_stop_saver, saver)
         return None
 
 
