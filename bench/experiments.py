@@ -45,6 +45,9 @@ HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 HAPROXY_THROUGHPUT = dict(serve_env.FAST_PATH)
 # Ray sets OMP_NUM_THREADS to a worker's num_cpus (1 for a replica) unless it is already set.
 TWO_THREADS = {"OMP_NUM_THREADS": "2"}
+# "torch_threads=2" in a variant's name: one forward at a time on both threads, the layout before
+# forward_workers (which would otherwise split the two threads into two single-thread forwards).
+ONE_FORWARD_ON_TWO = {"torch_threads": 2, "forward_workers": 1}
 # OpenMP threads spin after each parallel region by default, taking CPU that the proxy and ingress need.
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 
@@ -64,27 +67,30 @@ VARIANTS = (
     Variant("engine: length_group_tolerance=1.0 (cost model alone)", settings={"length_group_tolerance": 1.0}),
     Variant("OS: replica at nice 0 (Ray starts workers at 15)", os_tweak="nice0"),
     Variant("OS: replica alone on one core, the rest on the other", os_tweak="pin"),
-    Variant("replica: 2 torch threads (OMP_NUM_THREADS=2)", env=TWO_THREADS),
-    Variant("replica: torch_threads=2", settings={"torch_threads": 2}),
-    Variant("replica: torch_threads=2, OMP_WAIT_POLICY=PASSIVE", env=PASSIVE, settings={"torch_threads": 2}),
+    Variant("replica: 2 torch threads (OMP_NUM_THREADS=2)", env=TWO_THREADS, settings={"forward_workers": 1}),
+    Variant("replica: torch_threads=2", settings=ONE_FORWARD_ON_TWO),
+    Variant("replica: torch_threads=2, OMP_WAIT_POLICY=PASSIVE", env=PASSIVE, settings=ONE_FORWARD_ON_TWO),
     Variant("Serve: user code and router on the main loop", env=SAME_LOOP),
     Variant("Serve: + gRPC handles, buffered request logs", env=THROUGHPUT),
     Variant("combined: Serve flags + replica nice 0", env=THROUGHPUT, os_tweak="nice0"),
-    Variant("combined: Serve flags + torch_threads=2", env=THROUGHPUT, settings={"torch_threads": 2}),
-    Variant("Serve: HAProxy ingress, torch_threads=2", env=HAPROXY, settings={"torch_threads": 2}),
+    Variant("combined: Serve flags + torch_threads=2", env=THROUGHPUT, settings=ONE_FORWARD_ON_TWO),
+    Variant("Serve: HAProxy ingress, torch_threads=2", env=HAPROXY, settings=ONE_FORWARD_ON_TWO),
     Variant("Serve: fast path (HAProxy + RAY_SERVE_THROUGHPUT_OPTIMIZED), torch_threads=2", env=HAPROXY_THROUGHPUT,
-            settings={"torch_threads": 2}),
-    Variant("fast path + replica at nice 0, torch_threads=2", env=HAPROXY_THROUGHPUT, settings={"torch_threads": 2},
+            settings=ONE_FORWARD_ON_TWO),
+    Variant("fast path + replica at nice 0, torch_threads=2", env=HAPROXY_THROUGHPUT, settings=ONE_FORWARD_ON_TWO,
             os_tweak="nice0"),
     # Two replicas of one torch thread each: no OpenMP barrier between the cores, and one replica's loop
     # work overlaps the other's forward; each run holds about half the requests.
     Variant("fast path, two embedder replicas of 1 torch thread", env=HAPROXY_THROUGHPUT, settings={
         "torch_threads": 1, "models": [{"name": "all-MiniLM-L6-v2", "deployment": {
             "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}}]}),
+    # The same parallelism in one replica: two forwards at once on one thread each, from one queue.
+    Variant("fast path, one replica with forward_workers=2 of 1 torch thread", env=HAPROXY_THROUGHPUT,
+            settings={"torch_threads": 2, "forward_workers": 2}),
     Variant("fast path + OMP_WAIT_POLICY=PASSIVE, torch_threads=2", env={**HAPROXY_THROUGHPUT, **PASSIVE},
-            settings={"torch_threads": 2}),
+            settings=ONE_FORWARD_ON_TWO),
     Variant("ingress: ingress_calls_in_flight=2, torch_threads=2",
-            settings={"ingress_calls_in_flight": 2, "torch_threads": 2}),
+            settings={"ingress_calls_in_flight": 2, "torch_threads": 2, "forward_workers": 1}),
 )
 
 

@@ -31,17 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = "bench"
 MODEL = "all-MiniLM-L6-v2"
 
-# The three pipelines compared at every concurrency: Settings fields that differ from the defaults.
 RAY_CPUS = 2  # the private Ray's num_cpus, as on this project's benchmark box
-CPU_LAYOUT = "one replica per core"
+# The pipelines compared at every concurrency: Settings fields that differ from the defaults.
+ONE_FORWARD = "one forward on all threads"
 CONFIGS: dict[str, dict[str, Any]] = {
     "batching off": {"enable_dynamic_batching": False},
     "no length grouping": {"enable_length_grouping": False},
-    "full engine": {},
-    # docs/scaling.md's layout for CPU-only machines: a single-thread embedder replica per core, each with
-    # a share of a CPU so that all of them fit beside the ingress.
-    CPU_LAYOUT: {"torch_threads": 1, "models": [{"name": MODEL, "deployment": {
-        "num_replicas": RAY_CPUS, "ray_actor_options": {"num_cpus": round((RAY_CPUS - 1) / RAY_CPUS, 2)}}}]},
+    "full engine": {},  # on CPU: one single-thread forward per torch thread, from one queue (forward_workers)
+    # The layout before forward_workers: one forward at a time, on all of the replica's threads.
+    ONE_FORWARD: {"forward_workers": 1},
 }
 FULL_ENGINE = "full engine"
 

@@ -16,7 +16,7 @@ from ray import serve
 from ray.serve import metrics as ray_metrics
 
 from embserve.coalesce import Coalescer
-from embserve.engine import EmbedJob, EmbedResult, Engine, default_token_budget
+from embserve.engine import EmbedJob, EmbedResult, Engine, default_token_budget, forward_layout
 from embserve.errors import EmbservError
 from embserve.model import EmbeddingModel, ModelInfo
 from embserve.settings import ModelSpec, Settings
@@ -45,11 +45,16 @@ class Embedder:
                                     threads=settings.torch_threads)
         budget = default_token_budget(self.model.device, settings.gpu_memory_fraction)
         self.engine = Engine(self.model, budget, settings.group_cost_tokens)
-        # The engine (model + tokenizer) is touched by this one thread only.
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        # The replica's threads, split among forwards that run at once from one queue (forward_layout).
+        self.layout = forward_layout(self.model.device, torch.get_num_threads(), settings.forward_workers)
+        torch.set_num_threads(self.layout.threads_per_forward)
+        self._worker = ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="embed",
+                                          initializer=torch.set_num_threads,
+                                          initargs=(self.layout.threads_per_forward,))
         self.batching = settings.batching()
         self._coalescer = Coalescer(self._run, size=lambda job: job.weight,
-                                    max_size=lambda: self.batching.effective_max_batch_size)
+                                    max_size=lambda: self.batching.effective_max_batch_size,
+                                    max_in_flight=lambda: self.layout.workers)
         self._apply_batching()
         self.reporter = ReplicaReporter(spec.name)
         self._ongoing = 0
@@ -66,9 +71,10 @@ class Embedder:
             metric.set_default_tags({"model": spec.name})
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
                                       gauges=lambda: {"queue_size": self._ongoing})
-        log.info("embedder %s ready: device=%s dtype=%s torch_threads=%d max_length=%d token_budget=%d "
-                 "batching=%s", spec.name, self.model.device, self.model.info.dtype, torch.get_num_threads(),
-                 self.model.max_length, budget, self.batching.model_dump())
+        log.info("embedder %s ready: device=%s dtype=%s forward_workers=%d threads_per_forward=%d "
+                 "max_length=%d token_budget=%d batching=%s", spec.name, self.model.device, self.model.info.dtype,
+                 self.layout.workers, self.layout.threads_per_forward, self.model.max_length, budget,
+                 self.batching.model_dump())
         serve_env.flush_warnings_at_once()  # the line above, and warnings from now on, reach the log at once
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -85,13 +91,16 @@ class Embedder:
     def info(self) -> ModelInfo:
         return self.model.info
 
-    def describe(self) -> dict[str, Any]:
-        """This replica's process and live batching settings (what reconfigure last applied)."""
+    async def describe(self) -> dict[str, Any]:
+        """This replica's process, live batching settings (what reconfigure last applied) and thread layout;
+        `threads_per_forward` is read on a forward worker, where the forwards run."""
+        per_forward = await asyncio.get_running_loop().run_in_executor(self._worker, torch.get_num_threads)
         return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
                 "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
                 "effective_max_batch_size": self.batching.effective_max_batch_size, "calls": self._calls,
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
+                "threads_per_forward": per_forward}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward."""

@@ -61,8 +61,34 @@ class BatchReport:
     forward_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class ForwardLayout:
+    """How a replica spends its CPU threads: `workers` forwards at once, each on `threads_per_forward`."""
+
+    workers: int
+    threads_per_forward: int
+
+    @property
+    def threads(self) -> int:
+        return self.workers * self.threads_per_forward
+
+
+def forward_layout(device: str, threads: int, workers: int | None = None) -> ForwardLayout:
+    """Split a replica's `threads` (torch_threads, or what Ray gave it) among concurrent forwards.
+
+    `workers` None picks: one forward per thread on a CPU, so that no forward waits at an OpenMP barrier
+    for a thread the OS has descheduled and each core keeps busy on its own inputs (measured in
+    bench/profile.md); one forward at a time on a GPU, where a forward already fills the card.
+    """
+    threads = max(1, threads)
+    if workers is None:
+        workers = 1 if device == "cuda" else threads
+    return ForwardLayout(workers=max(1, workers), threads_per_forward=max(1, threads // max(1, workers)))
+
+
 class Engine:
-    """Owns the model and its tokenizer; call `run` from one thread only."""
+    """Owns the model and its tokenizer. `run` may be called from several threads at once (a replica's
+    forward workers): the tokenizer is locked, and an inference-mode forward keeps no state."""
 
     def __init__(self, model: EmbeddingModel, max_batch_tokens: int, group_cost_tokens: int | None = None) -> None:
         self.model = model

@@ -133,8 +133,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     num_gpus: float = Field(0, ge=0, description="GPUs per embedding replica (ray_actor_options).")
     torch_threads: int | None = Field(
-        None, ge=1, description="Threads for a replica's CPU forward. None: what Ray gives (its "
+        None, ge=1, description="CPU threads for a replica's forwards, in all. None: what Ray gives (its "
         "OMP_NUM_THREADS follows the replica's num_cpus, 1 by default).")
+    forward_workers: int | None = Field(
+        None, ge=1, description="Forwards a replica runs at once, all fed from its one queue; its "
+        "torch_threads are split among them. None: one per thread on a CPU, one on a GPU.")
     gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="Peak share of the card the "
                                        "token budget is sized for.")
 

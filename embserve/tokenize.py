@@ -2,11 +2,12 @@
 
 The Hugging Face tokenizer is always called with the same arguments (no truncation, no padding, no
 special tokens), so its Rust state never changes between calls; truncation and special tokens are
-applied here on plain lists. Only the replica's single worker thread calls it.
+applied here on plain lists. A replica's forward workers share it, one call at a time.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ def probe_special_tokens(tokenizer: Any) -> SpecialTokens:
 class Tokenizer:
     def __init__(self, tokenizer: Any, max_length: int, vocab_size: int) -> None:
         self._tok = tokenizer
+        self._lock = threading.Lock()
         self.max_length = max_length
         self.vocab_size = vocab_size
         self.special = probe_special_tokens(tokenizer)
@@ -43,10 +45,11 @@ class Tokenizer:
         """One tokenizer call for all texts of a batch."""
         if not texts:
             return []
-        return self._tok(
-            texts, add_special_tokens=False, truncation=False, padding=False,
-            return_attention_mask=False, return_token_type_ids=False, verbose=False,
-        )["input_ids"]
+        with self._lock:
+            return self._tok(
+                texts, add_special_tokens=False, truncation=False, padding=False,
+                return_attention_mask=False, return_token_type_ids=False, verbose=False,
+            )["input_ids"]
 
     def check_ids(self, ids: list[int], index: int) -> None:
         bad = next((t for t in ids if t < 0 or t >= self.vocab_size), None)

@@ -15,22 +15,24 @@ pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"
 
 
-def one_replica_two_threads(config) -> None:
+def one_replica_one_forward_on_two_threads(config) -> None:
+    """One forward at a time, so that a long request keeps the replica busy for everyone else."""
     fixed_replicas(config, 1)
-    next(a for a in config["applications"] if a["name"] == APP)["args"]["torch_threads"] = 2
+    next(a for a in config["applications"] if a["name"] == APP)["args"].update(torch_threads=2, forward_workers=1)
 
 
 @pytest.fixture(scope="module")
 def config(serve_app):
-    return serve_app(one_replica_two_threads)
+    return serve_app(one_replica_one_forward_on_two_threads)
 
 
 def pid() -> int:
     return call_deployment("describe")["pid"]
 
 
-def test_torch_threads_reach_the_replica_past_rays_one_thread_default(config):
-    assert call_deployment("describe")["torch_threads"] == 2
+def test_torch_threads_reach_the_forward_thread_past_rays_one_thread_default(config):
+    described = call_deployment("describe")
+    assert (described["torch_threads"], described["forward_workers"], described["threads_per_forward"]) == (2, 1, 2)
 
 
 def test_a_replicas_startup_line_reaches_its_log_file_at_once(config):

@@ -3,11 +3,13 @@ with the request that caused them, and a report that says what the plan did."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+
 import numpy as np
 import pytest
 
 from embserve.batching import plan_batches, plan_stats
-from embserve.engine import EmbedJob, Engine, default_token_budget
+from embserve.engine import EmbedJob, Engine, ForwardLayout, default_token_budget, forward_layout
 from embserve.errors import Cancelled, InputTooLong, InvalidRequest, Unavailable
 from embserve.settings import BatchingConfig
 from embserve.tokenize import Tokenizer
@@ -287,3 +289,28 @@ def test_a_job_whose_caller_leaves_mid_run_is_dropped_from_the_forwards_still_to
     assert_close(results[0].vectors, reference(["a short query"]))
     assert isinstance(results[1].error, Cancelled) and results[1].vectors is None
     assert report.inputs == sum(forwarded) < 3, "the long document was never computed"
+
+
+@pytest.mark.parametrize(("device", "threads", "workers", "want"), [
+    ("cpu", 2, None, ForwardLayout(2, 1)),   # on a CPU, by default one single-thread forward per core
+    ("cpu", 1, None, ForwardLayout(1, 1)),
+    ("cpu", 4, 2, ForwardLayout(2, 2)),      # the threads are split among the workers asked for
+    ("cpu", 2, 1, ForwardLayout(1, 2)),      # one forward on every thread, as before forward_workers
+    ("cpu", 1, 3, ForwardLayout(3, 1)),      # never fewer than one thread per forward
+    ("cuda", 8, None, ForwardLayout(1, 8)),  # a GPU runs one forward at a time unless asked otherwise
+    ("cuda", 8, 2, ForwardLayout(2, 4)),
+])
+def test_forward_layout_splits_the_replicas_threads_among_its_forwards(device, threads, workers, want):
+    layout = forward_layout(device, threads, workers)
+    assert layout == want
+    assert layout.threads == want.workers * want.threads_per_forward
+
+
+def test_runs_on_several_threads_at_once_give_the_vectors_of_one_thread(engine, texts):
+    """What a replica's forward workers do: concurrent runs share the model and the tokenizer."""
+    jobs = [[EmbedJob(texts=texts[k : k + 4], truncate=True)] for k in range(0, 16, 4)] * 3
+    serial = [engine.run(j, BatchingConfig())[0][0].vectors for j in jobs]
+    with cf.ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda j: engine.run(j, BatchingConfig())[0][0].vectors, jobs))
+    for got, want in zip(concurrent, serial):
+        assert np.abs(got - want).max() <= ABS_TOL

@@ -44,7 +44,9 @@ def test_prefixed_env_vars_set_fields(monkeypatch):
     monkeypatch.setenv("EMB_PROVIDER_TRUNCATE", "true")
     monkeypatch.setenv("EMB_PROVIDER_MODEL_NAME", "mini")
     monkeypatch.setenv("EMB_PROVIDER_DEVICE", "cpu")
+    monkeypatch.setenv("EMB_PROVIDER_FORWARD_WORKERS", "3")
     s = Settings()
+    assert s.forward_workers == 3 and Settings.model_fields["forward_workers"].default is None
     assert s.max_batch_size == 64
     assert s.max_wait_time_ms == 12.5
     assert s.enable_length_grouping is False
