@@ -9,6 +9,7 @@ tokenization and the same padded forward the replicas run, and nothing else.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import time
@@ -33,6 +34,7 @@ class OfflineResult:
     tokenize_s: float
     batch_size: int
     threads: int
+    streams: int = 1  # forwards at once, each on `threads` torch threads (a replica's forward_workers)
 
     @property
     def texts_per_s(self) -> float:
@@ -59,8 +61,9 @@ class OfflineModel:
         return [self.tokenizer.finish(c, i, truncate) for i, c in enumerate(self.tokenizer.content_ids(texts))]
 
     def sorted_batches(self, texts: list[str], batch_size: int, threads: int,
-                       max_batch_tokens: int = MAX_BATCH_TOKENS) -> OfflineResult:
-        """Tokenize all, sort by length, forward in batches of `batch_size` (within the token budget)."""
+                       max_batch_tokens: int = MAX_BATCH_TOKENS, streams: int = 1) -> OfflineResult:
+        """Tokenize all, sort by length, forward in batches of `batch_size` (within the token budget);
+        `streams` threads take the batches in turn from one list, each forward on `threads` torch threads."""
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -69,7 +72,7 @@ class OfflineModel:
             ids = self.ids(texts)
             tokenize_s = time.perf_counter() - t0
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-            padded = 0
+            groups: list[list[list[int]]] = []
             start = 0
             while start < len(order):
                 end = start + 1
@@ -77,15 +80,21 @@ class OfflineModel:
                 while (end < len(order) and end - start < batch_size
                        and (end - start + 1) * len(ids[order[end]]) <= max_batch_tokens):
                     end += 1
-                group = [ids[i] for i in order[start:end]]
-                self.model.forward(group)
-                padded += len(group) * len(group[-1])
+                groups.append([ids[i] for i in order[start:end]])
                 start = end
+            if streams == 1:
+                for group in groups:
+                    self.model.forward(group)
+            else:
+                with concurrent.futures.ThreadPoolExecutor(streams, initializer=torch.set_num_threads,
+                                                           initargs=(threads,)) as pool:
+                    list(pool.map(self.model.forward, groups))  # each free thread takes the next batch
             seconds = time.perf_counter() - t0
         finally:
             torch.set_num_threads(previous)
+        padded = sum(len(g) * len(g[-1]) for g in groups)
         return OfflineResult(texts=len(ids), tokens=sum(map(len, ids)), padded_tokens=padded, seconds=seconds,
-                             tokenize_s=tokenize_s, batch_size=batch_size, threads=threads)
+                             tokenize_s=tokenize_s, batch_size=batch_size, threads=threads, streams=streams)
 
     def engine_runs(self, texts: list[str], run_inputs: int, threads: int = 1) -> OfflineResult:
         """embserve's own Engine.run (default batching settings) over consecutive chunks of `run_inputs`
@@ -115,18 +124,20 @@ class OfflineModel:
                              tokenize_s=tokenize_s, batch_size=run_inputs, threads=threads)
 
     def best(self, texts: list[str], batch_sizes: tuple[int, ...] = (8, 32, 128),
-             threads: tuple[int, ...] = (1, 2), rounds: int = 1) -> tuple[OfflineResult, list[OfflineResult]]:
-        """The fastest of the tried (batch size, threads) pairs, and the best of `rounds` for each.
+             layouts: tuple[tuple[int, int], ...] = ((1, 1), (2, 1)),
+             rounds: int = 1) -> tuple[OfflineResult, list[OfflineResult]]:
+        """The fastest of the tried (batch size, (torch threads, streams)) pairs, and the best of `rounds`
+        for each.
 
         Rounds go over every pair in turn, so that a burst of other load (which only ever slows a pass
         down, and two torch threads on a shared 2-core box a lot) spoils one pass of a pair, not all."""
-        best: dict[tuple[int, int], OfflineResult] = {}
+        best: dict[tuple[int, int, int], OfflineResult] = {}
         for _ in range(rounds):
-            for t in threads:
+            for t, n in layouts:
                 for b in batch_sizes:
-                    r = self.sorted_batches(texts, b, t)
-                    if (t, b) not in best or r.texts_per_s > best[(t, b)].texts_per_s:
-                        best[(t, b)] = r
+                    r = self.sorted_batches(texts, b, t, streams=n)
+                    if (t, n, b) not in best or r.texts_per_s > best[(t, n, b)].texts_per_s:
+                        best[(t, n, b)] = r
         tried = list(best.values())
         return max(tried, key=lambda r: r.texts_per_s), tried
 
@@ -170,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     corpus = load_or_build(None, args.seed)
     texts = corpus.mixed(args.n, args.seed) if args.kind == "mixed" else corpus.kind(args.kind)[: args.n]
     offline = OfflineModel()
-    best, tried = offline.best(texts, tuple(args.batch_sizes), tuple(args.threads))
+    layouts = tuple(sorted({(t, 1) for t in args.threads} | {(1, max(args.threads))}))
+    best, tried = offline.best(texts, tuple(args.batch_sizes), layouts)
     for r in tried:
         print(json.dumps(r.to_dict()))
     print("best:", json.dumps(best.to_dict()))

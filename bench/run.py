@@ -203,12 +203,15 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
     before = procs.cpu_snapshot()
     model = OfflineModel()
     threads = tuple(sorted({1, os.cpu_count() or 1}))
-    best, tried = model.best(mixed[: mode.offline_texts], mode.offline_batch_sizes, threads, mode.offline_rounds)
+    # One forward at a time on 1 or all threads, and one single-thread forward per core at once (what a
+    # replica's forward_workers do): the limit is the best of them.
+    layouts = tuple(sorted({(t, 1) for t in threads} | {(1, max(threads))}))
+    best, tried = model.best(mixed[: mode.offline_texts], mode.offline_batch_sizes, layouts, mode.offline_rounds)
     out: dict[str, Any] = {"mixed": best.to_dict(), "mixed_tried": [r.to_dict() for r in tried]}
     print(f"  mixed: {best.texts_per_s:.1f} texts/s, {best.tokens_per_s:.0f} tokens/s "
-          f"(batch {best.batch_size}, {best.threads} threads)", flush=True)
+          f"(batch {best.batch_size}, {best.streams} x {best.threads} threads)", flush=True)
     if mode.extras:
-        docs, _ = model.best(corpus.documents[:48], (8, 32), (best.threads,))
+        docs, _ = model.best(corpus.documents[:48], (8, 32), ((best.threads, best.streams),))
         out["documents"] = docs.to_dict()
         print(f"  documents (truncated to 256 tokens): {docs.texts_per_s:.1f} texts/s", flush=True)
     # The replica's forward thread under 32 clients gets runs of about 16 one-text jobs (half the clients
