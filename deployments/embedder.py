@@ -48,9 +48,12 @@ class Embedder:
         # The replica's threads, split among forwards that run at once from one queue (forward_layout).
         self.layout = forward_layout(self.model.device, torch.get_num_threads(), settings.forward_workers)
         torch.set_num_threads(self.layout.threads_per_forward)
-        self._worker = ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="embed",
-                                          initializer=torch.set_num_threads,
-                                          initargs=(self.layout.threads_per_forward,))
+        threads = {"initializer": torch.set_num_threads, "initargs": (self.layout.threads_per_forward,)}
+        # Runs (tokenize, plan, hand results back) go on one thread each; with several forward workers,
+        # every run's forwards go to their shared pool, so that a lone run with many groups uses them all.
+        self._worker = ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="embed", **threads)
+        self._forwards = (ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="forward", **threads)
+                          if self.layout.workers > 1 else None)
         self.batching = settings.batching()
         self._coalescer = Coalescer(self._run, size=lambda job: job.weight,
                                     max_size=lambda: self.batching.effective_max_batch_size,
@@ -94,7 +97,8 @@ class Embedder:
     async def describe(self) -> dict[str, Any]:
         """This replica's process, live batching settings (what reconfigure last applied) and thread layout;
         `threads_per_forward` is read on a forward worker, where the forwards run."""
-        per_forward = await asyncio.get_running_loop().run_in_executor(self._worker, torch.get_num_threads)
+        per_forward = await asyncio.get_running_loop().run_in_executor(self._forwards or self._worker,
+                                                                        torch.get_num_threads)
         return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
                 "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
@@ -104,7 +108,7 @@ class Embedder:
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward."""
-        await asyncio.get_running_loop().run_in_executor(self._worker, self.model.forward, [[0]])
+        await asyncio.get_running_loop().run_in_executor(self._forwards or self._worker, self.model.forward, [[0]])
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         self._calls += 1
@@ -144,7 +148,8 @@ class Embedder:
         loop = asyncio.get_running_loop()
         # Each request is answered as soon as its own groups are computed, while the run goes on.
         run = functools.partial(self.engine.run, jobs, self.batching,
-                                on_done=lambda j, result: loop.call_soon_threadsafe(deliver, j, result))
+                                on_done=lambda j, result: loop.call_soon_threadsafe(deliver, j, result),
+                                forwards=self._forwards)
         results, report = await loop.run_in_executor(self._worker, run)
         self.reporter.record_batch(report)
         if report.inputs:

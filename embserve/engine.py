@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,10 +100,13 @@ class Engine:
             512 if model.device == "cuda" else 32)
 
     def run(self, jobs: list[EmbedJob], cfg: BatchingConfig, now: float | None = None,
-            on_done: Callable[[int, EmbedResult], None] | None = None) -> tuple[list[EmbedResult], BatchReport]:
+            on_done: Callable[[int, EmbedResult], None] | None = None,
+            forwards: Executor | None = None) -> tuple[list[EmbedResult], BatchReport]:
         """Every job's result, in order, and what the run did. `on_done(index, result)` hears of each job
         as soon as its last input is computed: with length grouping, groups run shortest first, so a short
-        query in a run with long documents is answered after its own forward, not after the whole run."""
+        query in a run with long documents is answered after its own forward, not after the whole run.
+        The forwards run on this thread, or on `forwards` (a replica's forward workers, which other runs
+        share) when given."""
         started = time.time() if now is None else now
         report = BatchReport(requests=len(jobs))
         results = [EmbedResult(vectors=None, queue_s=max(0.0, started - j.enqueued_at) if j.enqueued_at else 0.0)
@@ -139,28 +143,38 @@ class Engine:
         for j in range(len(jobs)):
             if j not in left:  # nothing to compute: refused at tokenization, or went away
                 finish(j)
-        done = []
-        for planned in plan:
-            group = []
-            for i in planned:  # a caller that went away while the run went on: its inputs leave the forward
-                j = owners[i][0]
-                if not jobs[j].cancelled:
-                    group.append(i)
-                elif results[j].error is None:
-                    results[j].error = Cancelled("the client went away before its inputs ran")
+        def compute(planned: list[int]) -> tuple[list[int], np.ndarray | None, Exception | None]:
+            """One forward (on a forward worker when there is a pool): the planned inputs whose callers
+            are still there, and their vectors or what failed."""
+            group = [i for i in planned if not jobs[owners[i][0]].cancelled]
             try:
-                out = self.model.forward([sequences[i] for i in group]) if group else []
+                return group, (self.model.forward([sequences[i] for i in group]) if group else None), None
             except Exception as exc:  # a failed forward fails only the requests that had inputs in it
                 log.exception("forward of %d inputs failed", len(group))
+                return group, None, exc
+
+        # With a pool, every group is queued at once, shortest first, and free forward workers share them
+        # (a lone run with many groups gets every worker); the outcomes are taken in plan order.
+        if forwards is None:
+            outcomes: Iterator[tuple[list[int], np.ndarray | None, Exception | None]] = map(compute, plan)
+        else:
+            pending = [forwards.submit(compute, planned) for planned in plan]
+            outcomes = (f.result() for f in pending)
+        done = []
+        for planned, (group, out, exc) in zip(plan, outcomes):
+            for i in set(planned) - set(group):  # a caller that went away while the run went on
+                j = owners[i][0]
+                if results[j].error is None:
+                    results[j].error = Cancelled("the client went away before its inputs ran")
+            if exc is not None:
                 for i in group:
                     job = owners[i][0]
                     if results[job].error is None:
                         results[job].error = Unavailable(f"the model failed on this batch: {exc}")
-            else:
+            elif group:
                 for row, i in enumerate(group):
                     vectors[i] = out[row]
-                if group:
-                    done.append(group)
+                done.append(group)
             for i in planned:
                 j = owners[i][0]
                 left[j] -= 1

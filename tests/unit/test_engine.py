@@ -314,3 +314,47 @@ def test_runs_on_several_threads_at_once_give_the_vectors_of_one_thread(engine, 
         concurrent = list(pool.map(lambda j: engine.run(j, BatchingConfig())[0][0].vectors, jobs))
     for got, want in zip(concurrent, serial):
         assert np.abs(got - want).max() <= ABS_TOL
+
+
+def test_a_runs_groups_share_the_forward_workers_and_come_back_in_plan_order(engine, reference, monkeypatch):
+    """With a pool, a lone run's groups go to every forward worker at once (the first two forwards must
+    meet at a barrier, which a run computing one group at a time never reaches), and each job is still
+    handed over when its own groups are done, with the vectors of a run on one thread."""
+    import threading
+
+    medium = " ".join(" ".join(mixed_texts(30, seed=8)).split()[:60])
+    texts = ["a short query", "what is a socket", medium, " ".join(mixed_texts(60, seed=9))]
+    jobs = lambda: [EmbedJob(texts=[t], truncate=True) for t in texts]  # noqa: E731
+    alone, alone_report = engine.run(jobs(), BatchingConfig())
+    meet = threading.Barrier(2, timeout=10)
+    calls, threads = [], set()
+    real = engine.model.forward
+
+    def forward(seqs):
+        calls.append(len(seqs))
+        threads.add(threading.current_thread().name)
+        if len(calls) <= 2:
+            meet.wait()  # both workers are inside a forward at the same time
+        return real(seqs)
+
+    monkeypatch.setattr(engine.model, "forward", forward)
+    handed = []
+    with cf.ThreadPoolExecutor(2, thread_name_prefix="forward") as pool:
+        results, report = engine.run(jobs(), BatchingConfig(), forwards=pool,
+                                     on_done=lambda j, result: handed.append(j))
+    assert len(threads) == 2 and all(name.startswith("forward") for name in threads)
+    assert report.forwards == alone_report.forwards >= 3 and report.padded_tokens == alone_report.padded_tokens
+    assert handed[-1] == 3, "the longest text is in the last group"
+    for got, want in zip(results, alone):
+        assert np.abs(got.vectors - want.vectors).max() <= ABS_TOL
+    assert_close(np.concatenate([r.vectors for r in results]), reference(texts))
+
+
+def test_a_caller_that_left_is_skipped_by_the_forward_workers_too(engine, texts):
+    gone = EmbedJob(texts=texts[:3], truncate=True)
+    gone.cancelled = True
+    stays = EmbedJob(texts=texts[3:6], truncate=True)
+    with cf.ThreadPoolExecutor(2) as pool:
+        [left, kept], report = engine.run([gone, stays], BatchingConfig(), forwards=pool)
+    assert isinstance(left.error, Cancelled) and left.vectors is None
+    assert kept.error is None and kept.vectors.shape == (3, 384) and report.inputs == 3
