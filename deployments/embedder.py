@@ -18,6 +18,7 @@ from ray.serve import metrics as ray_metrics
 from embserve.coalesce import Coalescer
 from embserve.engine import EmbedJob, EmbedResult, Engine, default_token_budget, forward_layout
 from embserve.errors import EmbservError
+from embserve.forwards import ForwardPool
 from embserve.model import EmbeddingModel, ModelInfo
 from embserve.settings import ModelSpec, Settings
 from embserve.stats import ReplicaReporter
@@ -43,17 +44,30 @@ class Embedder:
         self.settings = settings
         self.model = EmbeddingModel(spec, device=settings.device, dtype=settings.dtype,
                                     threads=settings.torch_threads)
-        budget = default_token_budget(self.model.device, settings.gpu_memory_fraction)
-        self.engine = Engine(self.model, budget, settings.group_cost_tokens)
         # The replica's threads, split among forwards that run at once from one queue (forward_layout).
         self.layout = forward_layout(self.model.device, torch.get_num_threads(), settings.forward_workers)
+        if self.layout.threads != torch.get_num_threads():
+            log.warning("%d torch threads do not split evenly into %d forward workers: running %d x %d",
+                        torch.get_num_threads(), self.layout.workers, self.layout.workers,
+                        self.layout.threads_per_forward)
+        # Forwards that run at once share the card: each gets its share of the memory budget.
+        budget = default_token_budget(self.model.device, settings.gpu_memory_fraction,
+                                      forwards_at_once=self.layout.workers)
+        self.engine = Engine(self.model, budget, settings.group_cost_tokens)
         torch.set_num_threads(self.layout.threads_per_forward)
-        threads = {"initializer": torch.set_num_threads, "initargs": (self.layout.threads_per_forward,)}
+        self._threads_seen: set[int] = set()  # torch threads per forward, as each forward worker sees them
+
+        def set_threads(n: int) -> None:
+            torch.set_num_threads(n)
+            self._threads_seen.add(torch.get_num_threads())
+
+        threads = {"initializer": set_threads, "initargs": (self.layout.threads_per_forward,)}
         # Runs (tokenize, plan, hand results back) go on one thread each; with several forward workers,
-        # every run's forwards go to their shared pool, so that a lone run with many groups uses them all.
+        # every run's groups go to their shared pool, so that a lone run with many groups uses them all.
         self._worker = ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="embed", **threads)
-        self._forwards = (ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="forward", **threads)
-                          if self.layout.workers > 1 else None)
+        self._forwards = ForwardPool(self.layout.workers, **threads) if self.layout.workers > 1 else None
+        if self._forwards is None:
+            self._worker.submit(lambda: None).result()  # start its thread now: it runs the forwards
         self.batching = settings.batching()
         self._coalescer = Coalescer(self._run, size=lambda job: job.weight,
                                     max_size=lambda: self.batching.effective_max_batch_size,
@@ -94,21 +108,22 @@ class Embedder:
     def info(self) -> ModelInfo:
         return self.model.info
 
-    async def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """This replica's process, live batching settings (what reconfigure last applied) and thread layout;
-        `threads_per_forward` is read on a forward worker, where the forwards run."""
-        per_forward = await asyncio.get_running_loop().run_in_executor(self._forwards or self._worker,
-                                                                        torch.get_num_threads)
+        `threads_per_forward` lists what the forward threads read back after setting it."""
         return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
                 "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
                 "effective_max_batch_size": self.batching.effective_max_batch_size, "calls": self._calls,
                 "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
-                "threads_per_forward": per_forward}
+                "threads_per_forward": sorted(self._threads_seen)}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward."""
-        await asyncio.get_running_loop().run_in_executor(self._forwards or self._worker, self.model.forward, [[0]])
+        if self._forwards is None:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self.model.forward, [[0]])
+        else:  # ahead of every queued group: it waits for one forward at most, not for the queue
+            await asyncio.wrap_future(self._forwards.submit(self.model.forward, [[0]], rank=-1))
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         self._calls += 1

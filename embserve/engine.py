@@ -8,13 +8,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from embserve.batching import plan_batches, plan_stats
 from embserve.errors import Cancelled, EmbservError, Unavailable
+from embserve.forwards import ForwardPool
 from embserve.model import EmbeddingModel
 from embserve.settings import BatchingConfig
 from embserve.tokenize import Tokenizer
@@ -101,12 +101,12 @@ class Engine:
 
     def run(self, jobs: list[EmbedJob], cfg: BatchingConfig, now: float | None = None,
             on_done: Callable[[int, EmbedResult], None] | None = None,
-            forwards: Executor | None = None) -> tuple[list[EmbedResult], BatchReport]:
+            forwards: ForwardPool | None = None) -> tuple[list[EmbedResult], BatchReport]:
         """Every job's result, in order, and what the run did. `on_done(index, result)` hears of each job
         as soon as its last input is computed: with length grouping, groups run shortest first, so a short
         query in a run with long documents is answered after its own forward, not after the whole run.
         The forwards run on this thread, or on `forwards` (a replica's forward workers, which other runs
-        share) when given."""
+        share) when given; never call it from one of that pool's own workers, which would wait on itself."""
         started = time.time() if now is None else now
         report = BatchReport(requests=len(jobs))
         results = [EmbedResult(vectors=None, queue_s=max(0.0, started - j.enqueued_at) if j.enqueued_at else 0.0)
@@ -153,12 +153,13 @@ class Engine:
                 log.exception("forward of %d inputs failed", len(group))
                 return group, None, exc
 
-        # With a pool, every group is queued at once, shortest first, and free forward workers share them
-        # (a lone run with many groups gets every worker); the outcomes are taken in plan order.
+        # With a pool, every group is queued at once, ranked by its place in the plan: free forward workers
+        # share a lone run's groups, and the first groups of a run that comes later go ahead of this run's
+        # later ones. The outcomes are taken in plan order.
         if forwards is None:
             outcomes: Iterator[tuple[list[int], np.ndarray | None, Exception | None]] = map(compute, plan)
         else:
-            pending = [forwards.submit(compute, planned) for planned in plan]
+            pending = [forwards.submit(compute, planned, rank=k) for k, planned in enumerate(plan)]
             outcomes = (f.result() for f in pending)
         done = []
         for planned, (group, out, exc) in zip(plan, outcomes):
@@ -217,8 +218,9 @@ class Engine:
 
 
 def default_token_budget(device: str, memory_fraction: float = 0.8, hidden_size: int = 384,
-                         layers: int = 6) -> int:
-    """A forward's token budget: fixed on CPU (cache-friendly), sized from free memory on a GPU."""
+                         layers: int = 6, forwards_at_once: int = 1) -> int:
+    """A forward's token budget: fixed on CPU (cache-friendly), sized from free memory on a GPU, where
+    `forwards_at_once` forwards share it."""
     if device != "cuda":
         return 8192
     import torch
@@ -227,5 +229,5 @@ def default_token_budget(device: str, memory_fraction: float = 0.8, hidden_size:
     # Activations per token per layer, with attention and the MLP's 4x expansion, in 2-byte floats,
     # doubled for allocator slack; the weights are already resident and counted in `free`.
     bytes_per_token = hidden_size * 2 * 16 * max(layers, 1) // 4
-    usable = int(free * memory_fraction) - (torch.cuda.memory_reserved() or 0) // 10
+    usable = (int(free * memory_fraction) - (torch.cuda.memory_reserved() or 0) // 10) // max(1, forwards_at_once)
     return int(max(2048, min(usable // max(bytes_per_token, 1), 1 << 20)))

@@ -72,7 +72,7 @@ def test_user_config_retunes_running_replicas_without_restart(config, client):
 
 
 def test_64_concurrent_mixed_truncate_requests_all_get_right_vectors(config, client, reference):
-    """Truncation on and off, long and short, at once: the tokenizer is never shared across threads."""
+    """Truncation on and off, long and short, at once: the tokenizer's arguments never change between calls."""
     short = mixed_texts(32, seed=5)
     long = ["word " * 300 + text for text in short[:16]]
     jobs = [(text, None) for text in short] + [(text, True) for text in long] + [(text, True) for text in short[:16]]

@@ -11,6 +11,7 @@ import pytest
 from embserve.batching import plan_batches, plan_stats
 from embserve.engine import EmbedJob, Engine, ForwardLayout, default_token_budget, forward_layout
 from embserve.errors import Cancelled, InputTooLong, InvalidRequest, Unavailable
+from embserve.forwards import ForwardPool
 from embserve.settings import BatchingConfig
 from embserve.tokenize import Tokenizer
 from tests.texts import mixed_texts
@@ -339,9 +340,9 @@ def test_a_runs_groups_share_the_forward_workers_and_come_back_in_plan_order(eng
 
     monkeypatch.setattr(engine.model, "forward", forward)
     handed = []
-    with cf.ThreadPoolExecutor(2, thread_name_prefix="forward") as pool:
-        results, report = engine.run(jobs(), BatchingConfig(), forwards=pool,
-                                     on_done=lambda j, result: handed.append(j))
+    pool = ForwardPool(2, name="forward")
+    results, report = engine.run(jobs(), BatchingConfig(), forwards=pool, on_done=lambda j, result: handed.append(j))
+    pool.shutdown()
     assert len(threads) == 2 and all(name.startswith("forward") for name in threads)
     assert report.forwards == alone_report.forwards >= 3 and report.padded_tokens == alone_report.padded_tokens
     assert handed[-1] == 3, "the longest text is in the last group"
@@ -354,7 +355,8 @@ def test_a_caller_that_left_is_skipped_by_the_forward_workers_too(engine, texts)
     gone = EmbedJob(texts=texts[:3], truncate=True)
     gone.cancelled = True
     stays = EmbedJob(texts=texts[3:6], truncate=True)
-    with cf.ThreadPoolExecutor(2) as pool:
-        [left, kept], report = engine.run([gone, stays], BatchingConfig(), forwards=pool)
+    pool = ForwardPool(2)
+    [left, kept], report = engine.run([gone, stays], BatchingConfig(), forwards=pool)
+    pool.shutdown()
     assert isinstance(left.error, Cancelled) and left.vectors is None
     assert kept.error is None and kept.vectors.shape == (3, 384) and report.inputs == 3
