@@ -89,7 +89,7 @@ def forward_layout(device: str, threads: int, workers: int | None = None) -> For
 
 class Engine:
     """Owns the model and its tokenizer. `run` may be called from several threads at once (a replica's
-    forward workers): the tokenizer is locked, and an inference-mode forward keeps no state."""
+    runs in flight): the tokenizer is locked, and an inference-mode forward keeps no state."""
 
     def __init__(self, model: EmbeddingModel, max_batch_tokens: int, group_cost_tokens: int | None = None) -> None:
         self.model = model
