@@ -47,27 +47,24 @@ class Embedder:
         # The replica's threads, split among forwards that run at once from one queue (forward_layout).
         self.layout = forward_layout(self.model.device, torch.get_num_threads(), settings.forward_workers)
         if self.layout.threads != torch.get_num_threads():
-            log.warning("%d torch threads do not split evenly into %d forward workers: running %d x %d",
-                        torch.get_num_threads(), self.layout.workers, self.layout.workers,
-                        self.layout.threads_per_forward)
+            log.warning("%d torch threads for %d forward workers: running %d x %d", torch.get_num_threads(),
+                        self.layout.workers, self.layout.workers, self.layout.threads_per_forward)
         # Forwards that run at once share the card: each gets its share of the memory budget.
         budget = default_token_budget(self.model.device, settings.gpu_memory_fraction,
                                       forwards_at_once=self.layout.workers)
         self.engine = Engine(self.model, budget, settings.group_cost_tokens)
-        torch.set_num_threads(self.layout.threads_per_forward)
         self._threads_seen: set[int] = set()  # torch threads per forward, as each forward worker sees them
 
         def set_threads(n: int) -> None:
             torch.set_num_threads(n)
             self._threads_seen.add(torch.get_num_threads())
 
-        threads = {"initializer": set_threads, "initargs": (self.layout.threads_per_forward,)}
-        # Runs (tokenize, plan, hand results back) go on one thread each; with several forward workers,
-        # every run's groups go to their shared pool, so that a lone run with many groups uses them all.
-        self._worker = ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="embed", **threads)
-        self._forwards = ForwardPool(self.layout.workers, **threads) if self.layout.workers > 1 else None
-        if self._forwards is None:
-            self._worker.submit(lambda: None).result()  # start its thread now: it runs the forwards
+        # Runs (tokenize, plan, hand results back) go on a thread each; every run's length groups go to the
+        # forward workers, which take the most urgent group first: a lone run with many groups uses them
+        # all, and a health check goes between two groups.
+        self._worker = ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="embed")
+        self._forwards = ForwardPool(self.layout.workers, initializer=set_threads,
+                                     initargs=(self.layout.threads_per_forward,))
         self.batching = settings.batching()
         self._coalescer = Coalescer(self._run, size=lambda job: job.weight,
                                     max_size=lambda: self.batching.effective_max_batch_size,
@@ -116,14 +113,12 @@ class Embedder:
                 "effective_wait_s": self.batching.effective_wait_s,
                 "effective_max_batch_size": self.batching.effective_max_batch_size, "calls": self._calls,
                 "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
-                "threads_per_forward": sorted(self._threads_seen)}
+                "threads_per_forward": sorted(self._threads_seen), "forwards_waiting": self._forwards.waiting}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward."""
-        if self._forwards is None:
-            await asyncio.get_running_loop().run_in_executor(self._worker, self.model.forward, [[0]])
-        else:  # ahead of every queued group: it waits for one forward at most, not for the queue
-            await asyncio.wrap_future(self._forwards.submit(self.model.forward, [[0]], rank=-1))
+        # Ahead of the queued groups: it waits for a forward worker to finish its group, not for the queue.
+        await asyncio.wrap_future(self._forwards.submit(self.model.forward, [[0]], rank=-1))
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         self._calls += 1

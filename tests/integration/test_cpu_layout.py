@@ -64,7 +64,10 @@ def test_a_query_goes_ahead_of_the_queued_groups_of_a_long_request(config, clien
 
     with cf.ThreadPoolExecutor(2) as pool:
         long_request = pool.submit(post, "long", long_docs)
-        time.sleep(0.5)  # its run has started and queued its groups
+        deadline = time.monotonic() + 30
+        while call_deployment("describe")["forwards_waiting"] < 4:  # its run has queued its groups
+            assert time.monotonic() < deadline, "the long request's groups never queued"
+            time.sleep(0.05)
         sent = time.perf_counter()
         query = pool.submit(post, "query", ["how do I parse a date string"])
         vectors = query.result()

@@ -4,6 +4,7 @@ with the request that caused them, and a report that says what the plan did."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 
 import numpy as np
 import pytest
@@ -360,3 +361,35 @@ def test_a_caller_that_left_is_skipped_by_the_forward_workers_too(engine, texts)
     pool.shutdown()
     assert isinstance(left.error, Cancelled) and left.vectors is None
     assert kept.error is None and kept.vectors.shape == (3, 384) and report.inputs == 3
+
+
+def test_a_later_runs_first_group_goes_ahead_of_an_earlier_runs_later_groups(engine, monkeypatch):
+    """One forward worker, held: run A queues three groups, then run B one; B's group comes second."""
+    import threading
+
+    real = engine.model.forward
+    longest = []
+    monkeypatch.setattr(engine.model, "forward", lambda seqs: longest.append(max(map(len, seqs))) or real(seqs))
+    pool = ForwardPool(1)
+    gate, held = threading.Event(), threading.Event()
+    pool.submit(lambda: held.set() or gate.wait(10))
+    held.wait(10)
+    words = " ".join(mixed_texts(60, seed=12)).split()
+    run_a = [EmbedJob(texts=["short one", " ".join(words[:60]), " ".join(words[:400])], truncate=True)]
+    run_b = [EmbedJob(texts=[" ".join(words[100:125])], truncate=True)]
+    with cf.ThreadPoolExecutor(2) as runs:
+        a = runs.submit(engine.run, run_a, BatchingConfig(), forwards=pool)
+        while pool.waiting < 3:
+            time.sleep(0.01)
+        b = runs.submit(engine.run, run_b, BatchingConfig(), forwards=pool)
+        while pool.waiting < 4:
+            time.sleep(0.01)
+        gate.set()
+        [result_b], _ = b.result(timeout=60)
+        results_a, report_a = a.result(timeout=60)
+    pool.shutdown()
+    assert report_a.forwards == 3
+    b_length = len(engine.tokenizer.finish(engine.tokenizer.content_ids(run_b[0].texts)[0], 0, True))
+    assert longest[1] == b_length, longest  # A's first group, then B's, then A's other two
+    assert longest[0] < longest[2] < longest[3]
+    assert result_b.error is None and all(r.error is None for r in results_a)

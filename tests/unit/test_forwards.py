@@ -78,3 +78,38 @@ def test_a_cancelled_call_is_skipped():
 def test_a_pool_needs_a_worker():
     with pytest.raises(ValueError):
         ForwardPool(0)
+
+
+def test_a_steady_stream_of_new_runs_does_not_starve_an_old_runs_last_group():
+    """Each call queues a new two-group run, for ever; the old run's group of rank 3 still gets its turn,
+    because new work ranks from the pool's clock, which runs on."""
+    pool = ForwardPool(1)
+    gate, started = threading.Event(), threading.Event()
+    blocker = pool.submit(lambda: started.set() or gate.wait(10))
+    started.wait(10)
+    order = []
+    old_last = pool.submit(order.append, "old run, group 3", rank=3)
+    stream_left = [40]
+
+    def new_run_group(name):
+        order.append(name)
+        if stream_left[0] > 0:
+            stream_left[0] -= 1
+            pool.submit(new_run_group, "new", rank=0)
+            pool.submit(new_run_group, "new", rank=1)
+
+    pool.submit(new_run_group, "new", rank=0)
+    gate.set()
+    blocker.result(timeout=10)
+    old_last.result(timeout=10)
+    assert order.index("old run, group 3") < 10, order[:12]
+    pool.shutdown()
+
+
+def test_a_worker_that_cannot_start_fails_the_pool_at_once():
+    def broken(_):
+        raise OSError("no threads for you")
+
+    with pytest.raises(RuntimeError, match="failed to start") as failure:
+        ForwardPool(2, initializer=broken, initargs=(1,))
+    assert isinstance(failure.value.__cause__, OSError)
