@@ -98,30 +98,35 @@ class OfflineModel:
 
     def engine_runs(self, texts: list[str], run_inputs: int, threads: int = 1) -> OfflineResult:
         """embserve's own Engine.run (default batching settings) over consecutive chunks of `run_inputs`
-        one-text jobs: what a replica's forward thread could do with the batches it gets under load,
-        with no serving around it. `batch_size` in the result is `run_inputs`."""
-        from embserve.engine import EmbedJob, Engine
+        one-text jobs, laid out as a replica with `threads` torch threads lays it out on a CPU: its forward
+        workers (forward_layout) share every run's length groups, and as many runs as workers are in
+        flight at once (the replica's coalescer). What the replica's engine could do with the runs it gets
+        under load, with no serving around it. `batch_size` in the result is `run_inputs`, `streams` the
+        forward workers, `threads` the torch threads of each."""
+        from embserve.engine import EmbedJob, Engine, forward_layout
+        from embserve.forwards import ForwardPool
         from embserve.settings import BatchingConfig
 
+        layout = forward_layout("cpu", threads)
         engine = Engine(self.model, MAX_BATCH_TOKENS)
         cfg = BatchingConfig()
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
+        runs = [[EmbedJob(texts=[t]) for t in texts[start : start + run_inputs]]
+                for start in range(0, len(texts), run_inputs)]
+        pool = ForwardPool(layout.workers, initializer=torch.set_num_threads, initargs=(layout.threads_per_forward,))
         try:
-            engine.run([EmbedJob(texts=[t]) for t in texts[:4]], cfg)
-            tokens = padded = 0
-            tokenize_s = 0.0
-            t0 = time.perf_counter()
-            for start in range(0, len(texts), run_inputs):
-                _, report = engine.run([EmbedJob(texts=[t]) for t in texts[start : start + run_inputs]], cfg)
-                tokens += report.tokens
-                padded += report.padded_tokens
-                tokenize_s += report.tokenize_s
-            seconds = time.perf_counter() - t0
+            with concurrent.futures.ThreadPoolExecutor(layout.workers) as runners:
+                engine.run([EmbedJob(texts=[t]) for t in texts[:4]], cfg, forwards=pool)  # warm every thread
+                t0 = time.perf_counter()
+                # Each runner takes the next run when its last one is done, as a replica's coalescer does.
+                outcomes = runners.map(lambda jobs: engine.run(jobs, cfg, forwards=pool), runs)
+                reports = [report for _, report in outcomes]
+                seconds = time.perf_counter() - t0
         finally:
-            torch.set_num_threads(previous)
-        return OfflineResult(texts=len(texts), tokens=tokens, padded_tokens=padded, seconds=seconds,
-                             tokenize_s=tokenize_s, batch_size=run_inputs, threads=threads)
+            pool.shutdown()
+        return OfflineResult(texts=len(texts), tokens=sum(r.tokens for r in reports),
+                             padded_tokens=sum(r.padded_tokens for r in reports), seconds=seconds,
+                             tokenize_s=sum(r.tokenize_s for r in reports), batch_size=run_inputs,
+                             threads=layout.threads_per_forward, streams=layout.workers)
 
     def best(self, texts: list[str], batch_sizes: tuple[int, ...] = (8, 32, 128),
              layouts: tuple[tuple[int, int], ...] = ((1, 1), (2, 1)),

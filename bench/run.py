@@ -67,7 +67,7 @@ QUICK = Mode("quick", (1, 32), 3.0, 1.0, (1,), 128, (32,), 1, extras=False, prof
 FULL = Mode("full", (1, 4, 16, 32, 64), 8.0, 2.0, (1, 2, 4, 8, 16, 32, 64, 128), 256, (8, 32, 128), 2,
             extras=True, profile_s=12)
 SWEEP_CONCURRENCY = 32
-ENGINE_RUN_INPUTS = 16
+ENGINE_RUN_INPUTS = 20  # a replica's runs at 32 clients: 20.45 inputs per run in the run of f9eca7c
 IN_FLIGHT = 32
 PACKINGS = (2, 4, 8, 32)  # texts per request, at IN_FLIGHT / n clients
 HEADLINE_CONCURRENCY = 32
@@ -214,12 +214,14 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
         docs, _ = model.best(corpus.documents[:48], (8, 32), ((best.threads, best.streams),))
         out["documents"] = docs.to_dict()
         print(f"  documents (truncated to 256 tokens): {docs.texts_per_s:.1f} texts/s", flush=True)
-    # The replica's forward thread under 32 clients gets runs of about 16 one-text jobs (half the clients
-    # wait while the other half's batch runs): the same texts through embserve's Engine in such runs.
+    # The replica under 32 clients gets runs of about 20 one-text jobs (the rest of the clients are in
+    # the other run in flight, or on their way): the same texts through embserve's Engine in such runs,
+    # on the replica's forward layout for these threads.
     engine = max((model.engine_runs(mixed[: mode.offline_texts], ENGINE_RUN_INPUTS, threads=mode.torch_threads or 1)
                   for _ in range(mode.offline_rounds)), key=lambda r: r.texts_per_s)
     out["engine_runs"] = engine.to_dict()
-    print(f"  embserve Engine, runs of {ENGINE_RUN_INPUTS} texts, {engine.threads} thread(s): {engine.texts_per_s:.1f} texts/s",
+    print(f"  embserve Engine, runs of {ENGINE_RUN_INPUTS} texts, {engine.streams} forward worker(s) x "
+          f"{engine.threads} thread(s): {engine.texts_per_s:.1f} texts/s",
           flush=True)
     floors = {t: model.single_latency_ms(corpus.queries[:40], t) for t in threads}
     out["single_forward"] = {str(t): v for t, v in floors.items()}
