@@ -115,7 +115,7 @@ class OfflineModel:
         pool = ForwardPool(layout.workers, initializer=torch.set_num_threads, initargs=(layout.threads_per_forward,))
         try:
             with concurrent.futures.ThreadPoolExecutor(layout.workers) as runners:
-                engine.run([EmbedJob(texts=[t]) for t in texts[:4]], cfg, forwards=pool)  # warm every thread
+                engine.run([EmbedJob(texts=[t]) for t in texts[:4]], cfg, forwards=pool)  # warms the forward workers
                 t0 = time.perf_counter()
                 # Each runner takes the next run when its last one is done, as a replica's coalescer does.
                 outcomes = runners.map(lambda jobs: engine.run(jobs, cfg, forwards=pool), runs)
