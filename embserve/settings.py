@@ -1,20 +1,27 @@
 """Settings: one pydantic model fed by EMB_PROVIDER_* variables, a .env file and serve_config.yaml args.
 
 Precedence, highest first: serve_config.yaml (`args` at start, the replica's `user_config` at any time),
-EMB_PROVIDER_* environment variables, the .env file, the defaults below.
+EMB_PROVIDER_* environment variables, the .env file, the defaults below. Each Settings remembers where
+every value came from (`source_of`) and which lower-precedence values it shadows (`shadowed`).
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 BUNDLED_MODEL = "bundled"
 BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
+ENV_PREFIX = "EMB_PROVIDER_"
+# What a CPU replica batches when nothing is set; a GPU replica sizes both from its card (embserve.hardware).
+CPU_MAX_BATCH_SIZE = 32
+CPU_MAX_BATCH_TOKENS = 8192
 
 Pooling = Literal["auto", "mean", "cls", "last"]
 
@@ -24,7 +31,7 @@ class BatchingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(32, ge=1, description="Most inputs (texts) one @serve.batch call holds.")
+    max_batch_size: int = Field(CPU_MAX_BATCH_SIZE, ge=1, description="Most inputs (texts) one @serve.batch call holds.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, le=10, description="How long a batch waits to fill after its first request. 0: none; "
         "what queues while the model is busy shares the next run anyway."
@@ -44,8 +51,8 @@ class BatchingConfig(BaseModel):
         0.2, ge=0, le=1, description="Lengths in one group differ by at most this fraction of the longest."
     )
     max_batch_tokens: int | None = Field(
-        None, ge=16, description="Token budget of one forward (inputs x longest length). None: sized "
-        "from the hardware at start."
+        None, ge=16, description="Token budget of one forward (inputs x longest length). None: the "
+        "engine's own, which the replica sizes from its hardware at start."
     )
     group_cost_tokens: int | None = Field(
         None, ge=0, description="What one more forward costs, in tokens, when length groups are "
@@ -110,13 +117,95 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
+_BATCHING = BatchingConfig.model_fields
+# Serve's user_config may name the wait as Ray does (seconds); the setting it overrides is in ms.
+USER_CONFIG_FIELD = {"batch_wait_timeout_s": "max_wait_time_ms"}
+
+
+def _closest(name: str, known: Any, show: Any = str) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {show(close[0])!r}?" if close else ""
+
+
+def _env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _prefixed(pairs: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """EMB_PROVIDER_* keys of `pairs` (any case) as {setting: (the key as written, its raw value)}."""
+    out = {}
+    for key, value in pairs.items():
+        if key.upper().startswith(ENV_PREFIX) and value is not None:
+            out[key[len(ENV_PREFIX):].lower().split("__")[0]] = (key, value)
+    return out
+
+
+def _read_dotenv(env_file: Any) -> dict[str, Any]:
+    """The keys of the .env file(s) pydantic-settings will read, as written there."""
+    from dotenv import dotenv_values
+
+    files = env_file if isinstance(env_file, (list, tuple)) else [env_file] if env_file else []
+    out: dict[str, Any] = {}
+    for path in files:
+        if os.path.isfile(path):
+            out.update(dotenv_values(path))
+    return out
+
+
+class UnknownSetting(ValueError):
+    """A key that names no setting: refused at start rather than silently ignored."""
+
+
 class Settings(BaseSettings):
-    """Everything the application needs, built once by the app builder and passed down."""
+    """Everything the application needs, built once by the app builder and passed down.
+
+    Other tools' keys in `.env` (HF_TOKEN, ...) are ignored; an unknown EMB_PROVIDER_* key, in the
+    environment or in `.env`, or an unknown key in `args`, is an error that names the closest setting.
+    """
 
     model_config = SettingsConfigDict(
-        env_prefix="EMB_PROVIDER_", env_file=".env", env_file_encoding="utf-8", extra="forbid",
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore",
         env_nested_delimiter="__",
     )
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    _shadowed: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def __init__(self, **values: Any) -> None:
+        env_file = values.get("_env_file", self.model_config.get("env_file"))
+        args = {k: v for k, v in values.items() if not k.startswith("_")}
+        env = _prefixed(dict(os.environ))
+        dotenv = _prefixed(_read_dotenv(env_file))
+        fields = type(self).model_fields
+        for name in args:
+            if name not in fields:
+                raise UnknownSetting(f"unknown setting {name!r} in serve_config.yaml args{_closest(name, fields)}")
+        for where, found in (("the environment", env), (".env", dotenv)):
+            for name, (key, _) in found.items():
+                if name not in fields:
+                    hint = _closest(name, fields, show=_env_name)
+                    raise UnknownSetting(f"unknown setting {key!r} in {where}{hint}")
+        super().__init__(**values)
+        for name in type(self).model_fields:
+            found = [("args", args[name])] if name in args else []
+            found += [(f"environment {env[name][0]}", env[name][1])] if name in env else []
+            found += [(f".env {dotenv[name][0]}", dotenv[name][1])] if name in dotenv else []
+            if found:
+                self._sources[name] = found[0][0]
+                if len(found) > 1:
+                    self._shadowed[name] = ", ".join(f"{where}={value!r}" for where, value in found[1:])
+
+    def source_of(self, name: str) -> str:
+        """Where the value of setting `name` came from: 'args', 'environment EMB_PROVIDER_X', '.env
+        EMB_PROVIDER_X' or 'default'."""
+        return self._sources.get(name, "default")
+
+    def shadowed(self) -> dict[str, str]:
+        """Settings whose value shadows a lower-precedence source, with what it shadows."""
+        return dict(self._shadowed)
+
+    def explicit(self, name: str) -> bool:
+        return name in self._sources
 
     # The model (a single-model app; `models` lists several).
     model: str = Field(BUNDLED_MODEL, description="Model folder, hub id or 'bundled'.")
@@ -141,15 +230,18 @@ class Settings(BaseSettings):
     gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="Peak share of the card the "
                                        "token budget is sized for.")
 
-    # Batching (the replica's user_config can change these at run time).
-    max_batch_size: int = Field(32, ge=1)
-    max_wait_time_ms: float = Field(0.0, ge=0, le=10_000)
-    min_batch_size: int = Field(1, ge=1)
-    enable_dynamic_batching: bool = True
-    enable_length_grouping: bool = True
-    length_group_tolerance: float = Field(0.2, ge=0, le=1)
-    max_batch_tokens: int | None = Field(None, ge=16)
-    group_cost_tokens: int | None = Field(None, ge=0)
+    # Batching (the replica's user_config can change these at run time). Defaults: BatchingConfig's.
+    max_batch_size: int | None = Field(
+        None, ge=1, description=f"None: {CPU_MAX_BATCH_SIZE} on a CPU; on a GPU by the card's size.")
+    max_wait_time_ms: float = Field(_BATCHING["batch_wait_timeout_s"].default * 1000.0, ge=0, le=10_000)
+    min_batch_size: int = Field(_BATCHING["min_batch_size"].default, ge=1)
+    enable_dynamic_batching: bool = _BATCHING["enable_dynamic_batching"].default
+    enable_length_grouping: bool = _BATCHING["enable_length_grouping"].default
+    length_group_tolerance: float = Field(_BATCHING["length_group_tolerance"].default, ge=0, le=1)
+    max_batch_tokens: int | None = Field(
+        None, ge=16, description=f"None: {CPU_MAX_BATCH_TOKENS} on a CPU; on a GPU from the card's memory "
+        "and the model's config.")
+    group_cost_tokens: int | None = Field(_BATCHING["group_cost_tokens"].default, ge=0)
 
     # Requests.
     truncate: bool = Field(False, description="Cut over-long inputs instead of answering 400.")
@@ -201,14 +293,15 @@ class Settings(BaseSettings):
         return [ModelSpec(name=self.model_name, source=self.model, aliases=self.model_aliases,
                           pooling=self.pooling, max_length=self.max_length, normalize=self.normalize)]
 
-    def batching(self) -> BatchingConfig:
+    def batching(self, max_batch_size: int | None = None, max_batch_tokens: int | None = None) -> BatchingConfig:
+        """The batching knobs, with the replica's own choices where the settings leave a size open."""
         return BatchingConfig(
-            max_batch_size=self.max_batch_size,
+            max_batch_size=self.max_batch_size or max_batch_size or CPU_MAX_BATCH_SIZE,
             batch_wait_timeout_s=self.max_wait_time_ms / 1000.0,
             min_batch_size=self.min_batch_size,
             enable_dynamic_batching=self.enable_dynamic_batching,
             enable_length_grouping=self.enable_length_grouping,
             length_group_tolerance=self.length_group_tolerance,
-            max_batch_tokens=self.max_batch_tokens,
+            max_batch_tokens=self.max_batch_tokens or max_batch_tokens,
             group_cost_tokens=self.group_cost_tokens,
         )

@@ -28,7 +28,8 @@ def test_defaults_serve_the_bundled_model_with_dynamic_batching():
     s = Settings()
     assert s.model == BUNDLED_MODEL
     assert s.model_name == BUNDLED_MODEL_NAME
-    assert s.max_batch_size == 32
+    assert s.max_batch_size is None  # decided by the replica from its hardware
+    assert s.batching().max_batch_size == 32 and s.batching(max_batch_size=256).max_batch_size == 256
     assert s.max_wait_time_ms == 0.0  # no timer: what queues during a forward shares the next run
     assert s.enable_dynamic_batching and s.enable_length_grouping
     assert s.truncate is False
@@ -56,7 +57,7 @@ def test_prefixed_env_vars_set_fields(monkeypatch):
 
 def test_unprefixed_env_vars_are_ignored(monkeypatch):
     monkeypatch.setenv("MAX_BATCH_SIZE", "64")
-    assert Settings().max_batch_size == 32
+    assert Settings().max_batch_size is None
 
 
 def test_invalid_env_value_is_rejected(monkeypatch):
@@ -95,8 +96,57 @@ def test_serve_config_style_args_validate_like_env(clean_env):
 
 
 def test_unknown_setting_is_refused():
-    with pytest.raises(ValidationError, match="max_batch_sise"):
+    with pytest.raises(ValueError, match="'max_batch_sise' in serve_config.yaml args; did you mean 'max_batch_size'"):
         Settings(max_batch_sise=3)
+    # The path Ray takes with serve_config.yaml's args: the same message, as a ValidationError.
+    with pytest.raises(ValidationError, match="did you mean 'max_batch_size'"):
+        Settings.model_validate({"max_batch_sise": 3})
+
+
+def test_dotenv_may_hold_other_tools_keys(clean_env):
+    (clean_env / ".env").write_text("HF_TOKEN=hf_secret\nOPENAI_API_KEY=sk-x\nEMB_PROVIDER_MIN_BATCH_SIZE=3\n")
+    s = Settings()
+    assert s.min_batch_size == 3
+    assert "hf_secret" not in repr(s) and "hf_token" not in s.model_dump()
+
+
+@pytest.mark.parametrize("where", ["env", "dotenv"])
+def test_an_unknown_emb_provider_key_names_the_closest_setting(clean_env, monkeypatch, where):
+    if where == "env":
+        monkeypatch.setenv("EMB_PROVIDER_MAX_BATCH", "64")
+        place = "the environment"
+    else:
+        (clean_env / ".env").write_text("EMB_PROVIDER_MAX_BATCH=64\n")
+        place = ".env"
+    with pytest.raises(ValueError, match=f"'EMB_PROVIDER_MAX_BATCH' in {place}; did you mean 'EMB_PROVIDER_MAX_BATCH_SIZE'"):
+        Settings()
+
+
+def test_an_unknown_key_with_nothing_close_still_names_the_key(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_ZZZ", "1")
+    with pytest.raises(ValueError, match=r"unknown setting 'EMB_PROVIDER_ZZZ' in the environment$"):
+        Settings()
+
+
+def test_each_value_knows_its_source_and_what_it_shadows(clean_env, monkeypatch):
+    (clean_env / ".env").write_text("EMB_PROVIDER_MAX_BATCH_SIZE=7\nEMB_PROVIDER_MIN_BATCH_SIZE=2\n")
+    monkeypatch.setenv("EMB_PROVIDER_MAX_BATCH_SIZE", "9")
+    monkeypatch.setenv("EMB_PROVIDER_TRUNCATE", "true")
+    s = Settings.model_validate({"max_batch_size": 11})
+    assert s.source_of("max_batch_size") == "args"
+    assert s.source_of("truncate") == "environment EMB_PROVIDER_TRUNCATE"
+    assert s.source_of("min_batch_size") == ".env EMB_PROVIDER_MIN_BATCH_SIZE"
+    assert s.source_of("max_length") == "default" and not s.explicit("max_length")
+    assert s.shadowed() == {"max_batch_size": "environment EMB_PROVIDER_MAX_BATCH_SIZE='9', "
+                                              ".env EMB_PROVIDER_MAX_BATCH_SIZE='7'"}
+
+
+def test_sources_travel_with_the_settings_to_the_replicas(monkeypatch):
+    import pickle
+
+    monkeypatch.setenv("EMB_PROVIDER_MAX_BATCH_SIZE", "9")
+    s = pickle.loads(pickle.dumps(Settings(min_batch_size=2)))
+    assert (s.source_of("max_batch_size"), s.source_of("min_batch_size")) == ("environment EMB_PROVIDER_MAX_BATCH_SIZE", "args")
 
 
 def test_api_keys_are_comma_separated_and_trimmed(monkeypatch):
