@@ -16,9 +16,11 @@ from ray import serve
 from ray.serve import metrics as ray_metrics
 
 from embserve.coalesce import Coalescer
-from embserve.engine import EmbedJob, EmbedResult, Engine, default_token_budget, forward_layout
+from embserve.engine import EmbedJob, EmbedResult, Engine, forward_layout
 from embserve.errors import EmbservError
 from embserve.forwards import ForwardPool
+from embserve.hardware import (Choice, choose_batch_sizes, choose_device, choose_threads, cpu_cores, gpu_limits,
+                               replica_profile)
 from embserve.model import EmbeddingModel, ModelInfo
 from embserve.settings import ModelSpec, Settings
 from embserve.stats import ReplicaReporter
@@ -42,17 +44,22 @@ def count_inputs(jobs: list[EmbedJob]) -> int:
 class Embedder:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.settings = settings
-        self.model = EmbeddingModel(spec, device=settings.device, dtype=settings.dtype,
-                                    threads=settings.torch_threads)
+        device = choose_device(settings, torch.cuda.is_available())
+        threads = choose_threads(settings, device.value, cpu_cores())
+        self.model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value)
         # The replica's threads, split among forwards that run at once from one queue (forward_layout).
         self.layout = forward_layout(self.model.device, torch.get_num_threads(), settings.forward_workers)
         if self.layout.threads != torch.get_num_threads():
             log.warning("%d torch threads for %d forward workers: running %d x %d", torch.get_num_threads(),
                         self.layout.workers, self.layout.workers, self.layout.threads_per_forward)
-        # Forwards that run at once share the card: each gets its share of the memory budget.
-        budget = default_token_budget(self.model.device, settings.gpu_memory_fraction,
-                                      forwards_at_once=self.layout.workers)
-        self.engine = Engine(self.model, budget, settings.group_cost_tokens)
+        # On a GPU the sizes come from the card and this model's config; forwards at once share the card.
+        gpu = gpu_limits(self.model, settings.gpu_memory_fraction, self.layout.workers) if device.value == "cuda" else None
+        batch_size, batch_tokens = choose_batch_sizes(settings, gpu)
+        self.batching = settings.batching(batch_size.value, batch_tokens.value)
+        self.engine = Engine(self.model, batch_tokens.value, settings.group_cost_tokens)
+        dtype = Choice(self.model.info.dtype, getattr(self.model, "dtype_reason", f"set: {settings.source_of('dtype')}"))
+        self.profile = replica_profile(settings, device=device, dtype=dtype, threads=threads, layout=self.layout,
+                                       batch_size=batch_size, batch_tokens=batch_tokens)
         self._threads_seen: set[int] = set()  # torch threads per forward, as each forward worker sees them
 
         def set_threads(n: int) -> None:
@@ -65,7 +72,6 @@ class Embedder:
         self._worker = ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="embed")
         self._forwards = ForwardPool(self.layout.workers, initializer=set_threads,
                                      initargs=(self.layout.threads_per_forward,))
-        self.batching = settings.batching()
         self._coalescer = Coalescer(self._run, size=lambda job: job.weight,
                                     max_size=lambda: self.batching.effective_max_batch_size,
                                     max_in_flight=lambda: self.layout.workers)
@@ -85,17 +91,20 @@ class Embedder:
             metric.set_default_tags({"model": spec.name})
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
                                       gauges=lambda: {"queue_size": self._ongoing})
-        log.info("embedder %s ready: device=%s dtype=%s forward_workers=%d threads_per_forward=%d "
-                 "max_length=%d token_budget=%d batching=%s", spec.name, self.model.device, self.model.info.dtype,
-                 self.layout.workers, self.layout.threads_per_forward, self.model.max_length, budget,
-                 self.batching.model_dump())
+        for name, what in settings.shadowed().items():
+            log.warning("setting %s=%r from %s shadows %s", name, getattr(settings, name), settings.source_of(name), what)
+        log.info("embedder %s ready (max_length=%d): %s", spec.name, self.model.max_length, self.profile.summary())
         serve_env.flush_warnings_at_once()  # the line above, and warnings from now on, reach the log at once
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this at start and whenever serve_config.yaml's user_config changes."""
         self.batching = self.batching.updated(user_config)
         self._apply_batching()
-        log.info("embedder re-tuned: %s", self.batching.model_dump())
+        live = self.batching.model_dump()
+        live["max_wait_time_ms"] = live.pop("batch_wait_timeout_s") * 1000.0
+        for warning in self.profile.retuned(self.settings, user_config or {}, live):
+            log.warning(warning)
+        log.info("embedder re-tuned by user_config: %s", self.profile.summary())
         serve_env.flush_warnings_at_once()
 
     def _apply_batching(self) -> None:
@@ -113,7 +122,8 @@ class Embedder:
                 "effective_wait_s": self.batching.effective_wait_s,
                 "effective_max_batch_size": self.batching.effective_max_batch_size, "calls": self._calls,
                 "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
-                "threads_per_forward": sorted(self._threads_seen), "forwards_waiting": self._forwards.waiting}
+                "threads_per_forward": sorted(self._threads_seen), "forwards_waiting": self._forwards.waiting,
+                "profile": self.profile.as_dict()}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward."""

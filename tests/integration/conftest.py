@@ -26,7 +26,21 @@ def app_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def deployment(config: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(d for d in app_config(config)["deployments"] if d["name"] == name)
+    """The config's entry for deployment `name`, added (empty) if the file does not name it, as a user
+    would add one to override the builder's defaults."""
+    entries = app_config(config).setdefault("deployments", [])
+    found = next((d for d in entries if d["name"] == name), None)
+    if found is None:
+        found = {"name": name}
+        entries.append(found)
+    return found
+
+
+def set_env(config: dict[str, Any], **env: str) -> None:
+    """EMB_PROVIDER_* variables for the app's builder and replicas, as a shell would export them before
+    `serve run`: the tests share one Ray, so they travel in the app's runtime_env."""
+    runtime_env = app_config(config).setdefault("runtime_env", {})
+    runtime_env.setdefault("env_vars", {}).update({f"EMB_PROVIDER_{k.upper()}": str(v) for k, v in env.items()})
 
 
 EMBEDDER = "Embedder-all-MiniLM-L6-v2"
@@ -35,7 +49,7 @@ EMBEDDER = "Embedder-all-MiniLM-L6-v2"
 def fixed_replicas(config: dict[str, Any], n: int, **embedder_options: Any) -> None:
     """A fixed number of embedder replicas instead of autoscaling, so tests know where requests go."""
     embedder = deployment(config, EMBEDDER)
-    embedder.pop("autoscaling_config", None)
+    embedder.pop("autoscaling_config", None)  # a CPU embedder's default is one replica, not autoscaled
     embedder.update(num_replicas=n, **embedder_options)
 
 

@@ -31,10 +31,6 @@ def app_of(config: dict[str, Any]) -> dict[str, Any]:
     return next(a for a in config["applications"] if a["name"] == APP)
 
 
-def deployment_of(config: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(d for d in app_of(config)["deployments"] if d["name"] == name)
-
-
 @pytest.fixture(scope="module")
 def serve_config() -> dict[str, Any]:
     return load("serve_config.yaml")
@@ -58,55 +54,68 @@ def test_serve_config_passes_ray_serve_schema(serve_config):
     assert [a.name for a in schema.applications] == [APP]
 
 
-def test_every_deployment_autoscales_and_none_pins_num_replicas(serve_config):
-    for name in (INGRESS, EMBEDDER):
-        d = deployment_of(serve_config, name)
-        assert "num_replicas" not in d, f"{name}: num_replicas cannot go with autoscaling_config"
-        scaling = d["autoscaling_config"]
-        assert 1 <= scaling["min_replicas"] < scaling["max_replicas"], name
-        assert scaling["upscale_delay_s"] < scaling["downscale_delay_s"], name
-
-
-def test_embedder_batches_can_fill_under_its_concurrency_limits(serve_config):
-    embedder = deployment_of(serve_config, EMBEDDER)
-    batch = embedder["user_config"]["max_batch_size"]
-    scaling = embedder["autoscaling_config"]
-    # A replica never holds more than max_ongoing_requests: below max_batch_size a batch could never fill.
-    assert embedder["max_ongoing_requests"] >= batch
-    # The autoscaler aims at one full batch of one-text requests, below the replica's hard limit.
-    assert scaling["target_ongoing_requests"] == batch
-    assert scaling["target_ongoing_requests"] < embedder["max_ongoing_requests"]
-    # A bounded queue: overload is a fast 503, not a growing wait.
-    assert embedder["max_queued_requests"] >= 1
-
-
-def test_ingress_scales_on_its_own_and_refuses_overload_with_retry_after(serve_config):
-    ingress = deployment_of(serve_config, INGRESS)
-    embedder = deployment_of(serve_config, EMBEDDER)
-    assert ingress["autoscaling_config"] != embedder["autoscaling_config"]
-    assert ingress["autoscaling_config"]["target_ongoing_requests"] <= ingress["max_ongoing_requests"]
-    assert ingress["max_queued_requests"] >= 1
-    assert ingress["backpressure_config"] == {"status_code": 503, "retry_after_s": 1}
-
-
-def test_gpus_come_only_from_the_num_gpus_setting(serve_config):
-    assert app_of(serve_config)["args"]["num_gpus"] == 0  # a laptop runs the file as it is
-    # ray_actor_options in the file would replace the dict the builder fills from num_gpus.
-    assert "ray_actor_options" not in deployment_of(serve_config, EMBEDDER)
-
-
-def test_builder_turns_num_gpus_into_a_gpu_per_replica_under_the_configured_names(serve_config):
+def built(settings: dict[str, Any]) -> dict[str, Any]:
+    """The deployments the builder makes from serve_config.yaml's args plus `settings`, by name."""
     from ray.serve._private.build_app import build_app as build_serve_app
 
     from deployments.app import build_app
     from embserve.settings import Settings
 
-    args = {**app_of(serve_config)["args"], "num_gpus": 1}
-    built = build_serve_app(build_app(Settings(**args)), name=APP)
-    options = {d.name: d.ray_actor_options for d in built.deployments}
-    assert set(options) == {d["name"] for d in app_of(serve_config)["deployments"]}
-    assert options[EMBEDDER]["num_gpus"] == 1
-    assert not options[INGRESS].get("num_gpus")
+    args = {**app_of(load("serve_config.yaml"))["args"], **settings}
+    return {d.name: d for d in build_serve_app(build_app(Settings(**args)), name=APP).deployments}
+
+
+@pytest.fixture(scope="module")
+def on_gpus() -> dict[str, Any]:
+    return built({"num_gpus": 1})
+
+
+def test_the_shipped_file_sets_nothing_the_environment_could_set(serve_config):
+    """Every setting it named would shadow EMB_PROVIDER_* and .env; deployments it named would break
+    when EMB_PROVIDER_MODEL_NAME renames the embedder."""
+    app = app_of(serve_config)
+    assert app["args"] == {} and "deployments" not in app and "runtime_env" not in app
+
+
+def test_gpu_embedders_and_the_ingress_autoscale_on_their_own(on_gpus):
+    for name in (INGRESS, EMBEDDER):
+        config = on_gpus[name]._deployment_config
+        scaling = config.autoscaling_config
+        assert 1 <= scaling.min_replicas < scaling.max_replicas, name
+        assert scaling.upscale_delay_s < scaling.downscale_delay_s, name
+    assert on_gpus[INGRESS]._deployment_config.autoscaling_config != on_gpus[EMBEDDER]._deployment_config.autoscaling_config
+
+
+def test_gpu_embedder_batches_can_fill_under_its_concurrency_limits(on_gpus):
+    config = on_gpus[EMBEDDER]._deployment_config
+    # A replica never holds more than max_ongoing_requests: below the largest batch a card can choose
+    # (256 on a 24 GB card or more), a batch could never fill.
+    assert config.max_ongoing_requests >= 256
+    assert config.autoscaling_config.target_ongoing_requests < config.max_ongoing_requests
+    assert config.max_queued_requests >= 1  # a bounded queue: overload is a fast 503
+
+
+def test_a_cpu_app_runs_one_embedder_per_model_and_they_fit_beside_the_ingress_on_two_cores():
+    one = built({})
+    two = built({"models": [{"name": "a"}, {"name": "b"}]})
+    assert one[EMBEDDER]._deployment_config.num_replicas == 1
+    assert one[EMBEDDER]._deployment_config.autoscaling_config is None
+    cpus = [d.ray_actor_options["num_cpus"] for d in two.values()]
+    assert sorted(cpus) == [0.25, 0.5, 0.5] and sum(cpus) <= 2
+    assert one[EMBEDDER]._deployment_config.max_ongoing_requests >= 32
+
+
+def test_ingress_refuses_overload_with_retry_after(on_gpus):
+    config = on_gpus[INGRESS]._deployment_config
+    assert config.autoscaling_config.target_ongoing_requests <= config.max_ongoing_requests
+    assert config.max_queued_requests >= 1
+    assert config.backpressure_config.model_dump() == {"status_code": 503, "retry_after_s": 1}
+
+
+def test_builder_turns_num_gpus_into_a_gpu_per_replica(on_gpus):
+    assert set(on_gpus) == {INGRESS, EMBEDDER}
+    assert on_gpus[EMBEDDER].ray_actor_options["num_gpus"] == 1
+    assert not on_gpus[INGRESS].ray_actor_options.get("num_gpus")
 
 
 # --- cluster.yaml --------------------------------------------------------------------------------------
@@ -126,11 +135,11 @@ def test_cluster_head_takes_no_replicas(cluster):
     assert any("--num-cpus=0" in cmd for cmd in cluster["head_start_ray_commands"])
 
 
-def test_cluster_gpu_workers_scale_from_zero_up_to_the_embedders_max(cluster, serve_config):
+def test_cluster_gpu_workers_scale_from_zero_up_to_the_embedders_max(cluster, on_gpus):
     workers = {k: v for k, v in cluster["available_node_types"].items() if k != cluster["head_node_type"]}
     gpu = [v for v in workers.values() if v["resources"].get("GPU", 0) >= 1]
     assert len(gpu) == 1
-    max_replicas = deployment_of(serve_config, EMBEDDER)["autoscaling_config"]["max_replicas"]
+    max_replicas = on_gpus[EMBEDDER]._deployment_config.autoscaling_config.max_replicas
     assert gpu[0]["min_workers"] == 0
     assert gpu[0]["max_workers"] == cluster["max_workers"] == max_replicas
 
@@ -156,12 +165,12 @@ def test_rayservice_is_a_kuberay_v1_rayservice_with_in_tree_autoscaling(rayservi
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
-def test_rayservice_gpu_group_scales_from_zero_with_one_gpu_per_pod(rayservice, serve_config):
+def test_rayservice_gpu_group_scales_from_zero_with_one_gpu_per_pod(rayservice, on_gpus):
     (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     (container,) = group["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert group["minReplicas"] == 0
-    max_replicas = deployment_of(serve_config, EMBEDDER)["autoscaling_config"]["max_replicas"]
+    max_replicas = on_gpus[EMBEDDER]._deployment_config.autoscaling_config.max_replicas
     assert group["maxReplicas"] == max_replicas
 
 

@@ -1,0 +1,134 @@
+"""A replica's hardware profile: device, threads and batch sizes, decided at start from what the replica
+sees, each value with where it came from. An explicit setting always wins over what is seen."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from embserve.settings import CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, USER_CONFIG_FIELD, Settings
+
+if TYPE_CHECKING:
+    from embserve.engine import ForwardLayout
+    from embserve.model import EmbeddingModel
+
+BATCHING_KNOBS = ("max_wait_time_ms", "min_batch_size", "enable_dynamic_batching", "enable_length_grouping",
+                  "length_group_tolerance")
+
+
+@dataclass(frozen=True)
+class Choice:
+    value: Any
+    source: str
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS has no affinity call
+        return os.cpu_count() or 1
+
+
+def _given(settings: Settings, name: str) -> str:
+    return f"set: {settings.source_of(name)}"
+
+
+def source(settings: Settings, name: str, otherwise: str) -> str:
+    """Where a setting's value came from, or `otherwise` when it is the default."""
+    return _given(settings, name) if settings.explicit(name) else otherwise
+
+
+def choose_device(settings: Settings, cuda_available: bool) -> Choice:
+    if settings.device == "auto":
+        return Choice("cuda", "auto: torch sees a GPU") if cuda_available else Choice("cpu", "auto: no GPU visible")
+    if settings.device == "cuda" and not cuda_available:
+        raise ValueError(f"device 'cuda' is set ({settings.source_of('device')}) but torch sees no GPU on this "
+                         "replica's node; set it to 'auto' or 'cpu', or give the replica a GPU (num_gpus)")
+    return Choice(settings.device, _given(settings, "device"))
+
+
+def choose_threads(settings: Settings, device: str, cores: int) -> Choice:
+    """Torch threads for the replica's forwards. On a CPU every core the replica can run on: the ingress
+    and Ray's processes need little, and an idle core is throughput lost (Ray's own default, one thread
+    per reserved CPU, left half of a 2-core laptop idle). On a GPU, what torch has (the card computes)."""
+    if settings.torch_threads is not None:
+        return Choice(settings.torch_threads, _given(settings, "torch_threads"))
+    if device == "cpu":
+        return Choice(cores, f"auto: {cores} cores visible to the replica")
+    return Choice(None, "auto: torch's default on a GPU")
+
+
+def choose_batch_sizes(settings: Settings, gpu: Any = None) -> tuple[Choice, Choice]:
+    """max_batch_size and max_batch_tokens: the settings where given, else the card's limits on a GPU
+    (`gpu`, an embserve.gpu_memory.GpuLimits), else the CPU defaults."""
+    out = []
+    for name, cpu_value in (("max_batch_size", CPU_MAX_BATCH_SIZE), ("max_batch_tokens", CPU_MAX_BATCH_TOKENS)):
+        if getattr(settings, name) is not None:
+            out.append(Choice(getattr(settings, name), _given(settings, name)))
+        elif gpu is not None:
+            out.append(Choice(getattr(gpu, name), f"auto: {gpu.reason}"))
+        else:
+            out.append(Choice(cpu_value, "auto: CPU default"))
+    return out[0], out[1]
+
+
+@dataclass
+class Profile:
+    """What a replica runs with; `as_dict` is what its start log and /v1/performance's `profile` show."""
+
+    choices: dict[str, Choice] = field(default_factory=dict)
+
+    def set(self, name: str, value: Any, source: str) -> None:
+        self.choices[name] = Choice(value, source)
+
+    def retuned(self, settings: Settings, user_config: dict[str, Any], live: dict[str, Any]) -> list[str]:
+        """Marks the knobs that Serve's user_config names as coming from it, and returns a warning for
+        each one that shadows a value set in the environment, .env or args."""
+        warnings = []
+        for key in user_config:
+            name = USER_CONFIG_FIELD.get(key, key)
+            if name in live:
+                self.set(name, live[name], "set: serve_config.yaml user_config")
+            if settings.explicit(name) and getattr(settings, name) != live.get(name):
+                warnings.append(f"user_config {key}={user_config[key]!r} shadows {name}={getattr(settings, name)!r} "
+                                f"from {settings.source_of(name)}")
+        return warnings
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: {"value": c.value, "source": c.source} for name, c in self.choices.items()}
+
+    def summary(self) -> str:
+        return ", ".join(f"{name}={c.value} ({c.source})" for name, c in self.choices.items())
+
+
+def replica_profile(settings: Settings, *, device: Choice, dtype: Choice, threads: Choice, layout: "ForwardLayout",
+                    batch_size: Choice, batch_tokens: Choice) -> Profile:
+    profile = Profile()
+    profile.set("device", device.value, device.source)
+    profile.set("dtype", dtype.value, dtype.source)
+    profile.set("torch_threads", layout.threads, threads.source)
+    profile.set("forward_workers", layout.workers, source(
+        settings, "forward_workers", "auto: one forward on a GPU" if device.value == "cuda" else
+        "auto: one single-thread forward per thread"))
+    profile.set("max_batch_size", batch_size.value, batch_size.source)
+    profile.set("max_batch_tokens", batch_tokens.value, batch_tokens.source)
+    for name in BATCHING_KNOBS:
+        profile.set(name, getattr(settings, name), source(settings, name, "default"))
+    return profile
+
+
+def gpu_limits(model: "EmbeddingModel", fraction: float, forwards_at_once: int) -> Any:
+    """This card's batch limits for this model (embserve.gpu_memory), from the card's total memory and the
+    model's own config; its weights are already resident, so their real size counts."""
+    import torch
+
+    from embserve.gpu_memory import ModelShape, gpu_batch_limits
+
+    net = model.model
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    dtype_bytes = torch.finfo(next(net.parameters()).dtype).bits // 8
+    total = torch.cuda.get_device_properties(0).total_memory
+    return gpu_batch_limits(total, ModelShape.from_config(net.config), dtype_bytes, fraction=fraction,
+                            forwards_at_once=forwards_at_once, max_length=model.max_length, weights=weights)

@@ -1,0 +1,62 @@
+"""The replica's hardware profile: what it picks from what it sees, and that an explicit setting wins."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from embserve.hardware import Profile, choose_batch_sizes, choose_device, choose_threads, cpu_cores
+from embserve.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.upper().startswith("EMB_PROVIDER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_auto_device_follows_what_torch_sees():
+    assert choose_device(Settings(), cuda_available=True).value == "cuda"
+    chosen = choose_device(Settings(), cuda_available=False)
+    assert (chosen.value, chosen.source) == ("cpu", "auto: no GPU visible")
+
+
+def test_asking_for_cuda_without_a_gpu_says_where_it_was_asked(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_DEVICE", "cuda")
+    with pytest.raises(ValueError, match=r"'cuda' is set \(environment EMB_PROVIDER_DEVICE\) but torch sees no GPU"):
+        choose_device(Settings(), cuda_available=False)
+    assert choose_device(Settings(device="cpu"), cuda_available=True).source == "set: args"
+
+
+def test_a_cpu_replica_takes_every_core_it_sees_unless_told():
+    assert choose_threads(Settings(), "cpu", cores=6).value == 6
+    assert "6 cores visible" in choose_threads(Settings(), "cpu", cores=6).source
+    assert choose_threads(Settings(torch_threads=3), "cpu", cores=6).value == 3
+    assert choose_threads(Settings(), "cuda", cores=6).value is None  # torch's own on a GPU
+    assert cpu_cores() == len(os.sched_getaffinity(0))
+
+
+def test_batch_sizes_come_from_the_card_on_a_gpu_and_settings_win():
+    card = SimpleNamespace(max_batch_size=256, max_batch_tokens=81920, reason="24 GB card")
+    size, tokens = choose_batch_sizes(Settings(), card)
+    assert (size.value, tokens.value) == (256, 81920) and size.source == "auto: 24 GB card"
+    size, tokens = choose_batch_sizes(Settings(max_batch_size=16), card)
+    assert (size.value, size.source, tokens.value) == (16, "set: args", 81920)
+    size, tokens = choose_batch_sizes(Settings())
+    assert (size.value, tokens.value) == (32, 8192) and tokens.source == "auto: CPU default"
+
+
+def test_user_config_marks_its_knobs_and_warns_where_it_shadows_the_environment(monkeypatch):
+    monkeypatch.setenv("EMB_PROVIDER_MAX_BATCH_SIZE", "64")
+    settings = Settings()
+    profile = Profile()
+    profile.set("max_batch_size", 64, "set: environment EMB_PROVIDER_MAX_BATCH_SIZE")
+    warnings = profile.retuned(settings, {"max_batch_size": 8, "batch_wait_timeout_s": 0.002},
+                               {"max_batch_size": 8, "max_wait_time_ms": 2.0})
+    assert warnings == ["user_config max_batch_size=8 shadows max_batch_size=64 from environment EMB_PROVIDER_MAX_BATCH_SIZE"]
+    shown = profile.as_dict()
+    assert shown["max_batch_size"] == {"value": 8, "source": "set: serve_config.yaml user_config"}
+    assert shown["max_wait_time_ms"]["value"] == 2.0
+    assert "max_batch_size=8 (set: serve_config.yaml user_config)" in profile.summary()
