@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
@@ -23,8 +23,13 @@ class MetricsActor:
         self.aggregate = Aggregate()
 
     def record(self, source_id: str, kind: str, model: str | None, events: list[Event],
-               gauges: dict[str, float] | None = None, memory: dict[str, Any] | None = None) -> None:
-        self.aggregate.record(source_id, kind, model, events, gauges, memory)
+               gauges: dict[str, float] | None = None, memory: dict[str, Any] | None = None, *,
+               profile: dict[str, Any] | None = None) -> None:
+        self.aggregate.record(source_id, kind, model, events, gauges, memory, profile=profile)
+
+    def ready(self) -> bool:
+        """A cheap call that answers once the actor is up."""
+        return True
 
     def snapshot(self) -> dict[str, Any]:
         return self.aggregate.snapshot()
@@ -47,29 +52,69 @@ def get_metrics_actor(app_name: str):
     ).remote()
 
 
+async def ensure_metrics_actor(app_name: str, timeout_s: float = 30.0) -> bool:
+    """Get or create the application's metrics actor and wait until it answers, so that it exists as soon
+    as the application is deployed. Replicas and the ingress await this in their (async) constructors.
+
+    Returns whether the actor answered; a failure is logged, never raised: serving does not wait on the
+    metrics actor, and the shippers look it up again on their next report.
+    """
+    try:
+        await asyncio.wait_for(get_metrics_actor(app_name).ready.remote(), timeout_s)
+        return True
+    except Exception as exc:  # the metrics actor must never stop a replica from starting
+        log.warning("metrics actor not up after %.0fs (%s: %s); replicas will retry when they report",
+                    timeout_s, type(exc).__name__, exc)
+        return False
+
+
 class MetricsShipper:
     """Sends a source's events to the actor every FLUSH_INTERVAL_S, never on a request's path.
 
     A failed send drops those events and looks the actor up again next time: serving never waits on,
     or fails with, the metrics actor.
+
+    `gauges` is a zero-argument callable returning the source's gauges, sent every report. `profile` (the
+    replica's hardware profile) is a dict or a zero-argument callable returning one; it goes with every
+    heartbeat (the memory report, every 4th tick), so that a restarted actor learns it again.
     """
 
-    def __init__(self, app_name: str, source: Accumulator, gauges: Any = None) -> None:
+    def __init__(self, app_name: str, source: Accumulator, gauges: Callable[[], dict[str, float]] | None = None,
+                 profile: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> None:
         self.app_name = app_name
         self.source = source
         self.gauges = gauges
+        self.profile = profile
         self._actor = None
         self._task: asyncio.Task | None = None
         self._ticks = 0
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+    def start(self) -> bool:
+        """Start reporting on the running event loop; returns whether it is running.
+
+        Call it from the replica's constructor: Serve runs constructors, sync or async, on the replica's
+        event loop. Where no loop is running it does nothing and returns False, and a later call from a
+        request starts it. Calling it again once started does nothing.
+        """
+        if self._task is not None and not self._task.done():
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._task = loop.create_task(self._loop())
+        return True
+
+    def _profile(self) -> dict[str, Any] | None:
+        return self.profile() if callable(self.profile) else self.profile
 
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # a failing gauge or profile callable must not end reporting for good
+                log.exception("metrics report failed; the next one goes on")
 
     async def flush(self) -> None:
         events = self.source.take()
@@ -77,13 +122,14 @@ class MetricsShipper:
         self._ticks += 1
         # Memory every few seconds, which is also a heartbeat so that idle sources stay listed.
         memory = process_memory() if self._ticks % 4 == 1 else None
+        profile = self._profile() if memory is not None else None
         if not events and memory is None and not gauges:
             return
         try:
             if self._actor is None:
                 self._actor = get_metrics_actor(self.app_name)
             await self._actor.record.remote(self.source.source_id, self.source.kind, self.source.model,
-                                            events, gauges, memory)
+                                            events, gauges, memory, profile=profile)
         except Exception as exc:  # the actor is down or restarting: drop these events, keep serving
             log.warning("metrics actor unreachable (%s); this report is dropped", type(exc).__name__)
             self._actor = None

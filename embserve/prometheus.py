@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from embserve.stats import Aggregate, Histogram
+from embserve.stats import Aggregate, Histogram, failed_requests
 
 
 def _histogram(name: str, doc: str, hist: Histogram, labels: dict[str, str] | None = None) -> HistogramMetricFamily:
@@ -55,6 +55,17 @@ class _AggregateCollector:
         padded = replicas.counters.get("padded_tokens", 0)
         eff.add_metric([], replicas.counters.get("tokens", 0) / padded if padded else 1.0)
         yield eff
+        rate = GaugeMetricFamily("embserve_error_rate", "Failed (status >= 400) / all embedding requests at the "
+                                 "ingress since reset; 0 with no requests.")
+        answered = sum(ingress.statuses.values())
+        rate.add_metric([], failed_requests(ingress.statuses) / answered if answered else 0.0)
+        yield rate
+        peak = self.aggregate.memory().get("gpu", {}).get("peak_fraction")
+        if peak is not None:  # only where replicas run on a GPU
+            gpu = GaugeMetricFamily("embserve_gpu_memory_peak_fraction",
+                                    "Highest GPU memory peak since reset as a fraction of the card, over replicas.")
+            gpu.add_metric([], peak)
+            yield gpu
         queue = GaugeMetricFamily("embserve_queue_size", "Requests waiting or running in embedding replicas.")
         queue.add_metric([], replicas.gauges.get("queue_size", 0))
         yield queue

@@ -14,6 +14,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INPUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -23,13 +25,21 @@ WINDOW_S = 60.0  # throughput window
 
 @dataclass
 class Histogram:
-    """Prometheus-style bucket counts plus the most recent samples for percentiles."""
+    """Prometheus-style bucket counts plus the most recent samples for percentiles.
+
+    A source keeps its last RECENT samples. A merged histogram keeps every source's samples, each weighted
+    by how many observations one of them stands for (its source's count / samples kept), so that its
+    percentiles are those of all the sources together, whichever order they were merged in.
+    """
 
     buckets: tuple[float, ...]
     counts: list[int] = field(default_factory=list)
     total: float = 0.0
     n: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=RECENT))
+    merged_values: list[np.ndarray] = field(default_factory=list)
+    merged_weights: list[np.ndarray] = field(default_factory=list)
+    merged_n: int = 0  # observations that came in by merge (the rest are this histogram's own)
 
     def __post_init__(self) -> None:
         if not self.counts:
@@ -41,18 +51,37 @@ class Histogram:
         self.n += 1
         self.recent.append(value)
 
+    def samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """The kept samples and how many observations each stands for."""
+        own = np.fromiter(self.recent, dtype=np.float64, count=len(self.recent))
+        weight = (self.n - self.merged_n) / len(own) if len(own) else 0.0
+        return (np.concatenate([own, *self.merged_values]),
+                np.concatenate([np.full(len(own), weight), *self.merged_weights]))
+
     def merge(self, other: "Histogram") -> None:
         self.counts = [a + b for a, b in zip(self.counts, other.counts)]
         self.total += other.total
         self.n += other.n
-        self.recent.extend(other.recent)
+        values, weights = other.samples()
+        self.merged_values.append(values)
+        self.merged_weights.append(weights)
+        self.merged_n += other.n
 
     def percentiles(self, scale: float = 1.0) -> dict[str, float | None]:
-        data = sorted(self.recent)
+        values, weights = self.samples()
+        order = np.argsort(values, kind="stable")
+        values, cumulative = values[order], np.cumsum(weights[order])
+
         def pick(q: float) -> float | None:
-            return round(data[min(len(data) - 1, int(q * len(data)))] * scale, 4) if data else None
+            # The first sample whose cumulative weight passes q of the whole: with unit weights, the
+            # sample at index int(q * len).
+            i = min(len(values) - 1, int(np.searchsorted(cumulative, q * cumulative[-1], side="right")))
+            return round(float(values[i]) * scale, 4)
+
+        if not len(values):
+            return {"p50": None, "p95": None, "p99": None, "max": None, "mean": None, "count": self.n}
         return {"p50": pick(0.50), "p95": pick(0.95), "p99": pick(0.99),
-                "max": round(data[-1] * scale, 4) if data else None,
+                "max": round(float(values[-1]) * scale, 4),
                 "mean": round(self.total / self.n * scale, 4) if self.n else None, "count": self.n}
 
 
@@ -80,14 +109,21 @@ class Event:
 
 
 def process_memory() -> dict[str, Any]:
-    """GPU memory where torch sees a GPU, the process's resident memory otherwise."""
+    """GPU memory where torch sees a GPU, the process's resident memory otherwise.
+
+    On a GPU, `peak_allocated_bytes` is the peak since the previous call: the peak is reset after reading
+    it, so that each report carries its own interval's peak and the aggregate can keep the max since a reset.
+    """
     try:
         import torch
 
         if torch.cuda.is_available():
             total = torch.cuda.get_device_properties(0).total_memory
+            peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
             return {"kind": "gpu", "allocated_bytes": torch.cuda.memory_allocated(),
-                    "reserved_bytes": torch.cuda.memory_reserved(), "total_bytes": total}
+                    "reserved_bytes": torch.cuda.memory_reserved(), "total_bytes": total,
+                    "peak_allocated_bytes": peak}
     except ImportError:  # pragma: no cover - torch is a dependency; ingress processes may lack CUDA
         pass
     with open(f"/proc/{os.getpid()}/statm") as f:
@@ -136,6 +172,9 @@ class SourceState:
     window: deque = field(default_factory=deque)
     gauges: dict[str, float] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    peak_allocated_bytes: int = 0  # the highest GPU peak reported since the last reset
+    profile: dict[str, Any] | None = None
+    profile_seen: float = 0.0
     last_seen: float = 0.0
 
     def add_error(self, kind: str, n: int = 1) -> None:
@@ -160,7 +199,7 @@ class SourceState:
             self.histograms["forward_s"].observe(report.forward_s)
             self.histograms["batch_inputs"].observe(report.inputs)
             self.histograms["batch_tokens"].observe(report.padded_tokens)
-            self.window.append((event.at, report.inputs, report.tokens))
+            self.window.append((event.at, report.requests, report.inputs, report.tokens))
         elif event.kind == "request":
             status, seconds, error_kind = event.data
             self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
@@ -172,9 +211,21 @@ class SourceState:
         while self.window and self.window[0][0] < now - WINDOW_S:
             self.window.popleft()
 
+    def set_memory(self, memory: dict[str, Any]) -> None:
+        self.memory = memory
+        self.peak_allocated_bytes = max(self.peak_allocated_bytes, memory.get("peak_allocated_bytes", 0))
+
+    def memory_view(self) -> dict[str, Any]:
+        """The latest memory report, with the GPU peak since the last reset in place of the report's own."""
+        if "peak_allocated_bytes" not in self.memory:
+            return dict(self.memory)
+        total = self.memory.get("total_bytes")
+        return {**self.memory, "peak_allocated_bytes": self.peak_allocated_bytes,
+                "peak_fraction": round(self.peak_allocated_bytes / total, 4) if total else None}
+
 
 def _summary(counters: dict[str, int], errors: dict[str, int], hists: dict[str, Histogram],
-             window: list[tuple[float, int, int]], now: float) -> dict[str, Any]:
+             window: list[tuple[float, int, int, int]], now: float) -> dict[str, Any]:
     recent = [w for w in window if w[0] >= now - WINDOW_S]
     span = max(1.0, now - min(w[0] for w in recent)) if recent else WINDOW_S
     return {
@@ -182,8 +233,9 @@ def _summary(counters: dict[str, int], errors: dict[str, int], hists: dict[str, 
         "padding_efficiency": round(counters["tokens"] / counters["padded_tokens"], 4)
         if counters.get("padded_tokens") else None,
         "throughput": {"window_s": round(span, 1),
-                       "inputs_per_s": round(sum(w[1] for w in recent) / span, 2),
-                       "tokens_per_s": round(sum(w[2] for w in recent) / span, 2)},
+                       "requests_per_s": round(sum(w[1] for w in recent) / span, 2),
+                       "inputs_per_s": round(sum(w[2] for w in recent) / span, 2),
+                       "tokens_per_s": round(sum(w[3] for w in recent) / span, 2)},
         "latency_ms": {"request": hists["request_s"].percentiles(1000), "queue": hists["queue_s"].percentiles(1000),
                        "tokenize": hists["tokenize_s"].percentiles(1000), "forward": hists["forward_s"].percentiles(1000)},
         "batch_inputs": hists["batch_inputs"].percentiles(),
@@ -203,9 +255,10 @@ class Aggregate:
 
     def record(self, source_id: str, kind: str, model: str | None, events: list[Event],
                gauges: dict[str, float] | None = None, memory: dict[str, Any] | None = None,
-               now: float | None = None) -> None:
+               now: float | None = None, *, profile: dict[str, Any] | None = None) -> None:
         """Merge a source's report. Events observed before the last reset are dropped, so a reset is
-        exact even for reports that were on their way when it happened."""
+        exact even for reports that were on their way when it happened. `memory` and `profile` come with
+        each heartbeat and replace the previous ones."""
         now = time.time() if now is None else now
         state = self.sources.setdefault(source_id, SourceState(kind, model))
         for event in events:
@@ -216,12 +269,14 @@ class Aggregate:
         if gauges:
             state.gauges.update(gauges)
         if memory is not None:
-            state.memory = memory
+            state.set_memory(memory)
+        if profile is not None:
+            state.profile, state.profile_seen = profile, now
 
     def reset(self) -> None:
-        # Keep who is there (and their memory); zero what they counted.
+        # Keep who is there (their memory, gauges and profile); zero what they counted, GPU peaks included.
         self.sources = {sid: SourceState(s.kind, s.model, memory=s.memory, last_seen=s.last_seen,
-                                         gauges=dict(s.gauges))
+                                         gauges=dict(s.gauges), profile=s.profile, profile_seen=s.profile_seen)
                         for sid, s in self.sources.items()}
         self.reset_at = time.time()
 
@@ -252,9 +307,10 @@ class Aggregate:
         view["totals"]["errors"] = ingress.counters["errors"]
         view["since_reset_s"] = round(now - (self.reset_at or self.started_at), 3)
         view["http"] = {"requests_by_status": dict(ingress.statuses)}
+        view["error_rate"] = error_rate(ingress.statuses)
         view["queue_size"] = replicas.gauges.get("queue_size", 0)
-        memories = [s.memory for s in self.sources.values() if s.memory]
-        view["memory"] = _sum_memory(memories)
+        view["memory"] = self.memory()
+        view["profile"] = self.profiles()
         models = sorted({s.model for s in self.sources.values() if s.kind == "replica" and s.model})
         view["models"] = {}
         for m in models:
@@ -265,18 +321,45 @@ class Aggregate:
             if s.kind != "replica":
                 continue
             entry = _summary(s.counters, s.errors, s.histograms, list(s.window), now)
-            entry.update(id=sid, model=s.model, memory=s.memory, queue_size=s.gauges.get("queue_size", 0),
-                         last_seen_s_ago=round(now - s.last_seen, 3))
+            entry.update(id=sid, model=s.model, memory=s.memory_view(), queue_size=s.gauges.get("queue_size", 0),
+                         last_seen_s_ago=round(now - s.last_seen, 3), profile=s.profile)
             view["replicas"].append(entry)
         return view
 
+    def profiles(self) -> dict[str, dict[str, Any]]:
+        """Each model's hardware profile: that of the replica whose profile came in last."""
+        latest: dict[str, SourceState] = {}
+        for s in self.sources.values():
+            if s.kind == "replica" and s.model and s.profile is not None:
+                if s.model not in latest or s.profile_seen >= latest[s.model].profile_seen:
+                    latest[s.model] = s
+        return {m: s.profile for m, s in sorted(latest.items())}
+
+    def memory(self) -> dict[str, Any]:
+        """Every source's latest memory report, summed by kind ("gpu", "process")."""
+        return _sum_memory([s.memory_view() for s in self.sources.values() if s.memory])
+
+
+def failed_requests(statuses: dict[str, int]) -> int:
+    return sum(n for status, n in statuses.items() if int(status) >= 400)
+
+
+def error_rate(statuses: dict[str, int]) -> float:
+    """Failed (status >= 400) over all embedding requests the ingress answered; 0.0 when there were none."""
+    answered = sum(statuses.values())
+    return round(failed_requests(statuses) / answered, 4) if answered else 0.0
+
 
 def _sum_memory(memories: list[dict[str, Any]]) -> dict[str, Any]:
+    """Byte counts add up over sources; a peak fraction is the highest of them (it is per card)."""
     out: dict[str, Any] = {}
     for mem in memories:
         key = mem.get("kind", "process")
         bucket = out.setdefault(key, {})
         for k, v in mem.items():
-            if k != "kind":
+            if k == "peak_fraction":
+                if v is not None:
+                    bucket[k] = max(bucket.get(k, 0.0), v)
+            elif k != "kind":
                 bucket[k] = bucket.get(k, 0) + v
     return out

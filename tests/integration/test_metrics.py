@@ -1,5 +1,6 @@
 """Aggregated metrics through the real service: exact totals, per-replica sums, Prometheus, actor faults."""
 
+import asyncio
 import concurrent.futures as cf
 import time
 
@@ -7,7 +8,7 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.metrics import NAMESPACE, actor_name
+from deployments.metrics import NAMESPACE, actor_name, ensure_metrics_actor
 from tests.integration.conftest import APP, fixed_replicas
 from tests.texts import mixed_texts
 
@@ -82,6 +83,8 @@ def test_performance_reports_latency_stages_padding_and_memory(client):
         lat = perf["latency_ms"][stage]
         assert lat["count"] > 0 and lat["p50"] <= lat["p95"] <= lat["p99"]
     assert perf["throughput"]["inputs_per_s"] > 0
+    assert perf["throughput"]["requests_per_s"] > 0
+    assert perf["error_rate"] == 0.0
     assert perf["batch_inputs"]["count"] == perf["totals"]["batches"]
     assert perf["memory"]["process"]["rss_bytes"] > 50_000_000  # a replica holds a model
 
@@ -95,6 +98,25 @@ def test_errors_are_counted_by_kind(client):
     assert perf["totals"]["errors"] == 3
     assert perf["errors"] == {"ModelNotFound": 1, "InvalidRequest": 1, "InputTooLong": 1}
     assert perf["http"]["requests_by_status"] == {"404": 1, "400": 2}
+    assert perf["error_rate"] == 1.0
+
+
+def test_error_rate_is_failed_over_all_requests_in_performance_and_prometheus(client):
+    client.post("/v1/performance/reset")
+    good = [[t] for t in mixed_texts(7, seed=27)]
+    load(client, good)
+    bad = [{"model": "nope", "input": "x"}, {"model": MODEL, "input": ""}, {"model": MODEL, "input": []}]
+    for body in bad:
+        assert client.post("/v1/embeddings", json=body).status_code >= 400
+    answered = len(good) + len(bad)
+    perf = settle(client, lambda p: sum(p["http"]["requests_by_status"].values()) >= answered)
+    assert sum(perf["http"]["requests_by_status"].values()) == answered
+    assert perf["error_rate"] == round(len(bad) / answered, 4)
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    [rate] = [s.value for s in families["embserve_error_rate"].samples]
+    assert rate == pytest.approx(len(bad) / answered)
+    client.post("/v1/performance/reset")
+    assert client.get("/v1/performance").json()["error_rate"] == 0.0
 
 
 def test_prometheus_metrics_parse_and_agree_with_performance(client):
@@ -129,3 +151,21 @@ def test_serving_goes_on_while_the_metrics_actor_is_down_and_it_comes_back(clien
     load(client, [[t] for t in mixed_texts(6, seed=26)])
     perf = settle(client, lambda p: p["totals"]["inputs"] >= 6)
     assert perf["totals"]["inputs"] == 6
+
+
+def test_ensure_metrics_actor_creates_an_actor_that_answers_and_keeps_profiles():
+    # An application name of its own: this actor never meets the deployed app's figures.
+    app = "embserve-ensure-test"
+    assert asyncio.run(ensure_metrics_actor(app)) is True
+    actor = ray.get_actor(actor_name(app), namespace=NAMESPACE)
+    try:
+        assert asyncio.run(ensure_metrics_actor(app)) is True, "a second call finds the same actor"
+        profile = {"device": "cpu", "dtype": "float32", "forward_workers": 1, "sources": {"device": "auto"}}
+        ray.get(actor.record.remote("r1", "replica", MODEL, [], None, {"kind": "process", "rss_bytes": 1},
+                                    profile=profile))
+        ray.get(actor.reset.remote())
+        snap = ray.get(actor.snapshot.remote())
+        assert snap["profile"] == {MODEL: profile}
+        assert snap["replicas"][0]["profile"] == profile
+    finally:
+        ray.kill(actor, no_restart=True)

@@ -133,3 +133,26 @@ def test_reset_zeroes_the_rendered_counters(agg):
     assert _value(families["embserve_request_duration_seconds"], "embserve_request_duration_seconds_count") == 0
     # Replicas are still there after a reset.
     assert _value(families["embserve_replicas"], "embserve_replicas", model="mini") == 2
+
+
+def test_error_rate_gauge_is_failed_over_all_requests(agg):
+    fam = _families(agg)["embserve_error_rate"]
+    assert fam.type == "gauge"
+    assert _value(fam, "embserve_error_rate") == pytest.approx(1 / 3)
+
+
+def test_error_rate_gauge_is_zero_with_no_requests():
+    assert _value(_families(Aggregate())["embserve_error_rate"], "embserve_error_rate") == 0.0
+
+
+def test_gpu_peak_fraction_gauge_is_the_highest_replica_peak_since_reset(agg):
+    assert "embserve_gpu_memory_peak_fraction" not in _families(agg), "no GPU, no gauge"
+    t = max(time.time(), agg.reset_at) + 1
+    for sid, peak in (("r1", 250), ("r2", 600), ("r1", 100)):
+        agg.record(sid, "replica", "mini", [], memory={"kind": "gpu", "allocated_bytes": 10, "reserved_bytes": 10,
+                                                       "total_bytes": 1000, "peak_allocated_bytes": peak}, now=t)
+    fam = _families(agg)["embserve_gpu_memory_peak_fraction"]
+    assert fam.type == "gauge"
+    assert _value(fam, "embserve_gpu_memory_peak_fraction") == pytest.approx(0.6)
+    agg.reset()
+    assert _value(_families(agg)["embserve_gpu_memory_peak_fraction"], "embserve_gpu_memory_peak_fraction") == 0.0

@@ -81,8 +81,54 @@ def test_histogram_merge_adds_counts_sums_and_samples():
     a.merge(b)
     assert a.counts == [1, 2, 2]
     assert a.n == 5 and a.total == pytest.approx(10.5)
-    assert sorted(a.recent) == [0.5, 1.5, 1.5, 3.0, 4.0]
-    assert b.n == 3, "the merged-in histogram is left as it was"
+    values, weights = a.samples()
+    assert sorted(values) == [0.5, 1.5, 1.5, 3.0, 4.0]
+    assert list(weights) == [1.0] * 5, "every sample kept stands for one observation"
+    assert b.n == 3 and list(b.recent) == [1.5, 3.0, 4.0], "the merged-in histogram is left as it was"
+
+
+def _busy_and_idle() -> tuple[Histogram, Histogram]:
+    """A busy source saw 3 * RECENT fast requests (it keeps RECENT samples), an idle one RECENT slow ones."""
+    busy, idle = Histogram(SECONDS_BUCKETS), Histogram(SECONDS_BUCKETS)
+    for _ in range(3 * RECENT):
+        busy.observe(0.01)
+    for _ in range(RECENT):
+        idle.observe(1.0)
+    return busy, idle
+
+
+@pytest.mark.parametrize("order", ["busy_first", "idle_first"])
+def test_merged_percentiles_weigh_each_source_by_what_it_observed_in_any_order(order):
+    busy, idle = _busy_and_idle()
+    merged = Histogram(SECONDS_BUCKETS)
+    for h in ((busy, idle) if order == "busy_first" else (idle, busy)):
+        merged.merge(h)
+    # 75% of all observations took 10 ms, 25% took 1 s: the p50 is fast and the p95 slow, whichever merged
+    # last (a merge into a bounded deque kept only the last source's samples).
+    p = merged.percentiles()
+    assert (p["p50"], p["p95"], p["p99"], p["max"], p["count"]) == (0.01, 1.0, 1.0, 1.0, 4 * RECENT)
+    assert p["mean"] == pytest.approx(0.25 * 1.0 + 0.75 * 0.01, abs=1e-4)
+
+
+def test_percentiles_of_a_merge_of_merges_match_a_flat_merge():
+    busy, idle = _busy_and_idle()
+    flat, inner, outer = Histogram(SECONDS_BUCKETS), Histogram(SECONDS_BUCKETS), Histogram(SECONDS_BUCKETS)
+    flat.merge(busy)
+    flat.merge(idle)
+    inner.merge(busy)
+    outer.merge(inner)
+    outer.merge(idle)
+    assert outer.percentiles() == flat.percentiles()
+
+
+def test_merging_into_a_histogram_with_samples_of_its_own_keeps_their_weight():
+    own, other = Histogram(SECONDS_BUCKETS), Histogram(SECONDS_BUCKETS)
+    for _ in range(3):
+        own.observe(0.01)
+    other.observe(1.0)
+    own.merge(other)
+    p = own.percentiles()
+    assert (p["p50"], p["p99"], p["count"]) == (0.01, 1.0, 4)
 
 
 # Sources
@@ -227,14 +273,17 @@ def test_snapshot_has_every_documented_key(agg):
     for key in ("totals", "padding_efficiency", "throughput", "latency_ms", "batch_inputs", "batch_tokens",
                 "errors", "memory", "replicas", "models", "queue_size", "http", "since_reset_s"):
         assert key in snap
+    for key in ("error_rate", "profile"):
+        assert key in snap
     assert set(snap["totals"]) >= {"requests", "inputs", "tokens", "padded_tokens", "batches", "errors"}
     assert set(snap["latency_ms"]) == {"request", "queue", "tokenize", "forward"}
     for stage in snap["latency_ms"].values():
         assert {"p50", "p95", "p99"} <= set(stage)
     assert {"p50", "p95", "p99"} <= set(snap["batch_inputs"]) and {"p50", "p95", "p99"} <= set(snap["batch_tokens"])
-    assert set(snap["throughput"]) == {"window_s", "inputs_per_s", "tokens_per_s"}
+    assert set(snap["throughput"]) == {"window_s", "requests_per_s", "inputs_per_s", "tokens_per_s"}
+    assert snap["error_rate"] == 0.0 and snap["profile"] == {}
     [replica] = snap["replicas"]
-    assert {"id", "model", "memory", "queue_size", "last_seen_s_ago", "totals"} <= set(replica)
+    assert {"id", "model", "memory", "queue_size", "last_seen_s_ago", "totals", "profile"} <= set(replica)
     assert set(snap["models"]) == {"mini"}
 
 
@@ -247,12 +296,27 @@ def test_batch_histograms_count_inputs_and_padded_tokens(agg):
     assert snap["batch_tokens"]["max"] == 900 and snap["batch_tokens"]["p50"] == 900
 
 
-def test_throughput_is_inputs_and_tokens_over_the_window(agg):
+def test_throughput_is_requests_inputs_and_tokens_over_the_window(agg):
     t0 = _at(agg, 10)
-    agg.record("r1", "replica", "m", [Event(t0, "batch", _report(inputs=10, tokens=1000)),
-                                      Event(t0 + 5, "batch", _report(inputs=30, tokens=3000))], now=t0 + 5)
+    agg.record("r1", "replica", "m", [Event(t0, "batch", _report(requests=5, inputs=10, tokens=1000)),
+                                      Event(t0 + 5, "batch", _report(requests=15, inputs=30, tokens=3000))],
+               now=t0 + 5)
     snap = agg.snapshot(now=t0 + 10)
-    assert snap["throughput"] == {"window_s": 10.0, "inputs_per_s": 4.0, "tokens_per_s": 400.0}
+    assert snap["throughput"] == {"window_s": 10.0, "requests_per_s": 2.0, "inputs_per_s": 4.0,
+                                  "tokens_per_s": 400.0}
+    assert snap["models"]["m"]["throughput"]["requests_per_s"] == 2.0
+    assert snap["replicas"][0]["throughput"]["requests_per_s"] == 2.0
+
+
+def test_requests_per_s_adds_up_over_replicas_and_forgets_old_batches(agg):
+    t0 = _at(agg, 1)
+    agg.record("r1", "replica", "m", [Event(t0, "batch", _report(requests=50))], now=t0)
+    late = t0 + WINDOW_S + 20
+    agg.record("r1", "replica", "m", [Event(late, "batch", _report(requests=3))], now=late)
+    agg.record("r2", "replica", "m", [Event(late, "batch", _report(requests=5))], now=late)
+    snap = agg.snapshot(now=late + 2)
+    assert snap["throughput"]["requests_per_s"] == 4.0  # 8 requests over 2 s; the first 50 left the window
+    assert snap["totals"]["requests"] == 58
 
 
 def test_throughput_forgets_batches_older_than_the_window(agg):
@@ -291,3 +355,208 @@ def test_queue_sizes_and_memory_add_up_across_replicas(agg):
     by_id = {r["id"]: r for r in snap["replicas"]}
     assert by_id["r1"]["queue_size"] == 1 and by_id["r2"]["queue_size"] == 5
     assert by_id["r1"]["last_seen_s_ago"] == 1.0 and by_id["r2"]["last_seen_s_ago"] == 3.0
+
+
+# Error rate
+
+
+def test_error_rate_is_failed_over_all_requests_at_the_ingress(agg):
+    t = _at(agg, 1)
+    # A replica's own error counts do not enter the rate: the ingress answers every request once.
+    agg.record("r1", "replica", "mini", [Event(t, "batch", _report(errors={"InputTooLong": 1}))], now=t)
+    agg.record("i1", "ingress", None, [Event(t, "request", (200, 0.01, None)),
+                                       Event(t, "request", (200, 0.01, None)),
+                                       Event(t, "request", (400, 0.01, "InputTooLong")),
+                                       Event(t, "request", (503, 0.01, "Unavailable"))], now=t)
+    agg.record("i2", "ingress", None, [Event(t, "request", (200, 0.01, None)),
+                                       Event(t, "request", (404, 0.01, "ModelNotFound")),
+                                       Event(t, "request", (413, 0.01, None)),
+                                       Event(t, "request", (201, 0.01, None))], now=t)
+    assert agg.snapshot(now=t)["error_rate"] == 0.5  # 400, 503, 404, 413 of 8
+
+
+def test_error_rate_is_zero_with_no_requests_and_after_a_reset(agg):
+    assert agg.snapshot()["error_rate"] == 0.0
+    t = _at(agg, 1)
+    agg.record("i1", "ingress", None, [Event(t, "request", (500, 0.01, "Internal")),
+                                       Event(t, "request", (200, 0.01, None)),
+                                       Event(t, "request", (200, 0.01, None))], now=t)
+    assert agg.snapshot(now=t)["error_rate"] == round(1 / 3, 4)
+    agg.reset()
+    assert agg.snapshot()["error_rate"] == 0.0
+    t = _at(agg, 1)
+    agg.record("i1", "ingress", None, [Event(t, "request", (429, 0.01, "Overloaded"))], now=t)
+    assert agg.snapshot(now=t)["error_rate"] == 1.0
+
+
+# GPU memory peaks
+
+
+def _gpu(allocated: int, peak: int, total: int = 1000) -> dict:
+    return {"kind": "gpu", "allocated_bytes": allocated, "reserved_bytes": allocated, "total_bytes": total,
+            "peak_allocated_bytes": peak}
+
+
+def test_gpu_peak_is_the_highest_report_since_reset_per_replica(agg):
+    t = _at(agg, 1)
+    for peak in (300, 700, 200):  # each report carries the peak of its own interval
+        agg.record("r1", "replica", "m", [], memory=_gpu(100, peak), now=t)
+    agg.record("r2", "replica", "m", [], memory=_gpu(50, 100, total=2000), now=t)
+    snap = agg.snapshot(now=t)
+    by_id = {r["id"]: r["memory"] for r in snap["replicas"]}
+    assert by_id["r1"] == {**_gpu(100, 700), "peak_fraction": 0.7}
+    assert by_id["r2"] == {**_gpu(50, 100, total=2000), "peak_fraction": 0.05}
+    gpu = snap["memory"]["gpu"]
+    assert gpu["peak_fraction"] == 0.7, "the highest fraction of any replica's card"
+    assert gpu["peak_allocated_bytes"] == 800 and gpu["total_bytes"] == 3000 and gpu["allocated_bytes"] == 150
+
+
+def test_reset_zeroes_gpu_peaks_but_keeps_the_card(agg):
+    t = _at(agg, 1)
+    agg.record("r1", "replica", "m", [], memory=_gpu(100, 900), now=t)
+    agg.reset()
+    mem = agg.snapshot()["replicas"][0]["memory"]
+    assert (mem["peak_allocated_bytes"], mem["peak_fraction"], mem["total_bytes"]) == (0, 0.0, 1000)
+    agg.record("r1", "replica", "m", [], memory=_gpu(100, 400), now=_at(agg, 1))
+    assert agg.snapshot()["memory"]["gpu"]["peak_fraction"] == 0.4
+
+
+def test_without_a_gpu_memory_has_no_peak(agg):
+    t = _at(agg, 1)
+    agg.record("r1", "replica", "m", [], memory={"kind": "process", "rss_bytes": 10}, now=t)
+    snap = agg.snapshot(now=t)
+    assert snap["memory"] == {"process": {"rss_bytes": 10}}
+    assert snap["replicas"][0]["memory"] == {"kind": "process", "rss_bytes": 10}
+
+
+def test_process_memory_reports_a_peak_only_on_a_gpu():
+    mem = process_memory()
+    assert ("peak_allocated_bytes" in mem) == (mem["kind"] == "gpu")
+    if mem["kind"] == "gpu":
+        assert mem["peak_allocated_bytes"] >= mem["allocated_bytes"] - 1 and mem["total_bytes"] > 0
+
+
+# Hardware profiles
+
+
+def _profile(device: str = "cpu", workers: int = 1) -> dict:
+    return {"device": device, "dtype": "float32", "forward_workers": workers, "threads": 4,
+            "max_batch_size": 64, "max_batch_tokens": 8192,
+            "sources": {"device": "auto", "dtype": "default", "forward_workers": "setting"}}
+
+
+def test_snapshot_shows_each_replicas_profile_and_the_latest_per_model(agg):
+    t = _at(agg, 1)
+    agg.record("a1", "replica", "alpha", [], memory={"kind": "process", "rss_bytes": 1},
+               profile=_profile(workers=1), now=t)
+    agg.record("a2", "replica", "alpha", [], profile=_profile(workers=2), now=t + 1)
+    agg.record("b1", "replica", "beta", [], profile=_profile("cuda"), now=t)
+    agg.record("b2", "replica", "beta", [], now=t + 2)  # no profile yet
+    agg.record("i1", "ingress", None, [], now=t)
+    snap = agg.snapshot(now=t + 2)
+    assert snap["profile"] == {"alpha": _profile(workers=2), "beta": _profile("cuda")}
+    by_id = {r["id"]: r["profile"] for r in snap["replicas"]}
+    assert by_id == {"a1": _profile(workers=1), "a2": _profile(workers=2), "b1": _profile("cuda"), "b2": None}
+
+
+def test_a_heartbeat_without_a_profile_keeps_the_last_one_and_reset_keeps_profiles(agg):
+    t = _at(agg, 1)
+    agg.record("a1", "replica", "alpha", [], profile=_profile(), now=t)
+    agg.record("a1", "replica", "alpha", [Event(t, "batch", _report())], now=t + 1)
+    agg.reset()
+    snap = agg.snapshot()
+    assert snap["profile"] == {"alpha": _profile()}
+    assert snap["replicas"][0]["profile"] == _profile()
+    assert snap["totals"]["requests"] == 0
+
+
+# The shipper (no Ray: the actor is a stand-in)
+
+
+class _FakeActor:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+        self.fail = fail
+        self.record = self._method(self.calls)
+        self.ready = self._method([])
+
+    def _method(self, calls: list):
+        actor = self
+
+        class Method:
+            @staticmethod
+            async def remote(*args, **kwargs):
+                if actor.fail:
+                    raise ConnectionError("actor down")
+                calls.append((args, kwargs))
+                return True
+
+        return Method
+
+
+@pytest.fixture
+def fake_actor(monkeypatch) -> _FakeActor:
+    from deployments import metrics
+
+    actor = _FakeActor()
+    monkeypatch.setattr(metrics, "get_metrics_actor", lambda app_name: actor)
+    monkeypatch.setattr(metrics, "process_memory", lambda: {"kind": "process", "rss_bytes": 1})
+    return actor
+
+
+def test_shipper_start_without_a_running_loop_does_nothing():
+    from deployments.metrics import MetricsShipper
+
+    shipper = MetricsShipper("app", ReplicaReporter("m"))
+    assert shipper.start() is False and shipper._task is None
+
+
+def test_shipper_start_in_a_loop_starts_once():
+    import asyncio
+
+    from deployments.metrics import MetricsShipper
+
+    async def main():
+        shipper = MetricsShipper("app", ReplicaReporter("m"))
+        assert shipper.start() is True
+        task = shipper._task
+        assert shipper.start() is True and shipper._task is task
+        task.cancel()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("as_callable", [False, True])
+def test_shipper_sends_the_profile_with_every_heartbeat(fake_actor, as_callable):
+    import asyncio
+
+    from deployments.metrics import MetricsShipper
+
+    profile = _profile()
+    reporter = ReplicaReporter("m")
+    shipper = MetricsShipper("app", reporter, gauges=lambda: {"queue_size": 0},
+                             profile=(lambda: profile) if as_callable else profile)
+
+    async def main():
+        for _ in range(5):
+            reporter.record_batch(_report())
+            await shipper.flush()
+
+    asyncio.run(main())
+    sent = [(args[5], kwargs["profile"]) for args, kwargs in fake_actor.calls]
+    assert len(sent) == 5
+    # Ticks 1 and 5 are heartbeats: memory and profile go together, and only then.
+    assert [(mem is not None, prof) for mem, prof in sent] == [(True, profile), (False, None), (False, None),
+                                                              (False, None), (True, profile)]
+
+
+def test_ensure_metrics_actor_waits_for_an_answer_and_never_raises(monkeypatch):
+    import asyncio
+
+    from deployments import metrics
+
+    up, down = _FakeActor(), _FakeActor(fail=True)
+    monkeypatch.setattr(metrics, "get_metrics_actor", lambda app_name: up)
+    assert asyncio.run(metrics.ensure_metrics_actor("app")) is True
+    monkeypatch.setattr(metrics, "get_metrics_actor", lambda app_name: down)
+    assert asyncio.run(metrics.ensure_metrics_actor("app")) is False
