@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,7 +76,85 @@ def pick_device(device: str) -> str:
     return device
 
 
+# Flags (as /proc/cpuinfo names them) of x86 units that multiply bf16 natively. AVX-512 alone (Skylake,
+# Ice Lake) only emulates bf16 through float32 and is slower than float32 itself.
+_AMX_BF16 = {"amx_bf16", "amx_tile"}
+_AVX512_BF16 = "avx512_bf16"
+
+
+def cpu_bf16_choice(flags: set[str] | frozenset[str], torch_bf16_gemm: bool = True) -> tuple[bool, str]:
+    """Whether a CPU with these flags should run bf16, and why. `torch_bf16_gemm` is torch's own check
+    that its oneDNN bf16 matmul can run here (torch.ops.mkldnn._is_mkldnn_bf16_supported): without it a
+    bf16 matmul falls back to a slow reference kernel whatever the CPU has."""
+    if _AMX_BF16 <= flags:
+        unit = "amx_bf16"
+    elif _AVX512_BF16 in flags:
+        unit = _AVX512_BF16
+    else:
+        return False, "auto: CPU has no native bf16 matrix unit (no amx_bf16, no avx512_bf16), float32"
+    if not torch_bf16_gemm:
+        return False, f"auto: CPU has {unit} but torch's oneDNN bf16 matmul is unavailable, float32"
+    return True, f"auto: CPU has {unit}, bf16 autocast (float32 weights, pooling and normalization)"
+
+
+def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo; where that is missing (not Linux), torch's own
+    cpuinfo-based capability map, whose x86 names are the kernel's."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return frozenset(name for name, on in caps.items() if on is True)
+
+
+def torch_bf16_gemm_supported() -> bool:
+    """torch's check that its oneDNN bf16 matmul runs on this CPU (it only asks for AVX-512, so it is
+    necessary, not sufficient: the CPU's flags decide whether bf16 is native)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN or without the op
+        return False
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """What a model runs in: the dtype of its weights, whether bf16 autocast wraps its forwards, and why."""
+
+    weights: torch.dtype
+    autocast: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """The dtype the matrix products run in."""
+        return "bfloat16" if self.autocast else str(self.weights).removeprefix("torch.")
+
+
+def choose_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | None = None) -> DtypeChoice:
+    """The dtype setting resolved for a device. On a CPU, bf16 runs as autocast over float32 weights:
+    measured faster than bf16 weights here (bench/profile.md), as layer norms, softmax and GELU stay
+    float32. `cpu_flags`: the CPU's flags, read from /proc/cpuinfo when not given."""
+    if device != "cpu":
+        weights = pick_dtype(dtype, device)
+        return DtypeChoice(weights, False, "explicit setting" if dtype != "auto"
+                           else f"auto: {device}, {str(weights).removeprefix('torch.')} weights")
+    if dtype == "auto":
+        flags = read_cpu_flags() if cpu_flags is None else cpu_flags
+        use_bf16, reason = cpu_bf16_choice(flags, torch_bf16_gemm_supported())
+        return DtypeChoice(torch.float32, use_bf16, reason)
+    if dtype == "bfloat16":
+        return DtypeChoice(torch.float32, True, "explicit setting: bf16 autocast (float32 weights)")
+    return DtypeChoice(pick_dtype(dtype, device), False, "explicit setting")
+
+
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    """The weights' dtype. `auto` on a CPU is float32 weights; whether bf16 autocast runs over them is
+    `choose_dtype`'s call."""
     if dtype == "auto":
         if device == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -107,7 +186,10 @@ class EmbeddingModel:
 
         self.source = resolve_source(spec.source)
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        choice = choose_dtype(dtype, self.device)
+        self.dtype = choice.weights
+        self.autocast = choice.autocast  # bf16 autocast around each forward (CPU), over float32 weights
+        self.dtype_reason = choice.reason
         hints = read_sentence_transformer_hints(self.source)
         config = AutoConfig.from_pretrained(self.source)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source)
@@ -125,7 +207,7 @@ class EmbeddingModel:
         self.info = ModelInfo(
             name=spec.name, aliases=tuple(spec.aliases), dimensions=int(config.hidden_size),
             max_length=self.max_length, vocab_size=self.vocab_size, pooling=self.pooling,
-            device=self.device, dtype=str(self.dtype).removeprefix("torch."),
+            device=self.device, dtype=choice.name,
         )
 
     @torch.inference_mode()
@@ -138,8 +220,10 @@ class EmbeddingModel:
             ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
             mask[row, : len(seq)] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = pool(hidden, mask, self.pooling).float()
+        # Autocast is per thread, so it is entered here, on whichever forward worker runs this group.
+        with torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = pool(hidden.float(), mask, self.pooling)  # pooling and normalization in float32
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy()

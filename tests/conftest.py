@@ -22,7 +22,20 @@ from embserve.settings import ModelSpec  # noqa: E402
 
 @pytest.fixture(scope="session")
 def bundled_model() -> EmbeddingModel:
+    """As a replica loads it by default: dtype auto (bf16 autocast on a CPU with native bf16)."""
     return EmbeddingModel(ModelSpec(name="all-MiniLM-L6-v2"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def float32_model() -> EmbeddingModel:
+    """dtype float32 explicitly: the path that equals sentence-transformers within 1e-5."""
+    return EmbeddingModel(ModelSpec(name="all-MiniLM-L6-v2"), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def bf16_model() -> EmbeddingModel:
+    """dtype bfloat16 explicitly: bf16 autocast on any CPU, so its contract is tested on every machine."""
+    return EmbeddingModel(ModelSpec(name="all-MiniLM-L6-v2"), device="cpu", dtype="bfloat16")
 
 
 @pytest.fixture(scope="session")

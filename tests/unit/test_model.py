@@ -10,20 +10,33 @@ import torch
 
 from embserve.model import (
     EmbeddingModel,
+    choose_dtype,
+    cpu_bf16_choice,
     pick_device,
     pick_dtype,
     pool,
+    read_cpu_flags,
     read_sentence_transformer_hints,
     resolve_source,
+    torch_bf16_gemm_supported,
 )
 from embserve.settings import ModelSpec
+from embserve.tokenize import Tokenizer
+from tests.texts import mixed_texts
+
+# The bf16 contract (README "Precision"): every vector within this cosine of the float32 one, and a text's
+# vector moves by at most BF16_BATCH_ATOL (max abs, on unit vectors) with the batch it shares a forward with.
+BF16_MIN_COSINE = 0.9999
+BF16_BATCH_ATOL = 2e-3
 
 
 def test_bundled_model_is_described_by_its_own_config(bundled_model):
     info = bundled_model.info
     assert (info.dimensions, info.max_length, info.vocab_size) == (384, 256, 30522)
     assert info.pooling == "mean"
-    assert (info.device, info.dtype) == ("cpu", "float32")
+    native_bf16, _ = cpu_bf16_choice(read_cpu_flags(), torch_bf16_gemm_supported())
+    assert (info.device, info.dtype) == ("cpu", "bfloat16" if native_bf16 else "float32")
+    assert bundled_model.dtype_reason.startswith("auto: CPU has")
     assert bundled_model.pad_id == 0
 
 
@@ -106,11 +119,11 @@ def test_last_pooling_takes_the_last_real_token_under_right_padding():
     torch.testing.assert_close(pool(HIDDEN, MASK, "last"), torch.tensor([[3.0, 2.0], [2.0, 4.0]]))
 
 
-def test_padding_in_a_group_does_not_change_a_vector(bundled_model):
+def test_padding_in_a_group_does_not_change_a_vector(float32_model):
     short = [101, 7592, 102]
     long = [101, *range(2000, 2040), 102]
-    alone = bundled_model.forward([short])
-    padded = bundled_model.forward([long, short])
+    alone = float32_model.forward([short])
+    padded = float32_model.forward([long, short])
     assert padded.shape == (2, 384) and padded.dtype == np.float32
     np.testing.assert_allclose(padded[1], alone[0], atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(padded, axis=1), 1.0, atol=1e-5)
@@ -128,3 +141,143 @@ def test_torch_threads_sets_the_forward_threads_of_the_process():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+SAPPHIRE_RAPIDS = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                   "amx_bf16", "amx_tile", "amx_int8"}
+ZEN4 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+SKYLAKE_SP = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"}  # AVX-512 that only emulates bf16
+AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "use_bf16", "unit"),
+    [
+        (SAPPHIRE_RAPIDS, True, "amx_bf16"),
+        ({"amx_bf16", "amx_tile"}, True, "amx_bf16"),
+        (ZEN4, True, "avx512_bf16"),
+        (SKYLAKE_SP, False, "no native bf16"),
+        (AVX2_ONLY, False, "no native bf16"),
+        (set(), False, "no native bf16"),
+    ],
+    ids=["amx-intel", "amx-only", "zen4-avx512-bf16", "skylake-avx512", "avx2", "empty"],
+)
+def test_cpu_bf16_choice_follows_the_native_bf16_units(flags, use_bf16, unit):
+    choice, reason = cpu_bf16_choice(frozenset(flags))
+    assert choice is use_bf16
+    assert unit in reason
+    assert reason.endswith("bf16 autocast (float32 weights, pooling and normalization)" if use_bf16 else "float32")
+
+
+def test_native_bf16_is_not_chosen_when_torch_cannot_run_bf16_matmuls():
+    choice, reason = cpu_bf16_choice(frozenset(ZEN4), torch_bf16_gemm=False)
+    assert choice is False
+    assert "oneDNN" in reason
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo_format(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert read_cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512_bf16"}
+
+
+def test_without_proc_cpuinfo_the_flags_are_torchs_cpu_capabilities(tmp_path):
+    flags = read_cpu_flags(str(tmp_path / "missing"))
+    caps = torch.cpu.get_capabilities()
+    assert flags == {name for name, on in caps.items() if on is True}
+    # On x86 both sources name the bf16 units alike, so the decision is the same from either.
+    if caps.get("architecture") == "x86_64":
+        assert cpu_bf16_choice(flags)[0] == cpu_bf16_choice(read_cpu_flags())[0]
+
+
+def test_auto_dtype_on_a_cpu_is_bf16_autocast_only_with_a_native_unit():
+    fast = choose_dtype("auto", "cpu", cpu_flags=frozenset(ZEN4))
+    assert fast.weights == torch.float32
+    assert (fast.autocast, fast.name) == ((True, "bfloat16") if torch_bf16_gemm_supported() else (False, "float32"))
+    plain = choose_dtype("auto", "cpu", cpu_flags=frozenset(AVX2_ONLY))
+    assert (plain.weights, plain.autocast, plain.name) == (torch.float32, False, "float32")
+
+
+@pytest.mark.parametrize(("setting", "autocast", "name"),
+                         [("float32", False, "float32"), ("bfloat16", True, "bfloat16")])
+def test_explicit_dtype_on_a_cpu_wins_over_the_flags(setting, autocast, name):
+    for flags in (ZEN4, AVX2_ONLY):
+        choice = choose_dtype(setting, "cpu", cpu_flags=frozenset(flags))
+        assert (choice.weights, choice.autocast, choice.name) == (torch.float32, autocast, name)
+        assert choice.reason.startswith("explicit setting")
+
+
+def test_explicit_float32_runs_without_autocast(float32_model):
+    assert (float32_model.info.dtype, float32_model.autocast) == ("float32", False)
+    assert float32_model.dtype_reason == "explicit setting"
+
+
+def _ids(model: EmbeddingModel, texts: list[str]) -> list[list[int]]:
+    tok = Tokenizer(model.tokenizer, model.max_length, model.vocab_size)
+    return [tok.finish(c, i, truncate=True) for i, c in enumerate(tok.content_ids(texts))]
+
+
+@pytest.fixture(scope="module")
+def varied_texts() -> list[str]:
+    """Queries and passages, plus one past the model's 256 tokens (cut, as sentence-transformers cuts)."""
+    return [*mixed_texts(23, seed=5), " ".join(["parse the date string and return it"] * 60)]
+
+
+def _compositions(n: int) -> dict[str, list[list[int]]]:
+    """Ways to split n inputs into forwards: alone, all padded together, sorted-by-index chunks, a shuffle."""
+    rng = np.random.default_rng(3)
+    shuffled = [int(i) for i in rng.permutation(n)]
+    return {
+        "alone": [[i] for i in range(n)],
+        "one padded batch": [list(range(n))],
+        "groups of 8": [list(range(i, min(i + 8, n))) for i in range(0, n, 8)],
+        "shuffled groups of 5": [shuffled[i : i + 5] for i in range(0, n, 5)],
+    }
+
+
+def _embed(model: EmbeddingModel, ids: list[list[int]], groups: list[list[int]]) -> np.ndarray:
+    out = np.zeros((len(ids), model.info.dimensions), dtype=np.float32)
+    for group in groups:
+        out[group] = model.forward([ids[i] for i in group])
+    return out
+
+
+def test_explicit_float32_equals_sentence_transformers_within_1e_5(float32_model, reference, varied_texts):
+    ids = _ids(float32_model, varied_texts)
+    want = reference(varied_texts)
+    for name, groups in _compositions(len(ids)).items():
+        got = _embed(float32_model, ids, groups)
+        assert np.abs(got - want).max() <= 1e-5, name
+
+
+def test_bf16_vectors_stay_within_cosine_0_9999_of_float32(bf16_model, float32_model, varied_texts):
+    ids = _ids(float32_model, varied_texts)
+    want = _embed(float32_model, ids, [[i] for i in range(len(ids))])
+    for name, groups in _compositions(len(ids)).items():
+        got = _embed(bf16_model, ids, groups)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # normalized in float32
+        cosine = np.sum(got * want, axis=1)
+        assert cosine.min() >= BF16_MIN_COSINE, (name, float(cosine.min()))
+
+
+def test_bf16_vectors_barely_depend_on_the_batch_they_share(bf16_model, varied_texts):
+    ids = _ids(bf16_model, varied_texts)
+    runs = {name: _embed(bf16_model, ids, groups) for name, groups in _compositions(len(ids)).items()}
+    alone = runs.pop("alone")
+    for name, got in runs.items():
+        assert np.abs(got - alone).max() <= BF16_BATCH_ATOL, name
+        assert np.sum(got * alone, axis=1).min() >= BF16_MIN_COSINE, name
+
+
+def test_bf16_runs_on_the_forward_workers_threads_too(bf16_model, float32_model, varied_texts):
+    """Autocast is per thread: a forward on another thread (a replica's forward worker) must run bf16 too."""
+    import concurrent.futures
+
+    ids = _ids(bf16_model, varied_texts[:6])
+    here = bf16_model.forward(ids)
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        there = worker.submit(bf16_model.forward, ids).result()
+    assert np.abs(there - here).max() <= 1e-6
+    assert np.abs(there - float32_model.forward(ids)).max() > 1e-5, "the worker's forward ran in float32"
