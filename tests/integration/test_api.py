@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 
-from tests.integration.conftest import BASE
+from tests.integration.conftest import APP, BASE
 
 pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"
@@ -14,9 +14,17 @@ TEXTS = ["The cat sits on the mat.", "Ray Serve batches requests.",
          "A much longer passage about embedding servers, padding, batching and throughput. " * 4]
 
 
+def float32_replicas(config: dict) -> None:
+    """EMB_PROVIDER_DTYPE=float32, as README's Precision says to set it for vectors equal to
+    sentence-transformers' within 1e-5: these tests hold the served vectors to that (the default dtype may
+    be bf16 on this CPU, whose contract test_batching.py checks)."""
+    app_cfg = next(a for a in config["applications"] if a["name"] == APP)
+    app_cfg.setdefault("runtime_env", {}).setdefault("env_vars", {})["EMB_PROVIDER_DTYPE"] = "float32"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def app(serve_app):
-    return serve_app()
+    return serve_app(float32_replicas)
 
 
 @pytest.fixture(scope="module")
