@@ -90,7 +90,8 @@ class Embedder:
         for metric in (self._ray_inputs, self._ray_padded, self._ray_forward):
             metric.set_default_tags({"model": spec.name})
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
-                                      gauges=lambda: {"queue_size": self._ongoing})
+                                      gauges=lambda: {"queue_size": self._ongoing}, profile=self.profile.as_dict)
+        self.shipper.start()  # Serve runs constructors on the replica's loop
         for name, what in settings.shadowed().items():
             log.warning("setting %s=%r from %s shadows %s", name, getattr(settings, name), settings.source_of(name), what)
         log.info("embedder %s ready (max_length=%d): %s", spec.name, self.model.max_length, self.profile.summary())
@@ -145,7 +146,6 @@ class Embedder:
         # A request larger than a batch still fits one: it counts as a full batch.
         job.weight = max(1, min(len(job), self.batching.effective_max_batch_size))
         job.enqueued_at = time.time()
-        self.shipper.start()
         self._ongoing += 1
         try:
             [result] = await (await self._batch(job))

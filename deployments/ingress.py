@@ -31,7 +31,7 @@ from embserve.responses import embeddings_body, model_card
 from embserve.settings import Settings
 from embserve.stats import IngressReporter
 from deployments import serve_env
-from deployments.metrics import MetricsShipper, get_metrics_actor
+from deployments.metrics import MetricsShipper, ensure_metrics_actor, get_metrics_actor
 
 log = logging.getLogger("ray.serve")
 
@@ -249,7 +249,7 @@ class ModelRoute:
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, settings: Settings, *embedders: DeploymentHandle) -> None:
+    async def __init__(self, settings: Settings, *embedders: DeploymentHandle) -> None:
         self.settings = settings
         self.limits = Limits(settings.max_inputs_per_request, settings.max_input_chars)
         self.routes: dict[str, ModelRoute] = {}
@@ -266,7 +266,10 @@ class Ingress:
         self.app_name = serve.get_replica_context().app_name
         self.reporter = IngressReporter()
         app.state.reporter = self.reporter
+        # The metrics actor is up before the first request: its start-up does not land on the first traffic.
+        await ensure_metrics_actor(self.app_name)
         self.shipper = MetricsShipper(self.app_name, self.reporter)
+        self.shipper.start()
         serve_env.flush_warnings_at_once()
 
     def _route(self, model: str) -> ModelRoute:
@@ -278,7 +281,6 @@ class Ingress:
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)  # key: in _account
     async def embeddings(self, body: EmbeddingRequest) -> Response:
-        self.shipper.start()
         route = self._route(body.model)
         normalized = normalize_input(body, self.limits)
         info = await route.model_info()

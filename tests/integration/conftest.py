@@ -69,7 +69,8 @@ def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
         if status == "RUNNING":
             return
         if status == "DEPLOY_FAILED":
-            raise RuntimeError(f"deploy failed: {app.message}")
+            why = [f"{name}: {d.message}" for name, d in app.deployments.items() if d.message]
+            raise RuntimeError(f"deploy failed: {app.message} " + " ".join(why))
         time.sleep(0.5)
     raise TimeoutError(f"app not running after {timeout_s}s (status {status})")
 
