@@ -11,6 +11,11 @@ from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"
+# The replicas run the default dtype, bf16 autocast on a CPU with native bf16: its contract (README,
+# Precision; tests/unit/test_model.py) is cosine >= 0.9999 to float32 and a vector that moves by at most
+# 2e-3 (max abs) with its batch companions. float32 equality within 1e-5 is test_api.py's.
+MIN_COSINE = 0.9999
+BATCH_ATOL = 2e-3
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,7 @@ def test_64_concurrent_mixed_truncate_requests_all_get_right_vectors(config, cli
     assert len(results) == 64
     for (text, _), vec in results:
         want = want_short.get(text, want_long.get(text))
-        assert np.abs(vec - want).max() <= 1e-5
+        assert float(vec @ want) >= MIN_COSINE, text
 
 
 def test_vectors_do_not_depend_on_batch_companions(config, client):
@@ -102,7 +107,8 @@ def test_vectors_do_not_depend_on_batch_companions(config, client):
         futures += [pool.submit(embed, client, t) for t in noise[22:]]
         cf.wait(futures)
         in_batch = busy.result()[1]
-    assert np.abs(alone - in_batch).max() <= 1e-5
+    assert np.abs(alone - in_batch).max() <= BATCH_ATOL
+    assert float(alone @ in_batch) >= MIN_COSINE
 
 
 def test_32_concurrent_clients_fill_batches_with_little_padding(config, client):
