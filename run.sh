@@ -15,10 +15,9 @@ setup() {
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       $pip install -q "torch==2.13.0"            # PyPI's build carries CUDA
     else
-      # No GPU: the CPU build. A local wheel (find-links) first; else PyTorch's CPU index.
-      $pip install -q "torch==2.13.0+cpu" 2>/dev/null ||
-        $pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
-          --extra-index-url https://pypi.org/simple
+      # No GPU: the CPU build where pip's own configuration offers one (find-links, or an index the user
+      # set in PIP_EXTRA_INDEX_URL or pip.conf); else the plain wheel.
+      $pip install -q "torch==2.13.0+cpu" 2>/dev/null || $pip install -q "torch==2.13.0"
     fi
   fi
   $pip install -q -e ".[$extras]"

@@ -46,13 +46,14 @@ def performance(client, requests: int | None = None) -> dict:
 
 def test_user_config_retunes_running_replicas_without_restart(config, client):
     before = describe()
-    assert before["batching"]["max_batch_size"] == deployment(config, EMBEDDER)["user_config"]["max_batch_size"]
-    deployment(config, EMBEDDER)["user_config"].update(max_batch_size=4, enable_dynamic_batching=False)
+    assert before["batching"]["max_batch_size"] == 32  # the CPU default: the shipped file sets no user_config
+    deployment(config, EMBEDDER).setdefault("user_config", {}).update(max_batch_size=4, enable_dynamic_batching=False)
     deploy(config)
     after = describe()
     assert after["pid"] == before["pid"]  # same process: re-tuned, not restarted
     assert after["batching"]["max_batch_size"] == 4
     assert after["effective_wait_s"] == 0.0 and after["effective_max_batch_size"] == 1
+    assert after["profile"]["max_batch_size"] == {"value": 4, "source": "set: serve_config.yaml user_config"}
 
     client.post("/v1/performance/reset")
     texts = mixed_texts(24, seed=3)
@@ -130,28 +131,32 @@ def test_32_concurrent_clients_fill_batches_with_little_padding(config, client):
 
 
 def test_every_request_queued_behind_a_forward_joins_the_next_run(config, client):
-    """Thirty requests that arrive while a long forward runs come out as one run, not as Ray's
-    `max_concurrent_batches` slices of it (it was 16: at most 15 could wait beside a running run)."""
+    """Thirty requests that arrive while long forwards keep every forward worker busy come out as one run,
+    not as Ray's `max_concurrent_batches` slices of it (it was 16: at most 15 could wait beside a running
+    run)."""
     long = " ".join(" ".join(mixed_texts(40, seed=17)).split()[:400])
     queries = [t for t in mixed_texts(120, seed=19) if len(t.split()) <= 15][:30]
     embed(client, queries[:2])  # warm up
+    workers = describe()["forward_workers"]  # one run in flight per worker
     client.post("/v1/performance/reset")
-    with cf.ThreadPoolExecutor(31) as pool:
-        busy = pool.submit(embed, client, [long] * 20, truncate=True)  # 20 inputs of the model's max length
+    with cf.ThreadPoolExecutor(30 + workers) as pool:
+        # 20 inputs of the model's max length each, one per worker
+        busy = [pool.submit(embed, client, [long] * 20, truncate=True) for _ in range(workers)]
         time.sleep(0.3)
         followers = [pool.submit(embed, client, q) for q in queries]
         assert [len(f.result()) for f in followers] == [1] * 30
-        assert len(busy.result()) == 20
-    perf = performance(client, requests=31)
-    assert perf["totals"]["inputs"] == 50
+        assert [len(b.result()) for b in busy] == [20] * workers
+    perf = performance(client, requests=30 + workers)
+    assert perf["totals"]["inputs"] == 30 + 20 * workers
     assert perf["batch_inputs"]["max"] >= 25, perf["batch_inputs"]
 
 
 def test_a_short_query_in_a_run_with_long_documents_is_answered_first(config, client):
-    """Both requests queue behind a busy run and share the next one; the query's group runs first and its
-    answer leaves while the long documents are still computing."""
+    """Both requests queue behind busy runs (one per forward worker) and share the next one; the query's
+    group runs first and its answer leaves while the long documents are still computing."""
     long = " ".join(" ".join(mixed_texts(40, seed=23)).split()[:400])
     embed(client, ["warm up"])
+    workers = describe()["forward_workers"]
     client.post("/v1/performance/reset")
 
     def timed(texts, **extra):
@@ -159,15 +164,16 @@ def test_a_short_query_in_a_run_with_long_documents_is_answered_first(config, cl
         assert response.status_code == 200, response.text
         return time.monotonic(), float(response.headers["x-embserve-inference-ms"])
 
-    with cf.ThreadPoolExecutor(3) as pool:
-        busy = pool.submit(timed, [long] * 20, truncate=True)
+    with cf.ThreadPoolExecutor(2 + workers) as pool:
+        busy = [pool.submit(timed, [long] * 20, truncate=True) for _ in range(workers)]
         time.sleep(0.3)
         documents = pool.submit(timed, [long] * 16, truncate=True)
         time.sleep(0.05)
         query = pool.submit(timed, "how do I join a thread")
         (query_done, query_ms), (documents_done, documents_ms) = query.result(), documents.result()
-        busy.result()
-    assert performance(client, requests=3)["totals"]["batches"] == 2, "the query and the documents shared a run"
+        [b.result() for b in busy]
+    assert performance(client, requests=2 + workers)["totals"]["batches"] == 1 + workers, \
+        "the query and the documents shared a run"
     assert query_ms < documents_ms
     # Answered after its own forward, not at the run's end: most of the documents' compute came after it.
     assert documents_done - query_done > 0.5 * (documents_ms - query_ms) / 1000

@@ -5,6 +5,7 @@ The tests share one Ray, so the variables travel in the app's runtime_env, which
 and every replica: what a shell's `export` gives them under `serve run`."""
 
 import time
+from pathlib import Path
 
 import pytest
 from openai import OpenAI
@@ -152,3 +153,15 @@ def test_an_unknown_emb_provider_key_fails_the_start_naming_the_closest(ray_clus
     with pytest.raises(RuntimeError, match="'EMB_PROVIDER_MAX_BATCH' in the environment; did you mean "
                                            "'EMB_PROVIDER_MAX_BATCH_SIZE'"):
         deploy(config)
+
+
+def test_the_readmes_settings_example_takes_effect(serve_app, client):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [line] = [x for x in readme.splitlines() if x.startswith("EMB_PROVIDER_") and x.endswith("./run.sh serve")]
+    env = dict(word.split("=", 1) for word in line.split() if word.startswith("EMB_PROVIDER_"))
+    assert env == {"EMB_PROVIDER_MAX_BATCH_SIZE": "64", "EMB_PROVIDER_TRUNCATE": "true"}
+    serve_app(lambda config: set_env(config, **{k.removeprefix("EMB_PROVIDER_"): v for k, v in env.items()}))
+    assert call_deployment("describe")["profile"]["max_batch_size"]["value"] == 64
+    response = client.post("/v1/embeddings", json={"model": MODEL, "input": "word " * 400})
+    assert response.status_code == 200, response.text  # cut to the model's maximum, not refused
+    assert response.headers["x-embserve-prompt-tokens"] == "256"

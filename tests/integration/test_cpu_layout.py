@@ -1,52 +1,39 @@
-"""docs/scaling.md's CPU layout (one embedder replica with every core, one single-thread forward per core,
-all fed from one queue), applied from the docs' own yaml to serve_config.yaml and deployed."""
+"""The CPU layout a user gets from the shipped file (docs/scaling.md, "A laptop"): one embedder replica
+that takes every core, one single-thread forward per core, all fed from one queue."""
 
 import concurrent.futures as cf
-import re
+import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from tests.integration.conftest import APP, EMBEDDER, app_config, call_deployment, deployment
+from tests.integration.conftest import APP, EMBEDDER, call_deployment, deployment
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"
-SCALING = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
 
 
-def docs_layout() -> dict:
-    """The yaml block under "A laptop" that gives the embedder the machine's cores."""
-    blocks = re.findall(r"```yaml\n(.*?)```", SCALING.read_text(), re.S)
-    [block] = [b for b in blocks if "torch_threads:" in b]
-    return yaml.safe_load(block)
-
-
-def apply_layout(config) -> None:
-    layout = docs_layout()
-    app_config(config)["args"].update(layout["args"])
-    [wanted] = layout["deployments"]
-    embedder = deployment(config, wanted["name"])
-    embedder["autoscaling_config"].update(wanted["autoscaling_config"])
-    # Not part of the layout: a small token budget, so that a long request makes many small groups.
-    embedder["user_config"]["max_batch_tokens"] = 1024
+def small_token_budget(config) -> None:
+    """Not part of the layout: a small token budget, so that a long request makes many small groups."""
+    deployment(config, EMBEDDER)["user_config"] = {"max_batch_tokens": 1024}
 
 
 @pytest.fixture(scope="module")
 def config(serve_app):
-    return serve_app(apply_layout)
+    return serve_app(small_token_budget)
 
 
-def test_the_documented_cpu_layout_runs_one_single_thread_forward_per_core(config):
+def test_the_shipped_cpu_layout_runs_one_single_thread_forward_per_core(config):
     from ray import serve
 
     replicas = serve.status().applications[APP].deployments[EMBEDDER].replica_states
     assert replicas.get("RUNNING") == 1, replicas
     described = call_deployment("describe")
-    assert (described["forward_workers"], described["threads_per_forward"]) == (2, [1]), described
+    cores = len(os.sched_getaffinity(0))  # the replica runs on this machine
+    assert (described["forward_workers"], described["threads_per_forward"]) == (cores, [1]), described
+    assert described["profile"]["torch_threads"] == {"value": cores, "source": f"auto: {cores} cores visible to the replica"}
 
 
 def test_a_query_goes_ahead_of_the_queued_groups_of_a_long_request(config, client, reference):

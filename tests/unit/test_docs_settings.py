@@ -25,3 +25,9 @@ def test_env_example_names_every_setting_and_loads(tmp_path, monkeypatch):
     settings = Settings()
     assert settings.model_specs()[0].name == "all-MiniLM-L6-v2"
     assert settings.api_keys() == []
+    assert not any(settings.explicit(name) for name in Settings.model_fields)  # copied as is, it changes nothing
+    # Every example value is valid once uncommented (the keys and the models list aside).
+    uncommented = re.sub(r"^# (EMB_PROVIDER_(?!API_KEY|MODELS)\w+=)", r"\1", text, flags=re.M)
+    (tmp_path / ".env").write_text(uncommented)
+    settings = Settings()
+    assert settings.source_of("max_batch_size") == ".env EMB_PROVIDER_MAX_BATCH_SIZE" and settings.max_batch_size == 64
