@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 
-from tests.integration.conftest import APP, BASE
+from tests.integration.conftest import BASE, set_env
 
 pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"
@@ -18,8 +18,7 @@ def float32_replicas(config: dict) -> None:
     """EMB_PROVIDER_DTYPE=float32, as README's Precision says to set it for vectors equal to
     sentence-transformers' within 1e-5: these tests hold the served vectors to that (the default dtype may
     be bf16 on this CPU, whose contract test_batching.py checks)."""
-    app_cfg = next(a for a in config["applications"] if a["name"] == APP)
-    app_cfg.setdefault("runtime_env", {}).setdefault("env_vars", {})["EMB_PROVIDER_DTYPE"] = "float32"
+    set_env(config, dtype="float32")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -37,7 +37,8 @@ def test_concurrent_requests_share_calls_and_each_gets_its_own_vectors(config, c
 
     with cf.ThreadPoolExecutor(16) as pool:
         got = np.stack(list(pool.map(post, texts)))
-    np.testing.assert_allclose(got, reference(texts), atol=1e-5)
+    # The default dtype (bf16 autocast on a CPU with native bf16) is held to cosine >= 0.9999 (README, Precision).
+    assert np.sum(got * reference(texts), axis=1).min() >= 0.9999
     made = calls() - before - 1  # the last describe() counts too
     assert 1 <= made < len(texts), f"{len(texts)} requests went to the replica in {made} calls"
 
