@@ -26,6 +26,7 @@ from bench.corpus import Corpus, load_or_build
 from bench.load import EmbeddingsClient, LoadResult, Workload, closed_loop, open_loop
 from bench.offline import OfflineModel
 from deployments import serve_env
+from embserve.hardware import cpu_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "bench"
@@ -56,10 +57,10 @@ class Mode:
     offline_rounds: int  # passes over every (batch size, threads) pair; the best of each counts
     extras: bool  # multi-text, open loop and long documents
     profile_s: float  # 0: no py-spy
-    torch_threads: int = os.cpu_count() or 1  # the replica's, like the offline limit's best; 0: Ray's (1)
+    torch_threads: int | None = None  # None: the shipped default (every core the replica sees)
 
     def served(self, overrides: dict[str, Any]) -> dict[str, Any]:
-        """A configuration's Settings: the replica gets the box's cores, as the offline limit does."""
+        """A configuration's Settings: the shipped defaults, with `overrides` and any --torch-threads."""
         return {**({"torch_threads": self.torch_threads} if self.torch_threads else {}), **overrides}
 
 
@@ -217,7 +218,7 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
     # The replica under 32 clients gets runs of about 20 one-text jobs (the rest of the clients are in
     # the other run in flight, or on their way): the same texts through embserve's Engine in such runs,
     # on the replica's forward layout for these threads.
-    engine = max((model.engine_runs(mixed[: mode.offline_texts], ENGINE_RUN_INPUTS, threads=mode.torch_threads or 1)
+    engine = max((model.engine_runs(mixed[: mode.offline_texts], ENGINE_RUN_INPUTS, threads=mode.torch_threads or cpu_cores())
                   for _ in range(mode.offline_rounds)), key=lambda r: r.texts_per_s)
     out["engine_runs"] = engine.to_dict()
     print(f"  embserve Engine, runs of {ENGINE_RUN_INPUTS} texts, {engine.streams} forward worker(s) x "
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
                         "processes' CPU load to drop before points (default: 180 full, 0 quick)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument("--torch-threads", type=int, default=None, help="the replica's torch_threads "
-                        "(default: this box's cores, as the offline limit may use; 0: Ray's default, 1)")
+                        "(default: the shipped one, every core the replica sees)")
     parser.add_argument("--plain-serve", action="store_true", help="Serve's Python proxy and plain handles "
                         "instead of the fast path that ./run.sh serve starts (deployments/serve_env.py)")
     args = parser.parse_args(argv)

@@ -165,3 +165,13 @@ def test_the_readmes_settings_example_takes_effect(serve_app, client):
     response = client.post("/v1/embeddings", json={"model": MODEL, "input": "word " * 400})
     assert response.status_code == 200, response.text  # cut to the model's maximum, not refused
     assert response.headers["x-embserve-prompt-tokens"] == "256"
+
+
+def test_an_app_this_fixed_cluster_can_never_place_is_refused_saying_what_is_missing(ray_cluster):
+    """The test cluster (2 CPUs, no GPU, no autoscaler) could never place a GPU replica: without the check
+    the replica would wait for ever, with only Ray's warning every 30 s to show for it."""
+    config = load_config()
+    set_env(config, num_gpus=1)
+    with pytest.raises(RuntimeError, match=r"needs 1 GPUs \(the cluster has 0\) to start, and this Ray cluster "
+                                           r"cannot add nodes"):
+        deploy(config)
