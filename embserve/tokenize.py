@@ -3,6 +3,10 @@
 The Hugging Face tokenizer is always called with the same arguments (no truncation, no padding, no
 special tokens), so its Rust state never changes between calls; truncation and special tokens are
 applied here on plain lists. A replica's forward workers share it, one call at a time.
+
+Token ids from a client are taken as the model's tokenizer gives them: `tokenizer(text)["input_ids"]`
+already holds the special tokens (TEI and vLLM take such ids as given), so ids that begin and end with
+them are kept as they are; ids without them get them added, as for text.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ def probe_special_tokens(tokenizer: Any) -> SpecialTokens:
     raise ValueError("cannot locate the text inside the tokenizer's special tokens")
 
 
+class TextIds(list):
+    """A text's content ids from `Tokenizer.content_ids`: `finish` always adds special tokens to these,
+    even where the text spells them out ("[CLS] hi [SEP]"), so a text embeds as the tokenizer's own call
+    on it would. Any other list is token ids from a client, kept as they are if they already hold them."""
+
+
 class Tokenizer:
     def __init__(self, tokenizer: Any, max_length: int, vocab_size: int) -> None:
         self._tok = tokenizer
@@ -46,21 +56,33 @@ class Tokenizer:
         if not texts:
             return []
         with self._lock:
-            return self._tok(
+            ids = self._tok(
                 texts, add_special_tokens=False, truncation=False, padding=False,
                 return_attention_mask=False, return_token_type_ids=False, verbose=False,
             )["input_ids"]
+        return [TextIds(x) for x in ids]
 
     def check_ids(self, ids: list[int], index: int) -> None:
         bad = next((t for t in ids if t < 0 or t >= self.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(
-                f"input[{index}] holds token id {bad}, outside this model's vocabulary [0, {self.vocab_size})",
+                f"input[{index}] holds token id {bad}, outside this model's vocabulary [0, {self.vocab_size}); "
+                "clients that send tiktoken ids, such as LangChain's OpenAIEmbeddings by default, should send "
+                "text instead: set check_embedding_ctx_length=False",
                 param="input", code="invalid_token_id",
             )
 
+    def has_special_tokens(self, ids: list[int]) -> bool:
+        """Whether client ids already begin and end with the model's special tokens."""
+        head, tail = self.special.head, self.special.tail
+        return (len(ids) >= len(head) + len(tail) and tuple(ids[: len(head)]) == head
+                and tuple(ids[len(ids) - len(tail):]) == tail)
+
     def finish(self, content: list[int], index: int, truncate: bool) -> list[int]:
-        """Add special tokens; cut or refuse content past the model's maximum."""
+        """Add special tokens (unless client ids hold them already); cut or refuse content past the model's
+        maximum."""
+        if not isinstance(content, TextIds) and self.has_special_tokens(content):
+            content = content[len(self.special.head): len(content) - len(self.special.tail)]
         total = len(content) + len(self.special.head) + len(self.special.tail)
         if total > self.max_length:
             if not truncate:

@@ -75,6 +75,15 @@ def test_token_id_inputs_embed_like_their_text(client, bundled_model, reference)
     assert_close([d["embedding"] for d in many["data"]], want)
 
 
+def test_token_ids_with_special_tokens_embed_like_their_text(client, bundled_model, reference):
+    """`tokenizer(text)["input_ids"]`, as TEI and vLLM clients send it: [CLS] and [SEP] are not added again."""
+    ids = [bundled_model.tokenizer(t)["input_ids"] for t in TEXTS[:2]]
+    assert all(i[0] == 101 and i[-1] == 102 for i in ids)
+    body = client.post("/v1/embeddings", json={"model": MODEL, "input": ids, "encoding_format": "float"}).json()
+    assert_close([d["embedding"] for d in body["data"]], reference(TEXTS[:2]))
+    assert body["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
+
+
 def test_dimensions_keeps_first_n_and_renormalizes(oai, reference):
     response = oai.embeddings.create(model=MODEL, input=TEXTS[0], dimensions=64, encoding_format="float")
     vec = np.asarray(response.data[0].embedding)

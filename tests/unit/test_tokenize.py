@@ -123,3 +123,62 @@ def test_check_ids_rejects_ids_outside_the_vocabulary(tok, bad):
 def test_check_ids_accepts_the_vocabulary_bounds(tok):
     assert tok.vocab_size == 30522
     tok.check_ids([0, 1, 30521], 0)
+
+
+def test_check_ids_error_tells_tiktoken_clients_to_send_text(tok):
+    with pytest.raises(InvalidRequest) as info:
+        tok.check_ids([100257, 9906], 0)
+    message = info.value.message
+    assert "token id 100257" in message and "30522" in message
+    assert "OpenAIEmbeddings" in message and "check_embedding_ctx_length=False" in message
+
+
+TEXTS_FOR_IDS = ["The cat sits on the mat.", "hello", "naïve café — 東京 🙂", "a\tb\nc"]
+
+
+@pytest.mark.parametrize("text", TEXTS_FOR_IDS)
+def test_ids_as_the_tokenizer_gives_them_are_kept_as_given(tok, hf, text):
+    ids = hf(text)["input_ids"]
+    assert ids[0] == 101 and ids[-1] == 102
+    assert tok.finish(ids, 0, truncate=False) == ids
+    [content] = tok.content_ids([text])
+    assert tok.finish(ids, 0, truncate=False) == tok.finish(content, 0, truncate=False)
+
+
+@pytest.mark.parametrize("text", TEXTS_FOR_IDS)
+def test_ids_without_special_tokens_still_get_them(tok, hf, text):
+    bare = hf(text, add_special_tokens=False)["input_ids"]
+    assert tok.finish(bare, 0, truncate=False) == hf(text)["input_ids"]
+
+
+def test_ids_with_only_one_special_token_get_both_added(tok):
+    assert tok.finish([101, 7592], 0, truncate=False) == [101, 101, 7592, 102]
+    assert tok.finish([7592, 102], 0, truncate=False) == [101, 7592, 102, 102]
+
+
+def test_ids_of_the_empty_text_are_kept(tok, hf):
+    assert hf("")["input_ids"] == [101, 102]
+    assert tok.finish([101, 102], 0, truncate=False) == [101, 102]
+
+
+def test_a_text_that_spells_out_special_tokens_gets_them_added_as_the_tokenizer_does(tok, hf):
+    text = "[CLS] hello [SEP]"
+    [content] = tok.content_ids([text])
+    assert content == [101, 7592, 102]
+    assert tok.finish(content, 0, truncate=False) == hf(text)["input_ids"] == [101, 101, 7592, 102, 102]
+
+
+def test_ids_with_special_tokens_are_limited_and_truncated_like_their_text(tok, hf):
+    text = _long_text(hf, 300) + " world"
+    full = hf(text)["input_ids"]
+    with pytest.raises(InputTooLong, match=f"{len(full)} tokens"):
+        tok.finish(full, 0, truncate=False)
+    assert tok.finish(full, 0, truncate=True) == hf(text, truncation=True, max_length=tok.max_length)["input_ids"]
+    at_limit = hf(_long_text(hf, 254))["input_ids"]
+    assert tok.finish(at_limit, 0, truncate=False) == at_limit
+
+
+def test_has_special_tokens_needs_both_ends(tok):
+    assert tok.has_special_tokens([101, 102]) and tok.has_special_tokens([101, 5, 102])
+    assert not tok.has_special_tokens([101]) and not tok.has_special_tokens([102])
+    assert not tok.has_special_tokens([]) and not tok.has_special_tokens([5, 6])
