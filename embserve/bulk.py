@@ -251,7 +251,8 @@ class BulkSummary:
     padded_tokens: int = 0
     forwards: int = 0
     rejects: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of this run, actors' start and model loading included
+    shard_seconds: float = 0.0  # time the actors spent on shards (read, embed, write), all actors together
 
     @property
     def rejected(self) -> int:
@@ -276,6 +277,7 @@ class BulkSummary:
         self.tokens += report.tokens
         self.padded_tokens += report.padded_tokens
         self.forwards += report.forwards
+        self.shard_seconds += report.seconds
         for reason, n in report.rejects.items():
             self.rejects[reason] = self.rejects.get(reason, 0) + n
 
@@ -339,14 +341,15 @@ def embed_corpus(input: str | Sequence[str], output: str, *, column: str = "text
         save_plan(out_fs, out, key, shards)
     todo = pending(shards, done_parts(out_fs, out))
     run = todo if max_shards is None else todo[:max_shards]
+    summary = BulkSummary(output=output, model=spec.name, layout="no actors: nothing to run", shards=len(shards),
+                          shards_skipped=len(shards) - len(todo), shards_run=0, shards_left=len(todo) - len(run))
+    if not run:
+        return summary
     if not ray.is_initialized():
         ray.init()
     layout = actor_layout(ray.cluster_resources(), settings, actors=actors, cpus_per_actor=cpus_per_actor,
                           num_gpus=num_gpus)
-    summary = BulkSummary(output=output, model=spec.name, layout=layout.describe(), shards=len(shards),
-                          shards_skipped=len(shards) - len(todo), shards_run=0, shards_left=len(todo) - len(run))
-    if not run:
-        return summary
+    summary.layout = layout.describe()
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = progress
