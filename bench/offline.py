@@ -3,7 +3,8 @@ there is when everything is known in advance (sort by length, then batch), and t
 short query's forward (the floor under a single client's p50).
 
 The model and tokenizer are embserve's own (EmbeddingModel, Tokenizer), so the limit counts the same
-tokenization and the same padded forward the replicas run, and nothing else.
+tokenization and the same padded forward the replicas run, and nothing else. The limit is measured in
+float32 and in bf16 in the same run (DTYPES); which one the replicas run is `dtype: auto`'s call.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from embserve.settings import ModelSpec
 from embserve.tokenize import Tokenizer
 
 MAX_BATCH_TOKENS = 8192  # the replicas' CPU token budget (embserve.engine.default_token_budget)
+# The limit is measured in both: float32 (sentence-transformers' numbers) and bf16 autocast (the default
+# where the CPU multiplies bf16 natively), set explicitly so that both are measured on any CPU.
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class OfflineResult:
     batch_size: int
     threads: int
     streams: int = 1  # forwards at once, each on `threads` torch threads (a replica's forward_workers)
+    dtype: str = ""  # what the matrix products ran in (EmbeddingModel.info.dtype)
 
     @property
     def texts_per_s(self) -> float:
@@ -53,8 +58,8 @@ class OfflineResult:
 class OfflineModel:
     """The bundled model and its tokenizer, loaded the way a replica loads them."""
 
-    def __init__(self, source: str = "bundled") -> None:
-        self.model = EmbeddingModel(ModelSpec(name="offline", source=source), device="cpu")
+    def __init__(self, source: str = "bundled", dtype: str = "auto") -> None:
+        self.model = EmbeddingModel(ModelSpec(name="offline", source=source), device="cpu", dtype=dtype)
         self.tokenizer = Tokenizer(self.model.tokenizer, self.model.max_length, self.model.vocab_size)
 
     def ids(self, texts: list[str], truncate: bool = True) -> list[list[int]]:
@@ -94,7 +99,8 @@ class OfflineModel:
             torch.set_num_threads(previous)
         padded = sum(len(g) * len(g[-1]) for g in groups)
         return OfflineResult(texts=len(ids), tokens=sum(map(len, ids)), padded_tokens=padded, seconds=seconds,
-                             tokenize_s=tokenize_s, batch_size=batch_size, threads=threads, streams=streams)
+                             tokenize_s=tokenize_s, batch_size=batch_size, threads=threads, streams=streams,
+                             dtype=self.model.info.dtype)
 
     def engine_runs(self, texts: list[str], run_inputs: int, threads: int = 1) -> OfflineResult:
         """embserve's own Engine.run (default batching settings) over consecutive chunks of `run_inputs`
@@ -126,7 +132,8 @@ class OfflineModel:
         return OfflineResult(texts=len(texts), tokens=sum(r.tokens for r in reports),
                              padded_tokens=sum(r.padded_tokens for r in reports), seconds=seconds,
                              tokenize_s=sum(r.tokenize_s for r in reports), batch_size=run_inputs,
-                             threads=layout.threads_per_forward, streams=layout.workers)
+                             threads=layout.threads_per_forward, streams=layout.workers,
+                             dtype=self.model.info.dtype)
 
     def best(self, texts: list[str], batch_sizes: tuple[int, ...] = (8, 32, 128),
              layouts: tuple[tuple[int, int], ...] = ((1, 1), (2, 1)),
@@ -172,6 +179,21 @@ class OfflineModel:
                 "tokens_mean": round(float(np.mean([len(i) for i in self.ids(texts)])), 1)}
 
 
+def best_by_dtype(models: dict[str, OfflineModel], texts: list[str], batch_sizes: tuple[int, ...],
+                  layouts: tuple[tuple[int, int], ...],
+                  rounds: int = 1) -> dict[str, tuple[OfflineResult, list[OfflineResult]]]:
+    """`OfflineModel.best` for each dtype's model, its rounds interleaved with the other dtypes' so that a
+    burst of other load spoils one pass of one dtype, not the whole of one."""
+    kept: dict[str, dict[tuple[int, int, int], OfflineResult]] = {d: {} for d in models}
+    for _ in range(rounds):
+        for dtype, model in models.items():
+            for r in model.best(texts, batch_sizes, layouts)[1]:
+                key = (r.threads, r.streams, r.batch_size)
+                if key not in kept[dtype] or r.texts_per_s > kept[dtype][key].texts_per_s:
+                    kept[dtype][key] = r
+    return {d: (max(found.values(), key=lambda r: r.texts_per_s), list(found.values())) for d, found in kept.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Measure the in-process (offline) embedding limit.")
     parser.add_argument("--kind", default="mixed", choices=("mixed", "queries", "passages", "documents"))
@@ -179,20 +201,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 32, 128])
     parser.add_argument("--threads", type=int, nargs="*", default=sorted({1, os.cpu_count() or 1}))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--rounds", type=int, default=1, help="passes over every pair, interleaved across dtypes")
     args = parser.parse_args(argv)
 
     from bench.corpus import load_or_build
 
     corpus = load_or_build(None, args.seed)
     texts = corpus.mixed(args.n, args.seed) if args.kind == "mixed" else corpus.kind(args.kind)[: args.n]
-    offline = OfflineModel()
+    models = {d: OfflineModel(dtype=d) for d in args.dtypes}
     layouts = tuple(sorted({(t, 1) for t in args.threads} | {(1, max(args.threads))}))
-    best, tried = offline.best(texts, tuple(args.batch_sizes), layouts)
-    for r in tried:
-        print(json.dumps(r.to_dict()))
-    print("best:", json.dumps(best.to_dict()))
-    for t in args.threads:
-        print("single query forward:", json.dumps(offline.single_latency_ms(corpus.queries[:40], t)))
+    limits = best_by_dtype(models, texts, tuple(args.batch_sizes), layouts, args.rounds)
+    for dtype, (best, tried) in limits.items():
+        for r in tried:
+            print(json.dumps(r.to_dict()))
+        print(f"best {dtype} ({models[dtype].model.dtype_reason}):", json.dumps(best.to_dict()))
+    for dtype, offline in models.items():
+        for t in args.threads:
+            print(f"single query forward, {dtype}:", json.dumps(offline.single_latency_ms(corpus.queries[:40], t)))
 
 
 if __name__ == "__main__":

@@ -47,8 +47,11 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         if point:
             alternates.append({"name": name, "texts_per_s": point["texts_per_s"],
                                "ratio": point["texts_per_s"] / limit})
+    by_dtype = {d: full["texts_per_s"] / r["texts_per_s"]
+                for d, r in results["offline"].get("mixed_by_dtype", {}).items() if r["texts_per_s"]}
     return {
         "alternates": alternates,
+        "ratio_by_dtype": by_dtype, "served_dtype": results["offline"].get("served_dtype"),
         "concurrency": full["concurrency"],
         "served_texts_per_s": full["texts_per_s"], "offline_texts_per_s": limit,
         "ratio": full["texts_per_s"] / limit, "token_ratio": full["tokens_per_s"] / token_limit,
@@ -316,6 +319,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
           f"| ≥ {TARGET_PADDING} | {_yes(None if h['padding_efficiency'] is None else h['padding_efficiency'] >= TARGET_PADDING)} |",
           f"| one client, short queries: p50 | {_fmt(h['single_p50_ms'])} ms (one forward: {floor:.1f} ms) "
           f"| ≤ {h['latency_budget_ms']:.1f} ms | {_yes(None if h['single_p50_ms'] is None else h['single_p50_ms'] <= h['latency_budget_ms'])} |",
+          *([f"| the same (replicas in {h['served_dtype']}) ÷ the offline limit in each dtype | "
+             + ", ".join(f"{r:.2f}× {d}" for d, r in h["ratio_by_dtype"].items()) + " | – | – |"]
+            if h["ratio_by_dtype"] else []),
           f"| batching gain at {h['concurrency']} clients: full engine ÷ batching off | {_fmt(h['gain_vs_off'], '.2f')}× | > 1× "
           f"| {_yes(None if h['gain_vs_off'] is None else h['gain_vs_off'] > 1)} |",
           f"| batching gain: full engine ÷ one input per batch (max_batch_size=1) | {_fmt(h['gain_vs_per_request'], '.2f')}× "
@@ -331,7 +337,12 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
           "interleaved, and its best pass counts, since other load only ever slows a pass down). One forward of one short query (tokenize + forward, median over 40 queries) is the "
           f"floor under a lone client's latency.", "",
           ] + ([f"Other processes used {off['other_load']:.2f} cores on average while it was measured.", ""]
-               if off.get("other_load") is not None else []) + [
+               if off.get("other_load") is not None else []) + (
+          ["The limit is measured in float32 and in bf16 autocast, rounds interleaved: "
+           + ", ".join(f"{d} {r['texts_per_s']:.1f} texts/s" for d, r in off["mixed_by_dtype"].items())
+           + f". The replicas ran `dtype: auto`, here {off['served_dtype']} ({off['served_dtype_reason']}); "
+           "the table and every ratio are to that dtype's limit.", ""]
+          if off.get("mixed_by_dtype") else []) + [
           "| texts | batch size | forwards at once | torch threads each | texts/s | tokens/s | padding eff. |",
           "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in off["mixed_tried"]:

@@ -24,9 +24,10 @@ from typing import Any, Iterator
 from bench import procs
 from bench.corpus import Corpus, load_or_build
 from bench.load import EmbeddingsClient, LoadResult, Workload, closed_loop, open_loop
-from bench.offline import OfflineModel
+from bench.offline import DTYPES, OfflineModel, best_by_dtype
 from deployments import serve_env
 from embserve.hardware import cpu_cores
+from embserve.model import choose_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "bench"
@@ -202,15 +203,23 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
     """The limits every served figure is compared with, measured before Ray starts (nothing else runs)."""
     print("offline limit (in-process, sorted batching) ...", flush=True)
     before = procs.cpu_snapshot()
-    model = OfflineModel()
+    # The replicas run `dtype: auto`; the limit is measured in both dtypes, and the served default's is the
+    # one every ratio below is to (the others are set against both in the report).
+    served = choose_dtype("auto", "cpu")
+    models = {d: OfflineModel(dtype=d) for d in DTYPES}
+    model = models[served.name]
     threads = tuple(sorted({1, os.cpu_count() or 1}))
     # One forward at a time on 1 or all threads, and one single-thread forward per core at once (what a
     # replica's forward_workers do): the limit is the best of them.
     layouts = tuple(sorted({(t, 1) for t in threads} | {(1, max(threads))}))
-    best, tried = model.best(mixed[: mode.offline_texts], mode.offline_batch_sizes, layouts, mode.offline_rounds)
-    out: dict[str, Any] = {"mixed": best.to_dict(), "mixed_tried": [r.to_dict() for r in tried]}
-    print(f"  mixed: {best.texts_per_s:.1f} texts/s, {best.tokens_per_s:.0f} tokens/s "
-          f"(batch {best.batch_size}, {best.streams} x {best.threads} threads)", flush=True)
+    limits = best_by_dtype(models, mixed[: mode.offline_texts], mode.offline_batch_sizes, layouts, mode.offline_rounds)
+    best, tried = limits[served.name]
+    out: dict[str, Any] = {"mixed": best.to_dict(), "mixed_tried": [r.to_dict() for r in tried],
+                           "served_dtype": served.name, "served_dtype_reason": served.reason,
+                           "mixed_by_dtype": {d: b.to_dict() for d, (b, _) in limits.items()}}
+    for d, (b, _) in limits.items():
+        print(f"  mixed, {d}{' (served default)' if d == served.name else ''}: {b.texts_per_s:.1f} texts/s, "
+              f"{b.tokens_per_s:.0f} tokens/s (batch {b.batch_size}, {b.streams} x {b.threads} threads)", flush=True)
     if mode.extras:
         docs, _ = model.best(corpus.documents[:48], (8, 32), ((best.threads, best.streams),))
         out["documents"] = docs.to_dict()
@@ -231,7 +240,7 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
     out["single_forward_cold"] = cold
     print(f"  one short query, tokenize + forward: p50 {out['single_forward_floor_ms']:.1f} ms "
           f"({cold['p50']:.1f} ms at 1 thread with 30 ms idle before each)", flush=True)
-    del model
+    del model, models
     out["other_load"] = procs.cpu_usage(before, procs.cpu_snapshot()).foreign
     return out
 
