@@ -8,9 +8,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -185,13 +186,20 @@ def _check_key(headers: Headers, keys: list[bytes], open_when: bool = False) -> 
     return None
 
 
-async def require_key(request: Request) -> None:
+# FastAPI's own scheme, so that /openapi.json lists it and /docs asks for the key and sends it. It only
+# reads the header (auto_error=False: never FastAPI's 403); _check_key decides, in constant time.
+bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="An API key: `Authorization: Bearer <key>`. Needed only when keys are set.")
+Credentials = HTTPAuthorizationCredentials | None
+
+
+async def require_key(request: Request, _: Credentials = Security(bearer)) -> None:
     error = _check_key(request.headers, request.app.state.keys)
     if error is not None:
         raise error
 
 
-async def require_key_for_metrics(request: Request) -> None:
+async def require_key_for_metrics(request: Request, _: Credentials = Security(bearer)) -> None:
     error = _check_key(request.headers, request.app.state.keys, open_when=request.app.state.metrics_public)
     if error is not None:
         raise error
@@ -279,7 +287,10 @@ class Ingress:
                                 param="model")
         return route
 
-    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)  # key: in _account
+    # The key is checked in Accounting, before the body is read; the route only declares the scheme, in
+    # its OpenAPI description, and adds no dependency to the hot path.
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS,
+              openapi_extra={"security": [{bearer.scheme_name: []}]})
     async def embeddings(self, body: EmbeddingRequest) -> Response:
         route = self._route(body.model)
         normalized = normalize_input(body, self.limits)
