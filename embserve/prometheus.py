@@ -8,15 +8,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from embserve.stats import Aggregate, Histogram, failed_requests
 
 
-def _histogram(name: str, doc: str, hist: Histogram, labels: dict[str, str] | None = None) -> HistogramMetricFamily:
-    labels = labels or {}
-    family = HistogramMetricFamily(name, doc, labels=list(labels))
-    running = 0
-    buckets = []
-    for bound, count in zip([*map(str, hist.buckets), "+Inf"], hist.counts):
-        running += count
-        buckets.append((bound, running))
-    family.add_metric(list(labels.values()), buckets, hist.total)
+def _histogram(name: str, doc: str, hist: Histogram | dict[str, Histogram]) -> HistogramMetricFamily:
+    """One histogram, or one per model (labelled `model`) from a dict of them."""
+    series = {(m,): h for m, h in hist.items()} if isinstance(hist, dict) else {(): hist}
+    family = HistogramMetricFamily(name, doc, labels=["model"] if isinstance(hist, dict) else [])
+    for values, h in series.items():
+        running = 0
+        buckets = []
+        for bound, count in zip([*map(str, h.buckets), "+Inf"], h.counts):
+            running += count
+            buckets.append((bound, running))
+        family.add_metric(list(values), buckets, h.total)
     return family
 
 
@@ -25,8 +27,14 @@ class _AggregateCollector:
         self.aggregate = aggregate
 
     def collect(self):
-        replicas = self.aggregate.combined(("replica",))
+        # What replicas count is labelled by model (one series per served model); what the ingress counts
+        # (requests, their latency and errors) is not: it answers for every model at once.
+        models = sorted({s.model for s in self.aggregate.sources.values() if s.kind == "replica" and s.model})
+        per_model = {m: self.aggregate.combined(("replica",), m) for m in models}
         ingress = self.aggregate.combined(("ingress",))
+
+        def by_model(key: str) -> dict[str, Histogram]:
+            return {m: state.histograms[key] for m, state in per_model.items()}
 
         requests = CounterMetricFamily("embserve_requests", "Embedding HTTP requests by status.", labels=["status"])
         for status, n in sorted(ingress.statuses.items()):
@@ -35,8 +43,9 @@ class _AggregateCollector:
         for key, doc in (("inputs", "Inputs embedded."), ("tokens", "Real tokens embedded."),
                          ("padded_tokens", "Tokens sent to the model, padding included."),
                          ("batches", "Batches formed by @serve.batch."), ("forwards", "Model forwards.")):
-            c = CounterMetricFamily(f"embserve_{key}", doc)
-            c.add_metric([], replicas.counters.get(key, 0))
+            c = CounterMetricFamily(f"embserve_{key}", doc, labels=["model"])
+            for m, state in per_model.items():
+                c.add_metric([m], state.counters.get(key, 0))
             yield c
         errors = CounterMetricFamily("embserve_errors", "Failed embedding requests by error kind.", labels=["kind"])
         for kind, n in sorted(ingress.errors.items()):
@@ -47,13 +56,15 @@ class _AggregateCollector:
                          ingress.histograms["request_s"])
         for stage in ("queue", "tokenize", "forward"):
             yield _histogram(f"embserve_{stage}_duration_seconds", f"Time spent in the {stage} stage.",
-                             replicas.histograms[f"{stage}_s"])
-        yield _histogram("embserve_batch_inputs", "Inputs per batch.", replicas.histograms["batch_inputs"])
-        yield _histogram("embserve_batch_tokens", "Padded tokens per batch.", replicas.histograms["batch_tokens"])
+                             by_model(f"{stage}_s"))
+        yield _histogram("embserve_batch_inputs", "Inputs per batch.", by_model("batch_inputs"))
+        yield _histogram("embserve_batch_tokens", "Padded tokens per batch.", by_model("batch_tokens"))
 
-        eff = GaugeMetricFamily("embserve_padding_efficiency", "Real tokens / padded tokens since reset.")
-        padded = replicas.counters.get("padded_tokens", 0)
-        eff.add_metric([], replicas.counters.get("tokens", 0) / padded if padded else 1.0)
+        eff = GaugeMetricFamily("embserve_padding_efficiency", "Real tokens / padded tokens since reset.",
+                                labels=["model"])
+        for m, state in per_model.items():
+            padded = state.counters.get("padded_tokens", 0)
+            eff.add_metric([m], state.counters.get("tokens", 0) / padded if padded else 1.0)
         yield eff
         rate = GaugeMetricFamily("embserve_error_rate", "Failed (status >= 400) / all embedding requests at the "
                                  "ingress since reset; 0 with no requests.")
@@ -66,8 +77,10 @@ class _AggregateCollector:
                                     "Highest GPU memory peak since reset as a fraction of the card, over replicas.")
             gpu.add_metric([], peak)
             yield gpu
-        queue = GaugeMetricFamily("embserve_queue_size", "Requests waiting or running in embedding replicas.")
-        queue.add_metric([], replicas.gauges.get("queue_size", 0))
+        queue = GaugeMetricFamily("embserve_queue_size", "Requests waiting or running in embedding replicas.",
+                                  labels=["model"])
+        for m, state in per_model.items():
+            queue.add_metric([m], state.gauges.get("queue_size", 0))
         yield queue
         live = GaugeMetricFamily("embserve_replicas", "Embedding replicas reporting.", labels=["model"])
         per_model: dict[str, int] = {}

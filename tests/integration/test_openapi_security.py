@@ -1,8 +1,13 @@
-"""The OpenAPI description when API keys are set: open to read, with the bearer scheme that /docs uses to send
-the key, on every keyed route."""
+"""What tools see when API keys are set: the OpenAPI description, open to read, with the bearer scheme that
+/docs uses to send the key on every keyed route; and Prometheus, scraping /metrics with the README's config."""
+
+import re
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import APP, BASE
 
@@ -63,3 +68,26 @@ def test_the_key_sent_as_docs_sends_it_is_accepted(spec):
         ok = plain.post("/v1/embeddings", json=body, headers={"Authorization": f"Bearer {KEY}"})
         assert ok.status_code == 200
         assert plain.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_the_readmes_prometheus_scrape_config_scrapes_with_the_key(client, tmp_path):
+    """The scrape as Prometheus makes it from the README's config: `authorization` with a credentials file
+    sends `Authorization: <type> <file content>`."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "scrape_configs" in b]
+    [job] = yaml.safe_load(block)["scrape_configs"]
+    credentials = tmp_path / "embserve-key"  # stands in for the README's path
+    credentials.write_text(KEY)
+    auth = job["authorization"]
+    [target] = job["static_configs"][0]["targets"]
+    url = f"{job.get('scheme', 'http')}://{target}{job['metrics_path']}"
+    assert url == f"{BASE}/metrics"
+    header = f"{auth.get('type', 'Bearer')} {credentials.read_text().strip()}"
+    client.post("/v1/embeddings", json={"model": MODEL, "input": "x"}, headers={"Authorization": f"Bearer {KEY}"})
+    with httpx.Client(timeout=60) as prometheus:
+        assert prometheus.get(url).status_code == 401  # without the authorization block
+        scraped = prometheus.get(url, headers={"Authorization": header})
+    assert scraped.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(scraped.text)}
+    assert {s.labels["model"] for s in families["embserve_inputs"].samples} == {MODEL}
+    assert all("model" not in s.labels for s in families["embserve_requests"].samples)

@@ -75,60 +75,70 @@ def test_batch_histograms_count_inputs_and_padded_tokens_per_batch(agg):
     families = _families(agg)
     inputs, tokens = families["embserve_batch_inputs"], families["embserve_batch_tokens"]
     assert inputs.type == tokens.type == "histogram"
-    assert _value(inputs, "embserve_batch_inputs_count") == 2
-    assert _value(inputs, "embserve_batch_inputs_sum") == 43
-    assert _value(inputs, "embserve_batch_inputs_bucket", le="4") == 1
-    assert _value(inputs, "embserve_batch_inputs_bucket", le="64") == 2
-    assert _value(tokens, "embserve_batch_tokens_sum") == 3320
-    assert _value(tokens, "embserve_batch_tokens_bucket", le="256") == 1
+    assert _value(inputs, "embserve_batch_inputs_count", model="mini") == 2
+    assert _value(inputs, "embserve_batch_inputs_sum", model="mini") == 43
+    assert _value(inputs, "embserve_batch_inputs_bucket", le="4", model="mini") == 1
+    assert _value(inputs, "embserve_batch_inputs_bucket", le="64", model="mini") == 2
+    assert _value(tokens, "embserve_batch_tokens_sum", model="mini") == 3320
+    assert _value(tokens, "embserve_batch_tokens_bucket", le="256", model="mini") == 1
 
 
 def test_counters_and_gauges_sum_the_replicas(agg):
     families = _families(agg)
-    assert _value(families["embserve_inputs"], "embserve_inputs_total") == 43
-    assert _value(families["embserve_tokens"], "embserve_tokens_total") == 3090
-    assert _value(families["embserve_padded_tokens"], "embserve_padded_tokens_total") == 3320
-    assert _value(families["embserve_forwards"], "embserve_forwards_total") == 3
-    assert _value(families["embserve_batches"], "embserve_batches_total") == 2
+    assert _value(families["embserve_inputs"], "embserve_inputs_total", model="mini") == 43
+    assert _value(families["embserve_tokens"], "embserve_tokens_total", model="mini") == 3090
+    assert _value(families["embserve_padded_tokens"], "embserve_padded_tokens_total", model="mini") == 3320
+    assert _value(families["embserve_forwards"], "embserve_forwards_total", model="mini") == 3
+    assert _value(families["embserve_batches"], "embserve_batches_total", model="mini") == 2
     assert _value(families["embserve_errors"], "embserve_errors_total", kind="InputTooLong") == 1
     eff = families["embserve_padding_efficiency"]
     assert eff.type == "gauge"
-    assert _value(eff, "embserve_padding_efficiency") == pytest.approx(3090 / 3320)
-    assert _value(families["embserve_queue_size"], "embserve_queue_size") == 3
+    assert _value(eff, "embserve_padding_efficiency", model="mini") == pytest.approx(3090 / 3320)
+    assert _value(families["embserve_queue_size"], "embserve_queue_size", model="mini") == 3
     assert _value(families["embserve_replicas"], "embserve_replicas", model="mini") == 2
 
 
 def test_stage_histograms_are_exposed(agg):
     families = _families(agg)
-    assert _value(families["embserve_queue_duration_seconds"], "embserve_queue_duration_seconds_count") == 3
-    assert _value(families["embserve_forward_duration_seconds"], "embserve_forward_duration_seconds_count") == 2
+    assert _value(families["embserve_queue_duration_seconds"], "embserve_queue_duration_seconds_count",
+                  model="mini") == 3
+    assert _value(families["embserve_forward_duration_seconds"], "embserve_forward_duration_seconds_count",
+                  model="mini") == 2
     assert _value(families["embserve_tokenize_duration_seconds"],
-                  "embserve_tokenize_duration_seconds_count") == 2
+                  "embserve_tokenize_duration_seconds_count", model="mini") == 2
 
 
 def test_render_matches_the_snapshot(agg):
     snap = agg.snapshot()
     families = _families(agg)
-    assert _value(families["embserve_inputs"], "embserve_inputs_total") == snap["totals"]["inputs"]
-    assert _value(families["embserve_padding_efficiency"], "embserve_padding_efficiency") == pytest.approx(
+    assert _value(families["embserve_inputs"], "embserve_inputs_total", model="mini") == snap["totals"]["inputs"]
+    assert _value(families["embserve_padding_efficiency"], "embserve_padding_efficiency",
+                  model="mini") == pytest.approx(
         snap["padding_efficiency"], abs=1e-4)
-    assert _value(families["embserve_queue_size"], "embserve_queue_size") == snap["queue_size"]
+    assert _value(families["embserve_queue_size"], "embserve_queue_size", model="mini") == snap["queue_size"]
 
 
-def test_empty_aggregate_renders_zeros_and_full_efficiency():
+def test_empty_aggregate_has_no_model_series_until_a_replica_reports():
     families = _families(Aggregate())
-    assert _value(families["embserve_inputs"], "embserve_inputs_total") == 0
-    assert _value(families["embserve_padding_efficiency"], "embserve_padding_efficiency") == 1.0
-    assert _value(families["embserve_queue_size"], "embserve_queue_size") == 0
+    for name in ("embserve_inputs", "embserve_padding_efficiency", "embserve_queue_size", "embserve_batch_inputs"):
+        assert families[name].samples == [], name
     assert [s for s in families["embserve_requests"].samples] == []
     assert _value(families["embserve_request_duration_seconds"],
                   "embserve_request_duration_seconds_bucket", le="+Inf") == 0
 
 
+def test_a_replica_that_reported_nothing_yet_has_zeros_and_full_efficiency(agg):
+    agg.record("r3", "replica", "bge", [], gauges={"queue_size": 0}, now=time.time())
+    families = _families(agg)
+    assert _value(families["embserve_inputs"], "embserve_inputs_total", model="bge") == 0
+    assert _value(families["embserve_padding_efficiency"], "embserve_padding_efficiency", model="bge") == 1.0
+    assert _value(families["embserve_queue_size"], "embserve_queue_size", model="bge") == 0
+
+
 def test_reset_zeroes_the_rendered_counters(agg):
     agg.reset()
     families = _families(agg)
-    assert _value(families["embserve_inputs"], "embserve_inputs_total") == 0
+    assert _value(families["embserve_inputs"], "embserve_inputs_total", model="mini") == 0
     assert families["embserve_requests"].samples == []
     assert _value(families["embserve_request_duration_seconds"], "embserve_request_duration_seconds_count") == 0
     # Replicas are still there after a reset.
@@ -156,3 +166,39 @@ def test_gpu_peak_fraction_gauge_is_the_highest_replica_peak_since_reset(agg):
     assert _value(fam, "embserve_gpu_memory_peak_fraction") == pytest.approx(0.6)
     agg.reset()
     assert _value(_families(agg)["embserve_gpu_memory_peak_fraction"], "embserve_gpu_memory_peak_fraction") == 0.0
+
+
+MODEL_SERIES = ("embserve_inputs", "embserve_tokens", "embserve_padded_tokens", "embserve_batches",
+                "embserve_forwards", "embserve_queue_duration_seconds", "embserve_tokenize_duration_seconds",
+                "embserve_forward_duration_seconds", "embserve_batch_inputs", "embserve_batch_tokens",
+                "embserve_padding_efficiency", "embserve_queue_size", "embserve_replicas")
+
+
+def test_every_replica_series_has_a_model_label_and_the_ingress_series_none(agg):
+    agg.record("r3", "replica", "bge", [], gauges={"queue_size": 5}, now=time.time())
+    families = _families(agg)
+    for name in MODEL_SERIES:
+        models = {s.labels["model"] for s in families[name].samples}
+        assert models == {"mini", "bge"}, name
+    for name in ("embserve_requests", "embserve_request_duration_seconds", "embserve_errors", "embserve_error_rate"):
+        assert all("model" not in s.labels for s in families[name].samples), name
+
+
+def test_each_model_counts_only_its_own_replicas(agg):
+    agg.record("r3", "replica", "bge", [], gauges={"queue_size": 5}, now=time.time())
+    families = _families(agg)
+    assert _value(families["embserve_inputs"], "embserve_inputs_total", model="mini") == 43
+    assert _value(families["embserve_inputs"], "embserve_inputs_total", model="bge") == 0
+    assert _value(families["embserve_queue_size"], "embserve_queue_size", model="mini") == 3
+    assert _value(families["embserve_queue_size"], "embserve_queue_size", model="bge") == 5
+    assert _value(families["embserve_batch_inputs"], "embserve_batch_inputs_count", model="bge") == 0
+    assert _value(families["embserve_replicas"], "embserve_replicas", model="bge") == 1
+
+
+def test_model_series_agree_with_the_snapshots_models(agg):
+    snap = agg.snapshot()["models"]["mini"]
+    families = _families(agg)
+    for key in ("inputs", "tokens", "padded_tokens", "batches", "forwards"):
+        assert _value(families[f"embserve_{key}"], f"embserve_{key}_total", model="mini") == snap["totals"][key], key
+    assert _value(families["embserve_padding_efficiency"], "embserve_padding_efficiency", model="mini") == \
+        pytest.approx(snap["padding_efficiency"], abs=1e-4)
