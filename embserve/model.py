@@ -27,8 +27,8 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def _read_json(source: str, filename: str) -> dict[str, Any] | list[Any] | None:
-    """A JSON file of a model folder or hub repo (from the local cache when offline), or None."""
+def _read_json(source: str, filename: str, revision: str | None = None) -> dict[str, Any] | list[Any] | None:
+    """A JSON file of a model folder or hub repo at `revision` (from the local cache when offline), or None."""
     if os.path.isdir(source):
         path = Path(source) / filename
         return json.loads(path.read_text()) if path.is_file() else None
@@ -36,7 +36,7 @@ def _read_json(source: str, filename: str) -> dict[str, Any] | list[Any] | None:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return json.loads(Path(hf_hub_download(source, filename)).read_text())
+        return json.loads(Path(hf_hub_download(source, filename, revision=revision)).read_text())
     except (EntryNotFoundError, LocalEntryNotFoundError, OSError):
         return None
 
@@ -48,9 +48,9 @@ class SentenceTransformerHints:
     normalize: bool
 
 
-def read_sentence_transformer_hints(source: str) -> SentenceTransformerHints:
+def read_sentence_transformer_hints(source: str, revision: str | None = None) -> SentenceTransformerHints:
     """Pooling, max length and normalization as the model's sentence-transformers config says."""
-    modules = _read_json(source, "modules.json") or []
+    modules = _read_json(source, "modules.json", revision) or []
     pooling = None
     normalize = False
     for module in modules if isinstance(modules, list) else []:
@@ -58,14 +58,14 @@ def read_sentence_transformer_hints(source: str) -> SentenceTransformerHints:
         if kind.endswith("Normalize"):
             normalize = True
         if kind.endswith("Pooling"):
-            cfg = _read_json(source, f"{module.get('path', '')}/config.json".lstrip("/")) or {}
+            cfg = _read_json(source, f"{module.get('path', '')}/config.json".lstrip("/"), revision) or {}
             if cfg.get("pooling_mode_cls_token"):
                 pooling = "cls"
             elif cfg.get("pooling_mode_lasttoken"):
                 pooling = "last"
             elif cfg.get("pooling_mode_mean_tokens"):
                 pooling = "mean"
-    st_cfg = _read_json(source, "sentence_bert_config.json") or {}
+    st_cfg = _read_json(source, "sentence_bert_config.json", revision) or {}
     max_seq = st_cfg.get("max_seq_length") if isinstance(st_cfg, dict) else None
     return SentenceTransformerHints(pooling=pooling, max_seq_length=max_seq, normalize=normalize)
 
@@ -190,10 +190,12 @@ class EmbeddingModel:
         self.dtype = choice.weights
         self.autocast = choice.autocast  # bf16 autocast around each forward (CPU), over float32 weights
         self.dtype_reason = choice.reason
-        hints = read_sentence_transformer_hints(self.source)
-        config = AutoConfig.from_pretrained(self.source)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.source)
-        self.model = AutoModel.from_pretrained(self.source, dtype=self.dtype).to(self.device).eval()
+        hints = read_sentence_transformer_hints(self.source, spec.revision)
+        # One revision for every file, and remote code only where the settings allow it.
+        pinned = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+        config = AutoConfig.from_pretrained(self.source, **pinned)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.source, **pinned)
+        self.model = AutoModel.from_pretrained(self.source, dtype=self.dtype, **pinned).to(self.device).eval()
         self.pooling = spec.pooling if spec.pooling != "auto" else (hints.pooling or "mean")
         position_limit = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
         self.max_length = int(spec.max_length or hints.max_seq_length or position_limit)

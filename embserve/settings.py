@@ -100,6 +100,10 @@ class ModelSpec(BaseModel):
     max_length: int | None = Field(None, ge=2, description="None: the sentence-transformers "
                                    "max_seq_length where present, else the model's position limit.")
     normalize: bool = True
+    revision: str | None = Field(None, description="A hub id's branch, tag or commit to load; None: its "
+                                 "default branch. A local folder is loaded as it is.")
+    trust_remote_code: bool = Field(False, description="Run the model's own Python code (for architectures "
+                                    "transformers lacks). Only for a model you trust.")
     deployment: dict[str, Any] = Field(
         default_factory=dict,
         description="Ray Serve deployment options for this model's replicas (num_replicas, "
@@ -214,6 +218,8 @@ class Settings(BaseSettings):
     pooling: Pooling = "auto"
     max_length: int | None = Field(None, ge=2)
     normalize: bool = True
+    revision: str | None = Field(None, description="A hub id's branch, tag or commit; None: its default branch.")
+    trust_remote_code: bool = Field(False, description="Run the model's own Python code. Only for a model you trust.")
     models: list[ModelSpec] = Field(default_factory=list, description="Several models; overrides "
                                     "model/model_name/... when set.")
 
@@ -291,7 +297,8 @@ class Settings(BaseSettings):
         if self.models:
             return list(self.models)
         return [ModelSpec(name=self.model_name, source=self.model, aliases=self.model_aliases,
-                          pooling=self.pooling, max_length=self.max_length, normalize=self.normalize)]
+                          pooling=self.pooling, max_length=self.max_length, normalize=self.normalize,
+                          revision=self.revision, trust_remote_code=self.trust_remote_code)]
 
     def batching(self, max_batch_size: int | None = None, max_batch_tokens: int | None = None) -> BatchingConfig:
         """The batching knobs, with the replica's own choices where the settings leave a size open."""
