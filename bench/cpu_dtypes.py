@@ -20,8 +20,8 @@ VARIANTS = ("float32", "bf16-autocast", "bf16-weights")
 
 
 def as_variant(offline: OfflineModel, variant: str) -> None:
-    """Switch the loaded model to a variant in place (the weights round-trip float32 -> bf16 -> float32
-    losslessly only one way, so float32 must come before bf16-weights when switching back is needed)."""
+    """Switch the loaded model to a variant in place. Casting to bf16 weights rounds them for good, so each
+    round reloads the float32 model first."""
     model = offline.model
     model.autocast = variant == "bf16-autocast"
     model.model.to(torch.bfloat16 if variant == "bf16-weights" else torch.float32)
