@@ -90,14 +90,10 @@ VARIANTS = (
     Variant("fast path + OMP_WAIT_POLICY=PASSIVE, torch_threads=2", env={**HAPROXY_THROUGHPUT, **PASSIVE},
             settings=ONE_FORWARD_ON_TWO),
     # The shipped laptop layout (docs/scaling.md) with one knob changed each.
-    Variant("fast path, forward_workers=2, ingress_calls_in_flight=2", env=HAPROXY_THROUGHPUT,
-            settings={"torch_threads": 2, "forward_workers": 2, "ingress_calls_in_flight": 2}),
     Variant("fast path, forward_workers=2, group_cost_tokens=96", env=HAPROXY_THROUGHPUT,
             settings={"torch_threads": 2, "forward_workers": 2, "group_cost_tokens": 96}),
     Variant("fast path, forward_workers=2, length_group_tolerance=0.3", env=HAPROXY_THROUGHPUT,
             settings={"torch_threads": 2, "forward_workers": 2, "length_group_tolerance": 0.3}),
-    Variant("ingress: ingress_calls_in_flight=2, torch_threads=2",
-            settings={"ingress_calls_in_flight": 2, "torch_threads": 2, "forward_workers": 1}),
 )
 
 

@@ -1,6 +1,6 @@
 """The GPU half of issue 5: a MiniLM-architecture model (the bundled config, random weights) at fp16 on
 a card, measured without Ray: a batch sweep of raw forwards, the offline limit on the benchmark's mixed
-texts, and a concurrency sweep through embserve's own Coalescer and Engine, as a replica runs them
+texts, and a concurrency sweep through embserve's own scheduler, as a replica runs it
 (HTTP and Ray left out), each as a ratio to that limit.
 
 The device machines lent to some sessions (/work/.library/device) have torch and transformers but not
@@ -130,40 +130,26 @@ def offline_limit(model: Any, tokenizer: Any, texts: list[str], batch_sizes: tup
     return {"best": max(tried, key=lambda r: r["texts_per_s"]), "tried": tried}
 
 
-async def engine_point(engine: Any, texts: list[str], clients: int, seconds: float,
-                       max_batch_size: int, runs_in_flight: int = 1) -> dict[str, Any]:
-    """`clients` closed-loop callers of one text each, through the Coalescer, Engine and forward pool as a
-    replica on a GPU drives them (one forward worker; each request answered when its own groups are
-    done). A replica keeps one run in flight on a GPU; with `runs_in_flight` 2 the next run tokenizes and
-    plans while the card computes the last one's groups, at the price of splitting what queues."""
-    from concurrent.futures import ThreadPoolExecutor
+async def engine_point(scheduler: Any, seen: list[Any], texts: list[str], clients: int,
+                       seconds: float) -> dict[str, Any]:
+    """`clients` closed-loop callers of one text each, through the replica's scheduler as a replica on a
+    GPU drives it (one forward worker; each request admitted as it comes and answered when its own inputs
+    are done)."""
+    from embserve.scheduler import EmbedJob, Forward
 
-    from embserve.coalesce import Coalescer
-    from embserve.engine import EmbedJob
-    from embserve.forwards import ForwardPool
-    from embserve.settings import BatchingConfig
-
-    cfg = BatchingConfig(max_batch_size=max_batch_size)
     loop = asyncio.get_running_loop()
-    worker = ThreadPoolExecutor(runs_in_flight)
-    forwards = ForwardPool(1)
-    runs: list[int] = []
-
-    async def run(jobs: list[Any], deliver: Any) -> list[Any]:
-        runs.append(len(jobs))
-        results, _ = await loop.run_in_executor(worker, lambda: engine.run(
-            jobs, cfg, on_done=lambda j, r: loop.call_soon_threadsafe(deliver, j, r), forwards=forwards))
-        return results
-
-    coalescer = Coalescer(run, size=len, max_size=lambda: max_batch_size, max_in_flight=lambda: runs_in_flight)
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
+    first_forward = len(seen)  # what the scheduler reported so far
 
     async def client(k: int) -> None:
         n = k
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            [result] = await coalescer.submit([EmbedJob(texts=[texts[n % len(texts)]], truncate=True)])
+            future = loop.create_future()
+            scheduler.admit([EmbedJob(texts=[texts[n % len(texts)]], truncate=True)],
+                            [lambda r, f=future: loop.call_soon_threadsafe(f.set_result, r)])
+            result = await future
             assert result.error is None, result.error
             latencies.append(time.perf_counter() - t0)
             n += clients
@@ -171,12 +157,11 @@ async def engine_point(engine: Any, texts: list[str], clients: int, seconds: flo
     t0 = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(clients)))
     elapsed = time.perf_counter() - t0
-    worker.shutdown()
-    forwards.shutdown()
+    forwards = [f for f in seen[first_forward:] if isinstance(f, Forward)]
     ms = sorted(x * 1000 for x in latencies)
-    return {"clients": clients, "runs_in_flight": runs_in_flight, "texts_per_s": round(len(ms) / elapsed, 1),
+    return {"clients": clients, "texts_per_s": round(len(ms) / elapsed, 1),
             "p50_ms": round(ms[len(ms) // 2], 2), "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 2),
-            "inputs_per_run": round(statistics.fmean(runs), 1) if runs else 0.0}
+            "inputs_per_forward": round(statistics.fmean(f.inputs for f in forwards), 1) if forwards else 0.0}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -184,11 +169,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"## GPU: {report['device_name']} ({report['dtype']}, MiniLM-L6 config, random weights)", "",
              f"torch {report['torch']}, token budget {report['budget']} per forward. Offline limit: "
              f"{limit:.0f} texts/s (sorted batches of {report['offline']['best']['batch']}).", "",
-             "| clients | runs in flight | texts/s | × offline | p50 ms | p99 ms | inputs per run |",
+             "| clients | texts/s | × offline | p50 ms | p99 ms | inputs per forward |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for p in report["engine"]:
-        lines.append(f"| {p['clients']} | {p.get('runs_in_flight', 1)} | {p['texts_per_s']:.0f} | "
-                     f"{p['texts_per_s'] / limit:.2f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['inputs_per_run']:.1f} |")
+        lines.append(f"| {p['clients']} | {p['texts_per_s']:.0f} | "
+                     f"{p['texts_per_s'] / limit:.2f} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['inputs_per_forward']:.1f} |")
     lines += ["", "| tokens | batch | ms per forward | texts/s |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['length']} | {r['batch']} | {r['ms']:.2f} | {r['texts_per_s']:.0f} |" for r in report["batch_sweep"]]
     return "\n".join(lines) + "\n"
@@ -198,14 +183,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from bench.corpus import load_or_build
-    from embserve.engine import Engine, default_token_budget
+    from embserve.hardware import gpu_limits
     from embserve.model import EmbeddingModel
-    from embserve.settings import ModelSpec
+    from embserve.scheduler import Scheduler, forward_layout
+    from embserve.settings import CPU_MAX_BATCH_TOKENS, BatchingConfig, ModelSpec
 
     folder = random_weights(Path(args.model), args.dtype)
     model = EmbeddingModel(ModelSpec(name="minilm-random", source=str(folder)), device=args.device, dtype=args.dtype)
-    budget = default_token_budget(model.device)
-    engine = Engine(model, budget)
+    # The budget a replica would choose on this card (embserve.gpu_memory), as production runs it.
+    budget = gpu_limits(model, 0.8, 1).max_batch_tokens if model.device == "cuda" else CPU_MAX_BATCH_TOKENS
+    seen: list[Any] = []
+    cfg = BatchingConfig(max_batch_tokens=budget)
+    scheduler = Scheduler(model, forward_layout(model.device, torch.get_num_threads()), config=lambda: cfg,
+                          max_batch_tokens=budget, report=seen.append)
     corpus = load_or_build(Path(args.corpus) if args.corpus else None)
     texts = corpus.mixed(args.texts)
     quick = args.quick
@@ -216,17 +206,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     report["batch_sweep"] = batch_sweep(model, model.device, (1, 8, 64) if quick else (1, 4, 16, 64, 256, 1024),
                                         (16, 128) if quick else (16, 128, 256), 2 if quick else 10)
     print("offline limit ...", flush=True)
-    report["offline"] = offline_limit(model, engine.tokenizer, texts, (8, 32) if quick else (32, 128, 512, 2048),
+    report["offline"] = offline_limit(model, scheduler.tokenizer, texts, (8, 32) if quick else (32, 128, 512, 2048),
                                       model.device, budget)
-    print("engine, closed loop ...", flush=True)
+    print("scheduler, closed loop ...", flush=True)
     report["engine"] = []
-    # One run in flight is what a replica does on a GPU; two would overlap tokenization with the forward.
     for clients in (1, 8) if quick else (1, 16, 64, 256, 1024):
-        for in_flight in (1, 2) if clients > 1 else (1,):
-            point = asyncio.run(engine_point(engine, texts, clients, args.seconds, max(32, clients), in_flight))
-            print(f"  {clients} clients, {in_flight} run(s) in flight: {point['texts_per_s']:.0f} texts/s, "
-                  f"p50 {point['p50_ms']:.1f} ms", flush=True)
-            report["engine"].append(point)
+        point = asyncio.run(engine_point(scheduler, seen, texts, clients, args.seconds))
+        print(f"  {clients} clients: {point['texts_per_s']:.0f} texts/s, p50 {point['p50_ms']:.1f} ms", flush=True)
+        report["engine"].append(point)
+    scheduler.close()
     shutil.rmtree(folder, ignore_errors=True)
     return report
 

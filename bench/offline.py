@@ -23,7 +23,7 @@ from embserve.model import EmbeddingModel
 from embserve.settings import ModelSpec
 from embserve.tokenize import Tokenizer
 
-MAX_BATCH_TOKENS = 8192  # the replicas' CPU token budget (embserve.engine.default_token_budget)
+MAX_BATCH_TOKENS = 8192  # the replicas' CPU token budget (embserve.settings.CPU_MAX_BATCH_TOKENS)
 # The limit is measured in both: float32 (sentence-transformers' numbers) and bf16 autocast (the default
 # where the CPU multiplies bf16 natively), set explicitly so that both are measured on any CPU.
 DTYPES = ("float32", "bfloat16")
@@ -103,35 +103,36 @@ class OfflineModel:
                              dtype=self.model.info.dtype)
 
     def engine_runs(self, texts: list[str], run_inputs: int, threads: int = 1) -> OfflineResult:
-        """embserve's own Engine.run (default batching settings) over consecutive chunks of `run_inputs`
-        one-text jobs, laid out as a replica with `threads` torch threads lays it out on a CPU: its forward
-        workers (forward_layout) share every run's length groups, and as many runs as workers are in
-        flight at once (the replica's coalescer). What the replica's engine could do with the runs it gets
-        under load, with no serving around it. `batch_size` in the result is `run_inputs`, `streams` the
-        forward workers, `threads` the torch threads of each."""
-        from embserve.engine import EmbedJob, Engine, forward_layout
-        from embserve.forwards import ForwardPool
+        """embserve's own scheduler (default batching settings) over consecutive admissions of `run_inputs`
+        one-text jobs, laid out as a replica with `threads` torch threads lays it out on a CPU (one
+        single-thread forward worker per thread), with as many admissions in flight as workers. What the
+        replica's scheduler could do with what it is given under load, with no serving around it.
+        `batch_size` in the result is `run_inputs`, `streams` the forward workers, `threads` the torch
+        threads of each."""
+        from embserve.scheduler import EmbedJob, Forward, Scheduler, embed_jobs, forward_layout
         from embserve.settings import BatchingConfig
 
         layout = forward_layout("cpu", threads)
-        engine = Engine(self.model, MAX_BATCH_TOKENS)
+        forwards: list[Forward] = []
         cfg = BatchingConfig()
+        scheduler = Scheduler(self.model, layout, config=lambda: cfg, max_batch_tokens=MAX_BATCH_TOKENS,
+                              report=lambda r: forwards.append(r) if isinstance(r, Forward) else None)
         runs = [[EmbedJob(texts=[t]) for t in texts[start : start + run_inputs]]
                 for start in range(0, len(texts), run_inputs)]
-        pool = ForwardPool(layout.workers, initializer=torch.set_num_threads, initargs=(layout.threads_per_forward,))
         try:
             with concurrent.futures.ThreadPoolExecutor(layout.workers) as runners:
-                engine.run([EmbedJob(texts=[t]) for t in texts[:4]], cfg, forwards=pool)  # warms the forward workers
+                embed_jobs(scheduler, [EmbedJob(texts=[t]) for t in texts[:4]])  # warms the forward workers
+                forwards.clear()
                 t0 = time.perf_counter()
-                # Each runner takes the next run when its last one is done, as a replica's coalescer does.
-                outcomes = runners.map(lambda jobs: engine.run(jobs, cfg, forwards=pool), runs)
-                reports = [report for _, report in outcomes]
+                t_tok = 0.0
+                for results in runners.map(lambda jobs: embed_jobs(scheduler, jobs), runs):
+                    t_tok += results[0].tokenize_s
                 seconds = time.perf_counter() - t0
         finally:
-            pool.shutdown()
-        return OfflineResult(texts=len(texts), tokens=sum(r.tokens for r in reports),
-                             padded_tokens=sum(r.padded_tokens for r in reports), seconds=seconds,
-                             tokenize_s=sum(r.tokenize_s for r in reports), batch_size=run_inputs,
+            scheduler.close()
+        return OfflineResult(texts=len(texts), tokens=sum(f.tokens for f in forwards),
+                             padded_tokens=sum(f.padded_tokens for f in forwards), seconds=seconds,
+                             tokenize_s=t_tok, batch_size=run_inputs,
                              threads=layout.threads_per_forward, streams=layout.workers,
                              dtype=self.model.info.dtype)
 

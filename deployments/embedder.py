@@ -1,27 +1,21 @@
-"""The embedding replica: owns one model and its tokenizer, batches with @serve.batch, computes off the loop."""
+"""The embedding replica: owns one model and its scheduler; @serve.batch admits requests into it."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from ray import serve
 from ray.serve import metrics as ray_metrics
 
-from embserve.coalesce import Coalescer
-from embserve.engine import EmbedJob, EmbedResult, Engine, forward_layout
-from embserve.errors import EmbservError
-from embserve.forwards import ForwardPool
 from embserve.hardware import (Choice, choose_batch_sizes, choose_device, choose_threads, cpu_cores, gpu_limits,
                                replica_profile)
 from embserve.model import EmbeddingModel, ModelInfo
+from embserve.scheduler import EmbedJob, EmbedResult, Forward, Scheduler, forward_layout
 from embserve.settings import ModelSpec, Settings
 from embserve.stats import ReplicaReporter
 from deployments import serve_env
@@ -30,9 +24,14 @@ from deployments.metrics import MetricsShipper
 log = logging.getLogger("ray.serve")
 
 
-def _internal_error(exc: BaseException) -> EmbservError:
-    log.error("a request failed in the replica", exc_info=exc)
-    return EmbservError(f"internal error ({type(exc).__name__})")
+# Admissions with more text than this are tokenized on a thread, so that the replica's loop (health checks,
+# other admissions) never waits for one; smaller ones, about a millisecond, are tokenized in place.
+INLINE_CHARS = 20_000
+
+
+def _settle(future: asyncio.Future, result: EmbedResult) -> None:
+    if not future.done():  # cancelled: its caller went away
+        future.set_result(result)
 
 
 def count_inputs(jobs: list[EmbedJob]) -> int:
@@ -56,29 +55,15 @@ class Embedder:
         gpu = gpu_limits(self.model, settings.gpu_memory_fraction, self.layout.workers) if device.value == "cuda" else None
         batch_size, batch_tokens = choose_batch_sizes(settings, gpu)
         self.batching = settings.batching(batch_size.value, batch_tokens.value)
-        self.engine = Engine(self.model, batch_tokens.value, settings.group_cost_tokens)
         dtype = Choice(self.model.info.dtype, getattr(self.model, "dtype_reason", f"set: {settings.source_of('dtype')}"))
         self.profile = replica_profile(settings, device=device, dtype=dtype, threads=threads, layout=self.layout,
                                        batch_size=batch_size, batch_tokens=batch_tokens)
-        self._threads_seen: set[int] = set()  # torch threads per forward, as each forward worker sees them
-
-        def set_threads(n: int) -> None:
-            torch.set_num_threads(n)
-            self._threads_seen.add(torch.get_num_threads())
-
-        # Runs (tokenize, plan, hand results back) go on a thread each; every run's length groups go to the
-        # forward workers, which take the most urgent group first: a lone run with many groups uses them
-        # all, and a health check goes between two groups.
-        self._worker = ThreadPoolExecutor(max_workers=self.layout.workers, thread_name_prefix="embed")
-        self._forwards = ForwardPool(self.layout.workers, initializer=set_threads,
-                                     initargs=(self.layout.threads_per_forward,))
-        self._coalescer = Coalescer(self._run, size=lambda job: job.weight,
-                                    max_size=lambda: self.batching.effective_max_batch_size,
-                                    max_in_flight=lambda: self.layout.workers)
-        self._apply_batching()
         self.reporter = ReplicaReporter(spec.name)
+        self.scheduler = Scheduler(self.model, self.layout, config=lambda: self.batching,
+                                   max_batch_tokens=batch_tokens.value, report=self._report,
+                                   group_cost_tokens=settings.group_cost_tokens)
+        self._apply_batching()
         self._ongoing = 0
-        self._calls = 0  # Serve calls received: one per request, or one per group the ingress sent together
         # Ray's own metrics pipeline (Prometheus via the Ray dashboard agent, Grafana) sees these too.
         self._ray_inputs = ray_metrics.Counter("embserve_replica_inputs", "Inputs embedded by this replica.",
                                                tag_keys=("model",))
@@ -109,8 +94,8 @@ class Embedder:
         serve_env.flush_warnings_at_once()
 
     def _apply_batching(self) -> None:
-        self._batch.set_max_batch_size(self.batching.effective_max_batch_size)
-        self._batch.set_batch_wait_timeout_s(self.batching.effective_wait_s)
+        self._admit.set_max_batch_size(self.batching.effective_max_batch_size)
+        self._admit.set_batch_wait_timeout_s(self.batching.effective_wait_s)
 
     def info(self) -> ModelInfo:
         return self.model.info
@@ -121,59 +106,46 @@ class Embedder:
         return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
                 "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
-                "effective_max_batch_size": self.batching.effective_max_batch_size, "calls": self._calls,
+                "effective_max_batch_size": self.batching.effective_max_batch_size,
                 "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
-                "threads_per_forward": sorted(self._threads_seen), "forwards_waiting": self._forwards.waiting,
-                "profile": self.profile.as_dict()}
+                "threads_per_forward": sorted(self.scheduler.threads_seen),
+                "pending_inputs": self.scheduler.pending, "profile": self.profile.as_dict()}
 
     async def check_health(self) -> None:
-        """Serve's health check: the model must answer a one-token forward."""
-        # Ahead of the queued groups: it waits for a forward worker to finish its group, not for the queue.
-        await asyncio.wrap_future(self._forwards.submit(self.model.forward, [[0]], rank=-1))
+        """Serve's health check: the model must answer a one-token forward, on a thread of its own, so that
+        it never waits behind the queue or a long forward."""
+        await asyncio.to_thread(self.model.forward, [[0]])
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
-        self._calls += 1
-        return await self._embed_one(job)
-
-    async def embed_many(self, jobs: list[EmbedJob]) -> list[EmbedResult | EmbservError]:
-        """Several requests in one call (the ingress's `ingress_calls_in_flight`): each is still batched,
-        counted and failed on its own."""
-        self._calls += 1
-        outcomes = await asyncio.gather(*(self._embed_one(job) for job in jobs), return_exceptions=True)
-        return [o if isinstance(o, (EmbedResult, EmbservError)) else _internal_error(o) for o in outcomes]
-
-    async def _embed_one(self, job: EmbedJob) -> EmbedResult:
         # A request larger than a batch still fits one: it counts as a full batch.
         job.weight = max(1, min(len(job), self.batching.effective_max_batch_size))
-        job.enqueued_at = time.time()
+        job.received = time.perf_counter()
         self._ongoing += 1
         try:
-            [result] = await (await self._batch(job))
-            return result
+            return await (await self._admit(job))
         except asyncio.CancelledError:
-            job.cancelled = True  # if it already sits in a coalesced run, that run skips it
+            job.cancelled = True  # its inputs still queued are dropped, never computed
             raise
         finally:
             self._ongoing -= 1
 
-    # Ray forms batches (max_batch_size inputs, batch_wait_timeout_s); each request in one gets a future of
-    # its own from the coalescer at once, so a batch never holds its requests back: whatever queues while
-    # the model is busy goes into the next run together, and each request is answered when its own inputs
-    # are done, not when its batch companions' are.
+    # Ray forms batches (max_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
+    # at once, so a batch never holds its requests back and Ray forms the next batch while these compute.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=count_inputs)
-    async def _batch(self, jobs: list[EmbedJob]) -> list[asyncio.Future]:
-        return [self._coalescer.add([job]) for job in jobs]
-
-    async def _run(self, jobs: list[EmbedJob], deliver: Callable[[int, EmbedResult], None]) -> list[EmbedResult]:
+    async def _admit(self, jobs: list[EmbedJob]) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
-        # Each request is answered as soon as its own groups are computed, while the run goes on.
-        run = functools.partial(self.engine.run, jobs, self.batching,
-                                on_done=lambda j, result: loop.call_soon_threadsafe(deliver, j, result),
-                                forwards=self._forwards)
-        results, report = await loop.run_in_executor(self._worker, run)
-        self.reporter.record_batch(report)
-        if report.inputs:
-            self._ray_inputs.inc(report.inputs)
-            self._ray_padded.inc(report.padded_tokens)
-            self._ray_forward.observe(report.forward_s)
-        return results
+        futures = [loop.create_future() for _ in jobs]
+        replies = [lambda result, f=f: loop.call_soon_threadsafe(_settle, f, result) for f in futures]
+        if sum(len(t) for job in jobs for t in job.texts or ()) > INLINE_CHARS:
+            await asyncio.to_thread(self.scheduler.admit, jobs, replies)
+        else:
+            self.scheduler.admit(jobs, replies)
+        return futures
+
+    def _report(self, event: object) -> None:
+        """The scheduler's admissions, forwards and answers, from whichever thread they happened on."""
+        self.reporter.record(event)
+        if isinstance(event, Forward):
+            self._ray_inputs.inc(event.inputs)
+            self._ray_padded.inc(event.padded_tokens)
+            self._ray_forward.observe(event.seconds)

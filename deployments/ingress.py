@@ -20,8 +20,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embserve.coalesce import Coalescer
-from embserve.engine import EmbedJob, EmbedResult
+from embserve.scheduler import EmbedJob, EmbedResult
 from embserve.encode import apply_dimensions
 from embserve.errors import (EmbservError, InvalidRequest, ModelNotFound, Overloaded, PayloadTooLarge,
                              RequestTimeout, Unauthorized, Unavailable)
@@ -211,18 +210,10 @@ KEYED = [Depends(require_key)]
 class ModelRoute:
     """One model's replicas, as the ingress calls them."""
 
-    def __init__(self, name: str, handle: DeploymentHandle, settings: Settings) -> None:
+    def __init__(self, name: str, handle: DeploymentHandle) -> None:
         self.name = name
         self.handle = handle
         self.info: ModelInfo | None = None
-        self.max_waiting = settings.max_queued_requests
-        # Off (0): one call per request, and Serve's autoscaler and queue limits count requests.
-        # On: at most that many calls in flight; requests that arrive meanwhile go together in the next.
-        self.coalescer: Coalescer[EmbedJob, EmbedResult | EmbservError] | None = None
-        if settings.ingress_calls_in_flight:
-            calls = settings.ingress_calls_in_flight
-            self.coalescer = Coalescer(self._send, size=len, max_size=lambda: settings.max_batch_size,
-                                       max_in_flight=lambda: calls)
 
     async def model_info(self) -> ModelInfo:
         if self.info is None:
@@ -231,27 +222,8 @@ class ModelRoute:
 
     def call(self, job: EmbedJob) -> tuple[Awaitable[EmbedResult], Callable[[], Any]]:
         """The call for one request, and how to cancel it."""
-        if self.coalescer is None:
-            response = self.handle.embed.remote(job)
-            return response, response.cancel
-        if self.max_waiting >= 0 and self.coalescer.pending >= self.max_waiting:
-            raise Overloaded("too many requests are waiting for this model; retry shortly")
-        return self._coalesced(job), lambda: None  # cancelling the awaiting task withdraws the job
-
-    async def _coalesced(self, job: EmbedJob) -> EmbedResult:
-        [outcome] = await self.coalescer.submit([job])
-        if isinstance(outcome, EmbservError):
-            raise outcome
-        return outcome
-
-    async def _send(self, jobs: list[EmbedJob], _deliver: Any) -> list[EmbedResult | EmbservError]:
-        """One embed_many call for the coalesced requests; its results come back together."""
-        response = self.handle.embed_many.remote(jobs)
-        try:
-            return await response
-        except asyncio.CancelledError:  # every request in this call went away
-            response.cancel()
-            raise
+        response = self.handle.embed.remote(job)
+        return response, response.cancel
 
 
 @serve.deployment(max_ongoing_requests=256)
@@ -263,7 +235,7 @@ class Ingress:
         self.routes: dict[str, ModelRoute] = {}
         self.models: list[ModelRoute] = []
         for spec, handle in zip(settings.model_specs(), embedders):
-            route = ModelRoute(spec.name, handle, settings)
+            route = ModelRoute(spec.name, handle)
             self.models.append(route)
             for name in (spec.name, *spec.aliases):
                 self.routes[name] = route

@@ -132,3 +132,12 @@ def plan_stats(lengths: Sequence[int], plan: Plan) -> PlanStats:
         padded_tokens=sum(padded_size(lengths, g) for g in plan),
         groups=len(plan),
     )
+
+
+def next_group(lengths: Sequence[int], **plan: object) -> list[int]:
+    """The group to run next from inputs queued in arrival order: of the plan over all of them
+    (`plan_batches`, same arguments), the group that holds the oldest input, index 0. Taking it first
+    serves inputs in arrival order, while its companions are whatever pads least beside it."""
+    if not lengths:
+        return []
+    return next(group for group in plan_batches(lengths, **plan) if 0 in group)  # type: ignore[arg-type]

@@ -57,8 +57,8 @@ class _AggregateCollector:
         for stage in ("queue", "tokenize", "forward"):
             yield _histogram(f"embserve_{stage}_duration_seconds", f"Time spent in the {stage} stage.",
                              by_model(f"{stage}_s"))
-        yield _histogram("embserve_batch_inputs", "Inputs per batch.", by_model("batch_inputs"))
-        yield _histogram("embserve_batch_tokens", "Padded tokens per batch.", by_model("batch_tokens"))
+        yield _histogram("embserve_batch_inputs", "Inputs per @serve.batch batch.", by_model("batch_inputs"))
+        yield _histogram("embserve_batch_tokens", "Padded tokens per forward.", by_model("batch_tokens"))
 
         eff = GaugeMetricFamily("embserve_padding_efficiency", "Real tokens / padded tokens since reset.",
                                 labels=["model"])

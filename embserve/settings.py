@@ -260,9 +260,6 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=-1, description="Requests that may wait for an embedding replica beyond what it is "
         "running; more get a fast 503 with Retry-After. -1: unbounded.")
-    ingress_calls_in_flight: int = Field(
-        0, ge=0, description="Calls one ingress replica keeps in flight to one model. Requests beyond "
-        "them wait in the ingress and go to a replica together, as one call. 0: off, one call per request.")
 
     # Security.
     api_key: Annotated[list[SecretStr], NoDecode] = Field(

@@ -21,6 +21,7 @@ INPUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 RECENT = 4096  # samples kept per histogram for percentiles
 WINDOW_S = 60.0  # throughput window
+GONE_S = 30.0  # a source silent this long has gone
 
 
 @dataclass
@@ -104,7 +105,7 @@ class Event:
     """One observation, stamped when it happened, so that a reset can drop what came before it."""
 
     at: float
-    kind: str  # "batch" (a replica's BatchReport) or "request" (an ingress's status, seconds, error kind)
+    kind: str  # a replica's "admitted", "forward" or "answered" (embserve.scheduler), or an ingress's "request"
     data: Any
 
 
@@ -149,8 +150,9 @@ class ReplicaReporter(Accumulator):
     def __init__(self, model: str) -> None:
         super().__init__("replica", model)
 
-    def record_batch(self, report: Any) -> None:
-        self.events.append(Event(time.time(), "batch", report))
+    def record(self, report: Any) -> None:
+        """One of the scheduler's reports (embserve.scheduler's Admitted, Forward or Answered)."""
+        self.events.append(Event(time.time(), type(report).__name__.lower(), report))
 
 
 class IngressReporter(Accumulator):
@@ -182,24 +184,26 @@ class SourceState:
         self.errors[kind] = self.errors.get(kind, 0) + n
 
     def apply(self, event: Event) -> None:
-        if event.kind == "batch":
-            report = event.data
-            c = self.counters
+        c = self.counters
+        report = event.data
+        if event.kind == "admitted":  # one @serve.batch call
+            c["batches"] += 1
             c["requests"] += report.requests
+            self.histograms["batch_inputs"].observe(report.inputs)
+            self.histograms["tokenize_s"].observe(report.tokenize_s)
+            self.window.append((event.at, report.requests, 0, 0))
+        elif event.kind == "forward":
+            c["forwards"] += 1
             c["inputs"] += report.inputs
             c["tokens"] += report.tokens
             c["padded_tokens"] += report.padded_tokens
-            c["batches"] += 1
-            c["forwards"] += report.forwards
-            for kind, n in report.errors.items():
-                self.add_error(kind, n)
-            for q in report.queue_s:
-                self.histograms["queue_s"].observe(q)
-            self.histograms["tokenize_s"].observe(report.tokenize_s)
-            self.histograms["forward_s"].observe(report.forward_s)
-            self.histograms["batch_inputs"].observe(report.inputs)
+            self.histograms["forward_s"].observe(report.seconds)
             self.histograms["batch_tokens"].observe(report.padded_tokens)
-            self.window.append((event.at, report.requests, report.inputs, report.tokens))
+            self.window.append((event.at, 0, report.inputs, report.tokens))
+        elif event.kind == "answered":
+            self.histograms["queue_s"].observe(report.queue_s)
+            if report.error is not None:
+                self.add_error(report.error)
         elif event.kind == "request":
             status, seconds, error_kind = event.data
             self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
@@ -273,12 +277,15 @@ class Aggregate:
         if profile is not None:
             state.profile, state.profile_seen = profile, now
 
-    def reset(self) -> None:
+    def reset(self, now: float | None = None) -> None:
         # Keep who is there (their memory, gauges and profile); zero what they counted, GPU peaks included.
+        # A source silent for GONE_S has gone (a live one reports every 2 s at least): after a reset it has
+        # nothing left to count, so it is forgotten, and a renamed or removed model leaves no series behind.
+        now = time.time() if now is None else now
         self.sources = {sid: SourceState(s.kind, s.model, memory=s.memory, last_seen=s.last_seen,
                                          gauges=dict(s.gauges), profile=s.profile, profile_seen=s.profile_seen)
-                        for sid, s in self.sources.items()}
-        self.reset_at = time.time()
+                        for sid, s in self.sources.items() if now - s.last_seen < GONE_S}
+        self.reset_at = now
 
     def combined(self, kinds: tuple[str, ...], model: str | None = None) -> SourceState:
         out = SourceState("all", model)

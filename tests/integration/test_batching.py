@@ -39,7 +39,9 @@ def performance(client, requests: int | None = None) -> dict:
     deadline = time.monotonic() + 15
     while True:
         perf = client.get("/v1/performance").json()
-        if requests is None or perf["totals"]["requests"] >= requests or time.monotonic() > deadline:
+        # Admissions are reported before their forwards end: wait for both.
+        done = requests is None or min(perf["totals"]["requests"], perf["totals"]["inputs"]) >= requests
+        if done or time.monotonic() > deadline:
             return perf
         time.sleep(0.3)
 
@@ -126,21 +128,20 @@ def test_32_concurrent_clients_fill_batches_with_little_padding(config, client):
     perf = performance(client)
     assert perf["totals"]["inputs"] == len(texts)
     assert perf["padding_efficiency"] >= 0.95
-    assert perf["batch_inputs"]["mean"] >= 3  # batches hold several inputs
+    assert perf["totals"]["inputs"] >= 3 * perf["totals"]["forwards"]  # forwards hold several inputs
     assert perf["totals"]["padded_tokens"] >= perf["totals"]["tokens"]
 
 
-def test_every_request_queued_behind_a_forward_joins_the_next_run(config, client):
-    """Thirty requests that arrive while long forwards keep every forward worker busy come out as one run,
-    not as Ray's `max_concurrent_batches` slices of it (it was 16: at most 15 could wait beside a running
-    run)."""
+def test_requests_queued_behind_busy_forwards_share_their_next_forwards(config, client):
+    """Thirty one-text requests that arrive while long forwards keep every forward worker busy are planned
+    together when a worker frees: a few full forwards, not thirty."""
     long = " ".join(" ".join(mixed_texts(40, seed=17)).split()[:400])
     queries = [t for t in mixed_texts(120, seed=19) if len(t.split()) <= 15][:30]
     embed(client, queries[:2])  # warm up
-    workers = describe()["forward_workers"]  # one run in flight per worker
+    workers = describe()["forward_workers"]
     client.post("/v1/performance/reset")
     with cf.ThreadPoolExecutor(30 + workers) as pool:
-        # 20 inputs of the model's max length each, one per worker
+        # 20 inputs of the model's max length each, one request per worker: one forward each
         busy = [pool.submit(embed, client, [long] * 20, truncate=True) for _ in range(workers)]
         time.sleep(0.3)
         followers = [pool.submit(embed, client, q) for q in queries]
@@ -148,15 +149,16 @@ def test_every_request_queued_behind_a_forward_joins_the_next_run(config, client
         assert [len(b.result()) for b in busy] == [20] * workers
     perf = performance(client, requests=30 + workers)
     assert perf["totals"]["inputs"] == 30 + 20 * workers
-    assert perf["batch_inputs"]["max"] >= 25, perf["batch_inputs"]
+    assert perf["totals"]["forwards"] - workers <= 6, perf["totals"]
 
 
-def test_a_short_query_in_a_run_with_long_documents_is_answered_first(config, client):
-    """Both requests queue behind busy runs (one per forward worker) and share the next one; the query's
-    group runs first and its answer leaves while the long documents are still computing."""
+def test_a_request_is_answered_when_its_own_inputs_are_done_while_others_compute(config, client):
+    """Long documents and then a short query queue behind busy workers. The documents go first (arrival
+    order); the query takes the next free worker beside them and is answered while they still compute."""
     long = " ".join(" ".join(mixed_texts(40, seed=23)).split()[:400])
     embed(client, ["warm up"])
     workers = describe()["forward_workers"]
+    assert workers >= 2, "this needs two forward workers: the box's 2 cores"
     client.post("/v1/performance/reset")
 
     def timed(texts, **extra):
@@ -172,12 +174,7 @@ def test_a_short_query_in_a_run_with_long_documents_is_answered_first(config, cl
         query = pool.submit(timed, "how do I join a thread")
         (query_done, query_ms), (documents_done, documents_ms) = query.result(), documents.result()
         [b.result() for b in busy]
-    assert performance(client, requests=2 + workers)["totals"]["batches"] == 1 + workers, \
-        "the query and the documents shared a run"
-    assert query_ms < documents_ms
-    # Answered after its own forward, not at the run's end: most of the documents' compute came after it.
-    assert documents_done - query_done > 0.5 * (documents_ms - query_ms) / 1000
-
+    assert query_done < documents_done and query_ms < documents_ms
 
 def test_one_bad_request_does_not_fail_its_batch_companions(config, client):
     good = mixed_texts(12, seed=13)

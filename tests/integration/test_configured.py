@@ -33,12 +33,14 @@ def embed(client, texts) -> dict:
     return response
 
 
-def performance(client, requests: int) -> dict:
-    """/v1/performance once the replicas have reported `requests` (they ship every 0.5 s)."""
+def performance(client, requests: int, inputs: int | None = None) -> dict:
+    """/v1/performance once the replicas have reported `requests` and their `inputs` (they ship every
+    0.5 s; an admission is reported before its forwards end)."""
     deadline = time.monotonic() + 15
     while True:
         perf = client.get("/v1/performance").json()
-        if perf["totals"]["requests"] >= requests or time.monotonic() > deadline:
+        totals = perf["totals"]
+        if totals["requests"] >= requests and totals["inputs"] >= (inputs or requests) or time.monotonic() > deadline:
             return perf
         time.sleep(0.3)
 
@@ -56,7 +58,7 @@ def concurrent_single_texts(client, n: int = 24) -> dict:
 def one_request(client, texts) -> dict:
     client.post("/v1/performance/reset")
     embed(client, texts)
-    return performance(client, 1)["totals"]
+    return performance(client, 1, len(texts))["totals"]
 
 
 def token_lengths(bundled_model, texts) -> list[int]:

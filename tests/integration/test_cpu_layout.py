@@ -36,10 +36,10 @@ def test_the_shipped_cpu_layout_runs_one_single_thread_forward_per_core(config):
     assert described["profile"]["torch_threads"] == {"value": cores, "source": f"auto: {cores} cores visible to the replica"}
 
 
-def test_a_query_goes_ahead_of_the_queued_groups_of_a_long_request(config, client, reference):
-    """The long request's run queues about 24 groups (4 documents each) on the two forward workers; a
-    query sent while they compute is ranked ahead of all but the groups already running, so it is back
-    long before the long request, which alone would keep both workers busy for the rest of the time."""
+def test_a_long_requests_groups_run_on_every_forward_worker_in_arrival_order(config, client, reference):
+    """The long request queues about 24 groups (4 documents each, under the 1024-token budget); a query
+    sent while they compute is answered after them: nothing overtakes an older input. Both workers take
+    the long request's groups, so it takes about half of what one worker alone would."""
     long_docs = [" ".join(mixed_texts(40, seed=s)) for s in range(96)]  # each cut to 256 tokens
     done = {}
 
@@ -47,22 +47,31 @@ def test_a_query_goes_ahead_of_the_queued_groups_of_a_long_request(config, clien
         response = client.post("/v1/embeddings", json={"model": MODEL, "input": inputs, "truncate": True})
         done[name] = time.perf_counter()
         assert response.status_code == 200, response.text
-        return np.array([d["embedding"] for d in response.json()["data"]])
+        return np.array([d["embedding"] for d in response.json()["data"]]), response.headers
 
+    client.post("/v1/performance/reset")
     with cf.ThreadPoolExecutor(2) as pool:
         long_request = pool.submit(post, "long", long_docs)
         deadline = time.monotonic() + 30
-        while call_deployment("describe")["forwards_waiting"] < 4:  # its run has queued its groups
-            assert time.monotonic() < deadline, "the long request's groups never queued"
+        while call_deployment("describe")["pending_inputs"] < 16:  # its groups have queued
+            assert time.monotonic() < deadline, "the long request's inputs never queued"
             time.sleep(0.05)
         sent = time.perf_counter()
         query = pool.submit(post, "query", ["how do I parse a date string"])
-        vectors = query.result()
-        long_request.result()
-    # First come, first served, the query would wait for nearly every group: most of the long request's
-    # remaining time. Ranked, it waits for one group at most.
-    assert done["query"] - sent < (done["long"] - sent) / 2, (done["query"] - sent, done["long"] - sent)
+        vectors, query_headers = query.result()
+        long_vectors, headers = long_request.result()
+    # The query waited until every older input was taken: nearly all of the long request's remaining time.
+    assert float(query_headers["x-embserve-queue-ms"]) / 1000 > 0.5 * (done["long"] - sent)
     assert float(vectors[0] @ reference(["how do I parse a date string"])[0]) > 0.9999
+    cosines = np.sum(long_vectors * reference(long_docs), axis=1)
+    assert cosines.min() > 0.9999, cosines.min()
+    deadline = time.monotonic() + 10
+    while (perf := client.get("/v1/performance").json())["totals"]["inputs"] < 97:
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    # Both workers computed: the forwards' time adds up to well over the request's own compute time.
+    forward = perf["latency_ms"]["forward"]
+    assert forward["mean"] * forward["count"] > 1.5 * float(headers["x-embserve-inference-ms"])
 
 
 def test_concurrent_forwards_give_the_reference_vectors(config, client, reference):

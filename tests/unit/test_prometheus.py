@@ -7,7 +7,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from embserve.engine import BatchReport
+from embserve.scheduler import Admitted, Answered, Forward
 from embserve.prometheus import render
 from embserve.stats import Aggregate, Event
 
@@ -26,12 +26,16 @@ def agg() -> Aggregate:
     agg = Aggregate()
     t = max(time.time(), agg.reset_at) + 1
     agg.record("r1", "replica", "mini", [
-        Event(t, "batch", BatchReport(requests=2, inputs=3, tokens=90, padded_tokens=120, forwards=1,
-                                      queue_s=[0.002, 0.004], tokenize_s=0.001, forward_s=0.03)),
+        Event(t, "admitted", Admitted(requests=2, inputs=3, tokenize_s=0.001)),
+        Event(t, "forward", Forward(inputs=3, tokens=90, padded_tokens=120, seconds=0.03)),
+        Event(t, "answered", Answered(queue_s=0.002, error=None)),
+        Event(t, "answered", Answered(queue_s=0.004, error=None)),
     ], gauges={"queue_size": 2}, now=t)
     agg.record("r2", "replica", "mini", [
-        Event(t, "batch", BatchReport(requests=1, inputs=40, tokens=3000, padded_tokens=3200, forwards=2,
-                                      queue_s=[0.02], tokenize_s=0.004, forward_s=0.4)),
+        Event(t, "admitted", Admitted(requests=1, inputs=40, tokenize_s=0.004)),
+        Event(t, "forward", Forward(inputs=20, tokens=1500, padded_tokens=1600, seconds=0.2)),
+        Event(t, "forward", Forward(inputs=20, tokens=1500, padded_tokens=1600, seconds=0.2)),
+        Event(t, "answered", Answered(queue_s=0.02, error=None)),
     ], gauges={"queue_size": 1}, now=t)
     agg.record("i1", "ingress", None, [
         Event(t, "request", (200, 0.04, None)),
@@ -103,7 +107,7 @@ def test_stage_histograms_are_exposed(agg):
     assert _value(families["embserve_queue_duration_seconds"], "embserve_queue_duration_seconds_count",
                   model="mini") == 3
     assert _value(families["embserve_forward_duration_seconds"], "embserve_forward_duration_seconds_count",
-                  model="mini") == 2
+                  model="mini") == 3  # one per forward
     assert _value(families["embserve_tokenize_duration_seconds"],
                   "embserve_tokenize_duration_seconds_count", model="mini") == 2
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from embserve.engine import BatchReport
+from embserve.scheduler import Admitted, Answered, Forward
 from embserve.stats import (
     COUNTERS,
     INPUT_BUCKETS,
@@ -23,10 +23,21 @@ from embserve.stats import (
 )
 
 
-def _report(requests=1, inputs=4, tokens=100, padded=120, forwards=1, errors=None, queue=(0.002,),
-            tokenize=0.001, forward=0.02) -> BatchReport:
-    return BatchReport(requests=requests, inputs=inputs, tokens=tokens, padded_tokens=padded, forwards=forwards,
-                       errors=dict(errors or {}), queue_s=list(queue), tokenize_s=tokenize, forward_s=forward)
+def _reports(requests=1, inputs=4, tokens=100, padded=120, forwards=1, errors=None, queue=(0.002,),
+             tokenize=0.001, forward=0.02) -> list:
+    """What a replica's scheduler reports for one admission: the admission, its forwards (inputs and tokens
+    spread over them), and an answer per request (queue times, then the errors)."""
+    out: list = [Admitted(requests, inputs, tokenize)]
+    for k in range(forwards):
+        share = lambda total: total // forwards + (total % forwards if k == forwards - 1 else 0)  # noqa: E731
+        out.append(Forward(share(inputs), share(tokens), share(padded), forward / forwards))
+    out += [Answered(q, None) for q in queue]
+    out += [Answered(0.0, kind) for kind, n in (errors or {}).items() for _ in range(n)]
+    return out
+
+
+def _batch(at, **kwargs) -> list[Event]:
+    return [Event(at, type(r).__name__.lower(), r) for r in _reports(**kwargs)]
 
 
 # Histogram
@@ -136,11 +147,13 @@ def test_merging_into_a_histogram_with_samples_of_its_own_keeps_their_weight():
 
 def test_reporters_hand_over_their_events_once():
     replica, ingress = ReplicaReporter("mini"), IngressReporter()
-    replica.record_batch(_report())
+    for report in _reports():
+        replica.record(report)
     ingress.record_request(200, 0.05)
     ingress.record_request(400, 0.01, "InvalidRequest")
-    [batch] = replica.take()
-    assert batch.kind == "batch" and batch.data.inputs == 4
+    admitted, forward, answered = replica.take()
+    assert (admitted.kind, forward.kind, answered.kind) == ("admitted", "forward", "answered")
+    assert admitted.data.inputs == forward.data.inputs == 4
     assert [(e.kind, e.data) for e in ingress.take()] == [("request", (200, 0.05, None)),
                                                          ("request", (400, 0.01, "InvalidRequest"))]
     assert replica.take() == [] and ingress.take() == []
@@ -154,9 +167,11 @@ def test_each_reporter_has_its_own_source_id():
 
 def test_events_survive_pickling_to_the_metrics_actor():
     replica = ReplicaReporter("m")
-    replica.record_batch(_report(errors={"InputTooLong": 1}))
-    [event] = pickle.loads(pickle.dumps(replica.take()))
-    assert event.data.errors == {"InputTooLong": 1} and event.data.padded_tokens == 120
+    for report in _reports(errors={"InputTooLong": 1}):
+        replica.record(report)
+    events = pickle.loads(pickle.dumps(replica.take()))
+    assert [e.data.error for e in events if e.kind == "answered"] == [None, "InputTooLong"]
+    assert [e.data.padded_tokens for e in events if e.kind == "forward"] == [120]
 
 
 def test_process_memory_reports_resident_bytes_or_gpu_memory():
@@ -182,11 +197,11 @@ def _at(agg: Aggregate, seconds: float) -> float:
 
 def test_totals_are_the_sum_of_two_replicas(agg):
     t = _at(agg, 1)
-    agg.record("r1", "replica", "mini", [Event(t, "batch", _report(requests=2, inputs=4, tokens=100, padded=120)),
-                                         Event(t, "batch", _report(requests=1, inputs=1, tokens=10, padded=10))],
+    agg.record("r1", "replica", "mini", [*_batch(t, requests=2, inputs=4, tokens=100, padded=120),
+                                         *_batch(t, requests=1, inputs=1, tokens=10, padded=10)],
                now=t)
-    agg.record("r2", "replica", "mini", [Event(t, "batch", _report(requests=3, inputs=6, tokens=90, padded=150,
-                                                                   forwards=2, errors={"InputTooLong": 1}))],
+    agg.record("r2", "replica", "mini", [*_batch(t, requests=3, inputs=6, tokens=90, padded=150,
+                                                                   forwards=2, errors={"InputTooLong": 1})],
                now=t)
     snap = agg.snapshot(now=t)
     assert snap["totals"]["requests"] == 6
@@ -200,22 +215,22 @@ def test_totals_are_the_sum_of_two_replicas(agg):
     assert set(per_replica) == {"r1", "r2"}
     for key in ("requests", "inputs", "tokens", "padded_tokens", "batches", "forwards"):
         assert snap["totals"][key] == per_replica["r1"][key] + per_replica["r2"][key]
-    assert snap["batch_inputs"]["count"] == 3
-    assert snap["latency_ms"]["queue"]["count"] == 3
-    assert snap["latency_ms"]["forward"]["count"] == 3
+    assert snap["batch_inputs"]["count"] == 3  # one per admission (@serve.batch call)
+    assert snap["latency_ms"]["queue"]["count"] == 4  # one per answer, the failed one included
+    assert snap["latency_ms"]["forward"]["count"] == 4  # one per forward
 
 
 def test_deltas_from_repeated_reports_accumulate(agg):
     t = _at(agg, 1)
     for _ in range(3):
-        agg.record("r1", "replica", "mini", [Event(t, "batch", _report(inputs=2, tokens=20, padded=20))], now=t)
+        agg.record("r1", "replica", "mini", [*_batch(t, inputs=2, tokens=20, padded=20)], now=t)
     agg.record("r1", "replica", "mini", [], now=t)
     assert agg.snapshot(now=t)["totals"]["inputs"] == 6
 
 
 def test_errors_are_counted_once_where_the_client_saw_them(agg):
     t = _at(agg, 1)
-    agg.record("r1", "replica", "mini", [Event(t, "batch", _report(errors={"InputTooLong": 1}))], now=t)
+    agg.record("r1", "replica", "mini", [*_batch(t, errors={"InputTooLong": 1})], now=t)
     agg.record("i1", "ingress", None, [Event(t, "request", (200, 0.01, None)),
                                        Event(t, "request", (400, 0.02, "InputTooLong")),
                                        Event(t, "request", (401, 0.001, "Unauthorized"))], now=t)
@@ -233,7 +248,7 @@ def test_errors_are_counted_once_where_the_client_saw_them(agg):
 def test_reset_zeroes_counters_but_keeps_sources_memory_and_gauges(agg):
     t = _at(agg, 1)
     mem = {"kind": "process", "rss_bytes": 1000}
-    agg.record("r1", "replica", "mini", [Event(t, "batch", _report())], gauges={"queue_size": 3}, memory=mem, now=t)
+    agg.record("r1", "replica", "mini", [*_batch(t)], gauges={"queue_size": 3}, memory=mem, now=t)
     agg.record("i1", "ingress", None, [Event(t, "request", (500, 0.1, "Unavailable"))], now=t)
     agg.reset()
     snap = agg.snapshot()
@@ -250,24 +265,24 @@ def test_reset_zeroes_counters_but_keeps_sources_memory_and_gauges(agg):
 def test_events_from_before_a_reset_are_dropped_even_when_they_arrive_after_it(agg):
     agg.reset()
     before, after = agg.reset_at - 0.5, agg.reset_at + 0.5
-    agg.record("r1", "replica", "mini", [Event(before, "batch", _report(inputs=7)),
-                                         Event(after, "batch", _report(inputs=2))], now=after)
+    agg.record("r1", "replica", "mini", [*_batch(before, inputs=7),
+                                         *_batch(after, inputs=2)], now=after)
     assert agg.snapshot(now=after)["totals"]["inputs"] == 2
 
 
 def test_events_from_before_the_aggregate_existed_count_until_the_first_reset():
     early = time.time() - 30  # a replica observed this before the metrics actor started
     agg = Aggregate()
-    agg.record("r1", "replica", "mini", [Event(early, "batch", _report(inputs=3))])
+    agg.record("r1", "replica", "mini", [*_batch(early, inputs=3)])
     assert agg.snapshot()["totals"]["inputs"] == 3
     agg.reset()
-    agg.record("r1", "replica", "mini", [Event(early, "batch", _report(inputs=3))])
+    agg.record("r1", "replica", "mini", [*_batch(early, inputs=3)])
     assert agg.snapshot()["totals"]["inputs"] == 0
 
 
 def test_snapshot_has_every_documented_key(agg):
     t = _at(agg, 1)
-    agg.record("r1", "replica", "mini", [Event(t, "batch", _report())], memory={"kind": "process", "rss_bytes": 5},
+    agg.record("r1", "replica", "mini", [*_batch(t)], memory={"kind": "process", "rss_bytes": 5},
                now=t)
     snap = agg.snapshot(now=t)
     for key in ("totals", "padding_efficiency", "throughput", "latency_ms", "batch_inputs", "batch_tokens",
@@ -289,8 +304,8 @@ def test_snapshot_has_every_documented_key(agg):
 
 def test_batch_histograms_count_inputs_and_padded_tokens(agg):
     t = _at(agg, 1)
-    agg.record("r1", "replica", "m", [Event(t, "batch", _report(inputs=3, tokens=50, padded=64)),
-                                      Event(t, "batch", _report(inputs=9, tokens=800, padded=900))], now=t)
+    agg.record("r1", "replica", "m", [*_batch(t, inputs=3, tokens=50, padded=64),
+                                      *_batch(t, inputs=9, tokens=800, padded=900)], now=t)
     snap = agg.snapshot(now=t)
     assert snap["batch_inputs"]["max"] == 9 and snap["batch_inputs"]["count"] == 2
     assert snap["batch_tokens"]["max"] == 900 and snap["batch_tokens"]["p50"] == 900
@@ -298,8 +313,8 @@ def test_batch_histograms_count_inputs_and_padded_tokens(agg):
 
 def test_throughput_is_requests_inputs_and_tokens_over_the_window(agg):
     t0 = _at(agg, 10)
-    agg.record("r1", "replica", "m", [Event(t0, "batch", _report(requests=5, inputs=10, tokens=1000)),
-                                      Event(t0 + 5, "batch", _report(requests=15, inputs=30, tokens=3000))],
+    agg.record("r1", "replica", "m", [*_batch(t0, requests=5, inputs=10, tokens=1000),
+                                      *_batch(t0 + 5, requests=15, inputs=30, tokens=3000)],
                now=t0 + 5)
     snap = agg.snapshot(now=t0 + 10)
     assert snap["throughput"] == {"window_s": 10.0, "requests_per_s": 2.0, "inputs_per_s": 4.0,
@@ -310,10 +325,10 @@ def test_throughput_is_requests_inputs_and_tokens_over_the_window(agg):
 
 def test_requests_per_s_adds_up_over_replicas_and_forgets_old_batches(agg):
     t0 = _at(agg, 1)
-    agg.record("r1", "replica", "m", [Event(t0, "batch", _report(requests=50))], now=t0)
+    agg.record("r1", "replica", "m", [*_batch(t0, requests=50)], now=t0)
     late = t0 + WINDOW_S + 20
-    agg.record("r1", "replica", "m", [Event(late, "batch", _report(requests=3))], now=late)
-    agg.record("r2", "replica", "m", [Event(late, "batch", _report(requests=5))], now=late)
+    agg.record("r1", "replica", "m", [*_batch(late, requests=3)], now=late)
+    agg.record("r2", "replica", "m", [*_batch(late, requests=5)], now=late)
     snap = agg.snapshot(now=late + 2)
     assert snap["throughput"]["requests_per_s"] == 4.0  # 8 requests over 2 s; the first 50 left the window
     assert snap["totals"]["requests"] == 58
@@ -321,9 +336,9 @@ def test_requests_per_s_adds_up_over_replicas_and_forgets_old_batches(agg):
 
 def test_throughput_forgets_batches_older_than_the_window(agg):
     t0 = _at(agg, 1)
-    agg.record("r1", "replica", "m", [Event(t0, "batch", _report(inputs=100, tokens=100))], now=t0)
+    agg.record("r1", "replica", "m", [*_batch(t0, inputs=100, tokens=100)], now=t0)
     late = t0 + WINDOW_S + 20
-    agg.record("r1", "replica", "m", [Event(late, "batch", _report(inputs=4, tokens=40))], now=late)
+    agg.record("r1", "replica", "m", [*_batch(late, inputs=4, tokens=40)], now=late)
     snap = agg.snapshot(now=late + 1)
     assert snap["throughput"]["inputs_per_s"] == 4.0  # only the late batch, over a span of 1 s
     assert snap["totals"]["inputs"] == 104, "totals keep counting what left the window"
@@ -331,9 +346,9 @@ def test_throughput_forgets_batches_older_than_the_window(agg):
 
 def test_models_are_summarized_apart(agg):
     t = _at(agg, 1)
-    agg.record("a1", "replica", "alpha", [Event(t, "batch", _report(inputs=2))], now=t)
-    agg.record("a2", "replica", "alpha", [Event(t, "batch", _report(inputs=3))], now=t)
-    agg.record("b1", "replica", "beta", [Event(t, "batch", _report(inputs=5))], now=t)
+    agg.record("a1", "replica", "alpha", [*_batch(t, inputs=2)], now=t)
+    agg.record("a2", "replica", "alpha", [*_batch(t, inputs=3)], now=t)
+    agg.record("b1", "replica", "beta", [*_batch(t, inputs=5)], now=t)
     snap = agg.snapshot(now=t)
     assert snap["models"]["alpha"]["totals"]["inputs"] == 5
     assert snap["models"]["beta"]["totals"]["inputs"] == 5
@@ -363,7 +378,7 @@ def test_queue_sizes_and_memory_add_up_across_replicas(agg):
 def test_error_rate_is_failed_over_all_requests_at_the_ingress(agg):
     t = _at(agg, 1)
     # A replica's own error counts do not enter the rate: the ingress answers every request once.
-    agg.record("r1", "replica", "mini", [Event(t, "batch", _report(errors={"InputTooLong": 1}))], now=t)
+    agg.record("r1", "replica", "mini", [*_batch(t, errors={"InputTooLong": 1})], now=t)
     agg.record("i1", "ingress", None, [Event(t, "request", (200, 0.01, None)),
                                        Event(t, "request", (200, 0.01, None)),
                                        Event(t, "request", (400, 0.01, "InputTooLong")),
@@ -462,7 +477,7 @@ def test_snapshot_shows_each_replicas_profile_and_the_latest_per_model(agg):
 def test_a_heartbeat_without_a_profile_keeps_the_last_one_and_reset_keeps_profiles(agg):
     t = _at(agg, 1)
     agg.record("a1", "replica", "alpha", [], profile=_profile(), now=t)
-    agg.record("a1", "replica", "alpha", [Event(t, "batch", _report())], now=t + 1)
+    agg.record("a1", "replica", "alpha", [*_batch(t)], now=t + 1)
     agg.reset()
     snap = agg.snapshot()
     assert snap["profile"] == {"alpha": _profile()}
@@ -539,7 +554,7 @@ def test_shipper_sends_the_profile_with_every_heartbeat(fake_actor, as_callable)
 
     async def main():
         for _ in range(5):
-            reporter.record_batch(_report())
+            reporter.record(_reports()[0])
             await shipper.flush()
 
     asyncio.run(main())
@@ -560,3 +575,13 @@ def test_ensure_metrics_actor_waits_for_an_answer_and_never_raises(monkeypatch):
     assert asyncio.run(metrics.ensure_metrics_actor("app")) is True
     monkeypatch.setattr(metrics, "get_metrics_actor", lambda app_name: down)
     assert asyncio.run(metrics.ensure_metrics_actor("app")) is False
+
+
+def test_a_reset_forgets_sources_that_have_gone_silent(agg):
+    t = _at(agg, 1)
+    agg.record("old", "replica", "renamed-away", _batch(t), now=t)
+    agg.record("live", "replica", "mini", _batch(t), now=t + 100)
+    agg.reset(now=t + 101)  # "old" last reported 101 s ago, "live" 1 s ago
+    snap = agg.snapshot(now=t + 101)
+    assert [r["id"] for r in snap["replicas"]] == ["live"]
+    assert set(snap["models"]) == {"mini"}

@@ -1,0 +1,292 @@
+"""A replica's one scheduler: requests are tokenized when they are admitted and queue here as inputs; each
+forward worker takes the next group from one plan over everything pending (the group that holds the
+oldest input), and each request is answered as soon as its own inputs are done.
+
+One lock guards the queue; forward workers are plain threads that take a group, run it, and hand its
+vectors back. Nothing else decides what runs next.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from embserve.batching import next_group, padded_size
+from embserve.errors import Cancelled, EmbservError, Unavailable
+from embserve.model import EmbeddingModel
+from embserve.settings import BatchingConfig
+from embserve.tokenize import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# How many of the oldest pending inputs one plan looks at: enough to fill any group a budget allows,
+# few enough that planning stays well under a millisecond behind a 2048-input request.
+PLAN_WINDOW = 512
+
+
+@dataclass
+class EmbedJob:
+    """One HTTP request's inputs, as the ingress normalized them."""
+
+    texts: list[str] | None = None
+    token_ids: list[list[int]] | None = None
+    truncate: bool = False
+    weight: int = 1  # what it counts for in max_batch_size; set by the replica
+    received: float = 0.0  # time.perf_counter() when the replica got it (its wait for a batch counts)
+    cancelled: bool = False  # the caller went away: its inputs still pending are dropped, never computed
+
+    def __len__(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids or [])
+
+
+@dataclass
+class EmbedResult:
+    """A request's answer: its vectors, or the error that is its answer (errors travel as values)."""
+
+    vectors: np.ndarray | None
+    prompt_tokens: int = 0
+    error: EmbservError | None = None
+    queue_s: float = 0.0
+    tokenize_s: float = 0.0
+    forward_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What one admission did (a @serve.batch call), for the metrics."""
+
+    requests: int
+    inputs: int
+    tokenize_s: float
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What one forward did, for the metrics."""
+
+    inputs: int
+    tokens: int
+    padded_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One request's end, for the metrics: how long its first input queued, and its error kind if any."""
+
+    queue_s: float
+    error: str | None
+
+
+@dataclass(eq=False)
+class Request:
+    job: EmbedJob
+    seqs: list[list[int]]
+    reply: Callable[[EmbedResult], None]
+    admitted_at: float  # time.perf_counter() when the replica got it
+    tokenize_s: float
+    vectors: list[np.ndarray | None] = field(default_factory=list)
+    left: int = 0
+    started_at: float | None = None
+    error: EmbservError | None = None
+
+    def result(self, now: float) -> EmbedResult:
+        started = self.started_at or now
+        if self.error is not None:
+            return EmbedResult(None, error=self.error, queue_s=started - self.admitted_at, tokenize_s=self.tokenize_s)
+        vectors = np.stack(self.vectors) if self.vectors else np.zeros((0, 0))
+        return EmbedResult(vectors.astype(np.float32, copy=False), sum(map(len, self.seqs)),
+                           queue_s=started - self.admitted_at, tokenize_s=self.tokenize_s, forward_s=now - started)
+
+
+@dataclass(frozen=True)
+class ForwardLayout:
+    """How a replica spends its CPU threads: `workers` forwards at once, each on `threads_per_forward`."""
+
+    workers: int
+    threads_per_forward: int
+
+    @property
+    def threads(self) -> int:
+        return self.workers * self.threads_per_forward
+
+
+def forward_layout(device: str, threads: int, workers: int | None = None) -> ForwardLayout:
+    """Split a replica's `threads` among concurrent forwards. `workers` None: one single-thread forward
+    per thread on a CPU, so that no forward waits at an OpenMP barrier for a thread the OS descheduled
+    (bench/profile.md); one forward at a time on a GPU, which one forward already fills."""
+    threads = max(1, threads)
+    if workers is None:
+        workers = 1 if device == "cuda" else threads
+    return ForwardLayout(workers=max(1, workers), threads_per_forward=max(1, threads // max(1, workers)))
+
+
+class Scheduler:
+    """Owns the replica's model, tokenizer and queue. `admit` may be called from any thread; `report`
+    hears of every admission, forward and answer (from the thread where it happened)."""
+
+    def __init__(self, model: EmbeddingModel, layout: ForwardLayout, config: Callable[[], BatchingConfig],
+                 max_batch_tokens: int, report: Callable[[object], None] = lambda _: None,
+                 group_cost_tokens: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = Tokenizer(model.tokenizer, model.max_length, model.vocab_size)
+        self.config = config
+        self.max_batch_tokens = max_batch_tokens
+        # A forward's fixed cost dwarfs per-token cost on a GPU; on a CPU it is a few dozen tokens.
+        self.group_cost_tokens = group_cost_tokens if group_cost_tokens is not None else (
+            512 if model.device == "cuda" else 32)
+        self.report = report
+        self._pending: list[tuple[Request, int]] = []  # (request, input index), in admission order
+        self._wake = threading.Condition()
+        self._closed = False
+        self.threads_seen: set[int] = set()  # torch threads per forward, as each worker reads them back
+        ready = threading.Barrier(layout.workers + 1)
+        self._workers = [threading.Thread(target=self._work, args=(layout.threads_per_forward, ready),
+                                          name=f"forward-{k}", daemon=True) for k in range(layout.workers)]
+        for worker in self._workers:
+            worker.start()
+        ready.wait()  # every worker has set its threads before the first request
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def admit(self, jobs: list[EmbedJob], replies: list[Callable[[EmbedResult], None]]) -> None:
+        """Tokenizes every job's inputs in one tokenizer call and queues them. A job that fails its checks
+        (too long, bad token ids) is answered at once and alone; the others queue."""
+        t0 = time.perf_counter()
+        content = iter(self.tokenizer.content_ids([t for job in jobs if job.texts is not None for t in job.texts]))
+        prepared: list[tuple[EmbedJob, list[list[int]] | EmbservError, Callable[[EmbedResult], None]]] = []
+        for job, reply in zip(jobs, replies):
+            raw = [next(content) for _ in job.texts] if job.texts is not None else list(job.token_ids or [])
+            try:
+                seqs = []
+                for pos, ids in enumerate(raw):
+                    if job.token_ids is not None:
+                        self.tokenizer.check_ids(ids, pos)
+                    seqs.append(self.tokenizer.finish(ids, pos, job.truncate))
+                prepared.append((job, seqs, reply))
+            except EmbservError as err:
+                prepared.append((job, err, reply))
+        tokenize_s = time.perf_counter() - t0
+        self.report(Admitted(len(jobs), sum(map(len, jobs)), tokenize_s))
+        now = time.perf_counter()
+        with self._wake:
+            for job, seqs, reply in prepared:
+                if isinstance(seqs, EmbservError) or not seqs:
+                    error = seqs if isinstance(seqs, EmbservError) else None
+                    request = Request(job, [], reply, job.received or now, tokenize_s, error=error)
+                    self._answer(request, now)
+                    continue
+                request = Request(job, seqs, reply, job.received or now, tokenize_s, vectors=[None] * len(seqs),
+                                  left=len(seqs))
+                self._pending.extend((request, i) for i in range(len(seqs)))
+            self._wake.notify_all()
+
+    def close(self) -> None:
+        """Stops the workers once their forwards end; what is still pending is answered as unavailable."""
+        with self._wake:
+            self._closed = True
+            dropped = {request for request, _ in self._pending}
+            self._pending.clear()
+            self._wake.notify_all()
+        for request in dropped:
+            request.error = Unavailable("the replica is shutting down")
+            self._answer(request, time.perf_counter())
+        for worker in self._workers:
+            worker.join()
+
+    def _take(self) -> list[tuple[Request, int]]:
+        """Under the lock: the next group, taken out of the queue. Inputs of requests whose caller went away
+        are dropped first; each such request is answered (nobody hears it) and counted."""
+        gone = {request for request, _ in self._pending if request.job.cancelled}
+        if gone:
+            self._pending = [item for item in self._pending if item[0] not in gone]
+            for request in gone:
+                request.error = Cancelled("the client went away before its inputs ran")
+                self._answer(request, time.perf_counter())
+        if not self._pending:
+            return []
+        cfg = self.config()
+        window = self._pending[:PLAN_WINDOW]
+        if not cfg.enable_dynamic_batching:  # every request on its own: plan the oldest one's inputs only
+            window = [item for item in window if item[0] is window[0][0]]
+        group = next_group([len(r.seqs[i]) for r, i in window], max_batch_tokens=cfg.max_batch_tokens or
+                           self.max_batch_tokens, group_by_length=cfg.enable_length_grouping,
+                           tolerance=cfg.length_group_tolerance, min_group_size=cfg.min_batch_size,
+                           group_cost_tokens=self.group_cost_tokens if cfg.group_cost_tokens is None
+                           else cfg.group_cost_tokens)
+        taken = [window[k] for k in group]
+        chosen = set(map(id, taken))
+        self._pending = [item for item in self._pending if id(item) not in chosen]
+        return taken
+
+    def _work(self, threads: int, ready: threading.Barrier) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.threads_seen.add(torch.get_num_threads())
+        ready.wait()
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                taken = self._take()
+            if taken:
+                self._forward(taken)
+
+    def _forward(self, taken: list[tuple[Request, int]]) -> None:
+        started = time.perf_counter()
+        seqs = [request.seqs[i] for request, i in taken]
+        for request, _ in taken:
+            request.started_at = request.started_at or started
+        try:
+            out, error = self.model.forward(seqs), None
+        except Exception as exc:  # a failed forward fails only the requests that had inputs in it
+            log.exception("forward of %d inputs failed", len(seqs))
+            out, error = None, Unavailable(f"the model failed on this batch: {exc}")
+        lengths = list(map(len, seqs))
+        self.report(Forward(len(seqs), sum(lengths), padded_size(lengths, range(len(seqs))),
+                            time.perf_counter() - started))
+        done = time.perf_counter()
+        with self._wake:
+            finished = []
+            for row, (request, i) in enumerate(taken):
+                if error is not None:
+                    request.error = request.error or error
+                else:
+                    request.vectors[i] = out[row]
+                request.left -= 1
+                if request.left == 0:
+                    finished.append(request)
+            if error is not None:  # its other inputs are not worth computing
+                failed = {request for request, _ in taken}
+                for request, _ in self._pending:
+                    if request in failed and request.left:
+                        request.left -= 1
+                        if request.left == 0:
+                            finished.append(request)
+                self._pending = [item for item in self._pending if item[0] not in failed]
+        for request in finished:
+            self._answer(request, done)
+
+    def _answer(self, request: Request, now: float) -> None:
+        result = request.result(now)
+        self.report(Answered(result.queue_s, type(result.error).__name__ if result.error else None))
+        request.reply(result)
+
+
+def embed_jobs(scheduler: Scheduler, jobs: list[EmbedJob]) -> list[EmbedResult]:
+    """Admits `jobs` and waits for their answers: the scheduler in-process (tests, bench)."""
+    import concurrent.futures
+
+    futures: list[concurrent.futures.Future] = [concurrent.futures.Future() for _ in jobs]
+    scheduler.admit(jobs, [f.set_result for f in futures])
+    return [f.result() for f in futures]

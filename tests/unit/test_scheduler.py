@@ -1,0 +1,244 @@
+"""The replica's scheduler with the real bundled model and tokenizer, no Ray: vectors, errors that stay with
+their request, cancelled callers, the order groups run in, and what it reports."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+
+import numpy as np
+import pytest
+
+from embserve.batching import next_group, plan_batches
+from embserve.errors import Cancelled, InputTooLong, InvalidRequest, Unavailable
+from embserve.scheduler import (Admitted, Answered, EmbedJob, Forward, ForwardLayout, Scheduler, embed_jobs,
+                                forward_layout)
+from embserve.settings import BatchingConfig
+from tests.texts import mixed_texts
+
+COS_MIN = 0.9999
+ABS_TOL = 1e-5
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def __call__(self, event: object) -> None:
+        self.events.append(event)
+
+    def of(self, kind: type) -> list:
+        return [e for e in self.events if isinstance(e, kind)]
+
+
+def make(model, workers: int = 1, cfg: BatchingConfig | None = None, budget: int = 8192) -> tuple[Scheduler, Recorder]:
+    config = cfg or BatchingConfig()
+    recorder = Recorder()
+    return Scheduler(model, ForwardLayout(workers, 1), config=lambda: config, max_batch_tokens=budget,
+                     report=recorder), recorder
+
+
+@pytest.fixture(scope="module")
+def scheduler(float32_model):
+    """float32 explicitly: these tests hold the scheduler to sentence-transformers within 1e-5."""
+    s, _ = make(float32_model, workers=2)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return mixed_texts(16, seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(reference):
+    cache: dict[str, np.ndarray] = {}
+
+    def encode(batch: list[str]) -> np.ndarray:
+        missing = [t for t in dict.fromkeys(batch) if t not in cache]
+        if missing:
+            cache.update(zip(missing, reference(missing)))
+        return np.stack([cache[t] for t in batch])
+
+    return encode
+
+
+@pytest.fixture(scope="module")
+def too_long(float32_model) -> str:
+    return " ".join(["hello"] * (float32_model.max_length + 10))
+
+
+def assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    cos = np.sum(got * want, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cos.min() > COS_MIN
+    assert np.abs(got - want).max() <= ABS_TOL
+
+
+def test_vectors_match_sentence_transformers(scheduler, reference, texts):
+    jobs = [EmbedJob(texts=texts[i : i + 4], truncate=True) for i in range(0, len(texts), 4)]
+    for job, result in zip(jobs, embed_jobs(scheduler, jobs)):
+        assert result.error is None
+        assert_close(result.vectors, reference(job.texts))
+        assert result.prompt_tokens > len(job.texts)
+
+
+def test_token_ids_embed_like_their_text(scheduler, reference):
+    ids = scheduler.tokenizer.content_ids(["hello world"])[0]
+    by_ids, by_text = embed_jobs(scheduler, [EmbedJob(token_ids=[list(ids)]), EmbedJob(texts=["hello world"])])
+    np.testing.assert_allclose(by_ids.vectors, by_text.vectors, atol=ABS_TOL)
+
+
+def test_an_invalid_request_fails_alone_and_is_never_queued(float32_model, reference, texts, too_long):
+    s, seen = make(float32_model)
+    try:
+        jobs = [EmbedJob(texts=texts[:3]), EmbedJob(texts=["short", too_long]), EmbedJob(token_ids=[[7592], [-1]]),
+                EmbedJob(texts=texts[3:5])]
+        results = embed_jobs(s, jobs)
+    finally:
+        s.close()
+    assert isinstance(results[1].error, InputTooLong) and "input[1]" in results[1].error.message
+    assert isinstance(results[2].error, InvalidRequest) and results[2].error.code == "invalid_token_id"
+    assert_close(results[0].vectors, reference(texts[:3]))
+    assert_close(results[3].vectors, reference(texts[3:5]))
+    assert sum(f.inputs for f in seen.of(Forward)) == 5, "the refused requests' inputs are never embedded"
+    assert seen.of(Admitted) == [Admitted(requests=4, inputs=9, tokenize_s=seen.of(Admitted)[0].tokenize_s)]
+    assert sorted(a.error or "" for a in seen.of(Answered)) == ["", "", "InputTooLong", "InvalidRequest"]
+
+
+def test_truncation_cuts_to_the_model_maximum(scheduler, too_long):
+    [result] = embed_jobs(scheduler, [EmbedJob(texts=[too_long], truncate=True)])
+    assert result.error is None and result.prompt_tokens == scheduler.tokenizer.max_length
+
+
+def test_a_failed_forward_fails_only_the_requests_with_inputs_in_it(float32_model, reference):
+    # A budget past the model's 512 positions and a max_length the model cannot take: a real failure.
+    s, seen = make(float32_model)
+    s.tokenizer.max_length, s.tokenizer._room = 600, 598
+    try:
+        huge = " ".join(["word"] * 580)
+        results = embed_jobs(s, [EmbedJob(texts=["hello"]), EmbedJob(texts=["world", huge]), EmbedJob(texts=["good"])])
+    finally:
+        s.close()
+    assert isinstance(results[1].error, Unavailable)
+    assert_close(results[0].vectors, reference(["hello"]))
+    assert_close(results[2].vectors, reference(["good"]))
+
+
+def test_a_cancelled_request_is_dropped_before_its_inputs_run(float32_model, texts):
+    s, seen = make(float32_model)
+    gate = threading.Event()
+    forward = s.model.forward
+    s.model.forward = lambda seqs: (gate.wait(10), forward(seqs))[1]  # hold the worker in its first forward
+    try:
+        answers: dict[str, object] = {}
+        first = EmbedJob(texts=texts[:1])
+        gone = EmbedJob(texts=texts[1:9])
+        s.admit([first], [lambda r: answers.setdefault("first", r)])
+        while s.pending:  # the worker holds the first request at the gate
+            threading.Event().wait(0.01)
+        s.admit([gone], [lambda r: answers.setdefault("gone", r)])
+        gone.cancelled = True
+        gate.set()
+        done = threading.Event()
+        s.admit([EmbedJob(texts=["after"])], [lambda r: done.set()])
+        assert done.wait(10)
+    finally:
+        s.model.forward = forward
+        s.close()
+    assert isinstance(answers["gone"].error, Cancelled)
+    assert sum(f.inputs for f in seen.of(Forward)) == 2, "only the first and the last request ran"
+
+
+def test_the_group_holding_the_oldest_input_runs_first():
+    lengths = [40, 5, 6, 41, 5]
+    group = next_group(lengths, max_batch_tokens=8192)
+    assert 0 in group and set(group) == {0, 3}  # the oldest input, with the input it pads least beside
+    assert group in plan_batches(lengths, max_batch_tokens=8192)
+    assert next_group([], max_batch_tokens=8192) == []
+
+
+def test_requests_run_in_arrival_order_and_are_answered_when_their_own_inputs_are_done(float32_model, texts):
+    long_docs = [" ".join(mixed_texts(30, seed=s)) for s in range(8)]
+    s, seen = make(float32_model, budget=1024)
+    order: list[str] = []
+    try:
+        done = threading.Event()
+        s.admit([EmbedJob(texts=long_docs, truncate=True)], [lambda r: order.append("docs")])
+        s.admit([EmbedJob(texts=["a short query"])], [lambda r: (order.append("query"), done.set())])
+        assert done.wait(30)
+    finally:
+        s.close()
+    assert order == ["docs", "query"]  # nothing overtakes an older input
+    assert len(seen.of(Forward)) >= 3  # the documents ran as several groups within the budget
+    assert all(f.padded_tokens <= 1024 for f in seen.of(Forward))
+
+
+def test_without_dynamic_batching_no_forward_mixes_requests(float32_model):
+    s, seen = make(float32_model, cfg=BatchingConfig(enable_dynamic_batching=False))
+    try:
+        embed_jobs(s, [EmbedJob(texts=["one"]), EmbedJob(texts=["two"]), EmbedJob(texts=["three", "four"])])
+    finally:
+        s.close()
+    assert sorted(f.inputs for f in seen.of(Forward)) == [1, 1, 2]
+
+
+def test_forward_workers_run_groups_at_once_and_give_the_same_vectors(float32_model, texts):
+    jobs = [[EmbedJob(texts=texts[k : k + 4], truncate=True)] for k in range(0, 16, 4)] * 3
+    single, _ = make(float32_model, workers=1)
+    double, _ = make(float32_model, workers=2)
+    try:
+        serial = [embed_jobs(single, j)[0].vectors for j in jobs]
+        with cf.ThreadPoolExecutor(4) as pool:
+            concurrent = list(pool.map(lambda j: embed_jobs(double, j)[0].vectors, jobs))
+    finally:
+        single.close()
+        double.close()
+    for a, b in zip(serial, concurrent):
+        np.testing.assert_allclose(a, b, atol=ABS_TOL)
+    assert double.threads_seen == {1}
+
+
+def test_close_answers_what_is_still_pending(float32_model):
+    s, _ = make(float32_model)
+    gate = threading.Event()
+    forward = s.model.forward
+    s.model.forward = lambda seqs: (gate.wait(10), forward(seqs))[1]
+    answers = []
+    try:
+        s.admit([EmbedJob(texts=["running"])], [answers.append])
+        while s.pending:  # the worker has taken it and waits at the gate
+            threading.Event().wait(0.01)
+        s.admit([EmbedJob(texts=["waiting"])], [answers.append])
+        threading.Timer(0.2, gate.set).start()
+        s.close()
+    finally:
+        s.model.forward = forward
+    assert [a.error is None for a in answers] == [False, True]  # answered as unavailable, then the one running
+    assert isinstance(answers[0].error, Unavailable)
+
+
+def test_an_empty_job_is_answered_at_once(scheduler):
+    [result] = embed_jobs(scheduler, [EmbedJob(texts=[])])
+    assert result.error is None and result.vectors.shape[0] == 0
+
+
+@pytest.mark.parametrize("device, threads, workers, want", [
+    ("cpu", 2, None, ForwardLayout(2, 1)),   # on a CPU, by default one single-thread forward per core
+    ("cpu", 1, None, ForwardLayout(1, 1)),
+    ("cpu", 4, 2, ForwardLayout(2, 2)),      # the threads are split among the workers asked for
+    ("cpu", 2, 1, ForwardLayout(1, 2)),      # one forward on every thread
+    ("cpu", 1, 3, ForwardLayout(3, 1)),      # never fewer than one thread per forward
+    ("cuda", 8, None, ForwardLayout(1, 8)),  # a GPU runs one forward at a time unless asked otherwise
+    ("cuda", 8, 2, ForwardLayout(2, 4)),
+])
+def test_forward_layout_splits_the_replicas_threads_among_its_forwards(device, threads, workers, want):
+    layout = forward_layout(device, threads, workers)
+    assert layout == want and layout.threads == want.workers * want.threads_per_forward
+
+
+def test_job_length_counts_its_inputs():
+    assert len(EmbedJob(texts=["a", "b"])) == 2
+    assert len(EmbedJob(token_ids=[[1], [2], [3]])) == 3
+    assert len(EmbedJob()) == 0
