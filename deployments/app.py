@@ -34,7 +34,9 @@ def build_app(args: Settings) -> Application:
 def check_cluster_fits(need: dict[str, float]) -> None:
     """Refuses to start, saying what is missing, where a Ray cluster that cannot add nodes could never
     place the app: otherwise a replica waits for ever, with only Ray's warning every 30 s to show for it."""
-    if not ray.is_initialized():  # `serve build`, or a unit test: no cluster to ask
+    # Only where Serve builds the app, in a task on the cluster: a driver that calls the builder itself
+    # (`serve build`, a test, a script passing the app to serve.run) may hold any Ray, or none.
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return
     from ray.experimental.internal_kv import _internal_kv_get
 

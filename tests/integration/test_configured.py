@@ -177,3 +177,18 @@ def test_an_app_this_fixed_cluster_can_never_place_is_refused_saying_what_is_mis
     with pytest.raises(RuntimeError, match=r"needs 1 GPUs \(the cluster has 0\) to start, and this Ray cluster "
                                            r"cannot add nodes"):
         deploy(config)
+
+
+def test_the_readmes_user_config_example_retunes_the_replica(serve_app):
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "user_config:" in b]
+    [entry] = yaml.safe_load(block)["deployments"]
+    serve_app(lambda config: app_config(config).setdefault("deployments", []).append(entry))
+    described = call_deployment("describe")
+    assert described["batching"]["max_batch_size"] == entry["user_config"]["max_batch_size"]
+    assert described["effective_wait_s"] == entry["user_config"]["max_wait_time_ms"] / 1000
+    assert described["profile"]["max_wait_time_ms"]["source"] == "set: serve_config.yaml user_config"

@@ -89,5 +89,6 @@ def test_the_readmes_prometheus_scrape_config_scrapes_with_the_key(client, tmp_p
         scraped = prometheus.get(url, headers={"Authorization": header})
     assert scraped.status_code == 200
     families = {f.name: f for f in text_string_to_metric_families(scraped.text)}
-    assert {s.labels["model"] for s in families["embserve_inputs"].samples} == {MODEL}
+    # The app's metrics actor outlives earlier test modules, whose models may still be listed.
+    assert MODEL in {s.labels["model"] for s in families["embserve_inputs"].samples}
     assert all("model" not in s.labels for s in families["embserve_requests"].samples)

@@ -1,0 +1,84 @@
+"""A soak: the shipped defaults on Serve's fast path under a steady closed loop, with the replica's memory
+sampled as it goes. A replica whose memory keeps growing under steady load leaks; one that levels off
+after warm-up does not.
+
+    python -m bench.soak --minutes 10 --clients 16      # the replica's RSS every 10 s, growth from minute 2
+
+It prints the growth between `--from-minute` (after warm-up) and the end, and writes build/soak.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+from bench.corpus import load_or_build
+from bench.load import EmbeddingsClient, Workload, closed_loop
+from bench.run import ROOT, deploy, local_serve
+from deployments import serve_env
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+def replica_rss() -> int:
+    """Resident bytes of this benchmark's embedding replica(s)."""
+    total = 0
+    for pid, role in procs.descendants().items():
+        if role == "replica":
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except OSError:
+                pass
+    return total
+
+
+async def soak(base_url: str, texts: list[str], clients: int, seconds: float, every_s: float) -> dict[str, Any]:
+    client = EmbeddingsClient(base_url, MODEL)
+    samples: list[tuple[float, int]] = []
+    t0 = time.monotonic()
+
+    async def sampler() -> None:
+        while True:
+            samples.append((round(time.monotonic() - t0, 1), replica_rss()))
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(sampler())
+    result = await closed_loop(client, Workload("mixed", texts), clients, seconds, warmup_s=0.0)
+    task.cancel()
+    samples.append((round(time.monotonic() - t0, 1), replica_rss()))
+    return {"texts_per_s": round(result.texts_per_s, 1), "errors": result.errors, "rss": samples}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--from-minute", type=float, default=2.0, help="growth is measured from here")
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "soak.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    serve_env.apply()  # the fast path, as ./run.sh serve starts it
+    texts = load_or_build(None, 0).mixed(2000, 0)
+    with local_serve(args.port) as base_url:
+        deploy({})
+        report = asyncio.run(soak(base_url, texts, args.clients, args.minutes * 60, args.every))
+    rss = report["rss"]
+    start = min(rss, key=lambda s: abs(s[0] - args.from_minute * 60))
+    growth = (rss[-1][1] - start[1]) / start[1] if start[1] else float("nan")
+    report.update(clients=args.clients, minutes=args.minutes, from_s=start[0], growth=round(growth, 4))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"replica RSS {start[1] / 2**20:.0f} MiB at {start[0]:.0f} s -> {rss[-1][1] / 2**20:.0f} MiB at "
+          f"{rss[-1][0]:.0f} s: {growth * 100:+.1f}% ({len(rss)} samples; {args.out})")
+
+
+if __name__ == "__main__":
+    main()
