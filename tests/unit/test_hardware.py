@@ -9,12 +9,7 @@ from embserve.hardware import Profile, choose_batch_sizes, choose_device, choose
 from embserve.settings import Settings
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.upper().startswith("EMB_PROVIDER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def test_auto_device_follows_what_torch_sees():

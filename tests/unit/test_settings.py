@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 from pydantic import ValidationError
@@ -10,14 +9,7 @@ from pydantic import ValidationError
 from embserve.settings import BUNDLED_MODEL, BUNDLED_MODEL_NAME, BatchingConfig, ModelSpec, Settings
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """No EMB_PROVIDER_* from the developer's shell and no .env of the checkout leak into a test."""
-    for name in list(os.environ):
-        if name.upper().startswith("EMB_PROVIDER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def _keys(settings: Settings) -> list[str]:
