@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -133,16 +134,24 @@ def process_memory() -> dict[str, Any]:
 
 
 class Accumulator:
-    """A source's observations since its last report; `take` hands them over."""
+    """A source's observations since its last report; `take` hands them over. A replica's forward workers
+    add from their own threads while the shipper takes on the loop: the lock keeps an event from landing
+    in a list already taken."""
 
     def __init__(self, kind: str, model: str | None) -> None:
         self.kind = kind
         self.model = model
         self.source_id = f"{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.events: list[Event] = []
+        self._lock = threading.Lock()
+
+    def add(self, event: Event) -> None:
+        with self._lock:
+            self.events.append(event)
 
     def take(self) -> list[Event]:
-        events, self.events = self.events, []
+        with self._lock:
+            events, self.events = self.events, []
         return events
 
 
@@ -152,7 +161,7 @@ class ReplicaReporter(Accumulator):
 
     def record(self, report: Any) -> None:
         """One of the scheduler's reports (embserve.scheduler's Admitted, Forward or Answered)."""
-        self.events.append(Event(time.time(), type(report).__name__.lower(), report))
+        self.add(Event(time.time(), type(report).__name__.lower(), report))
 
 
 class IngressReporter(Accumulator):
@@ -160,7 +169,7 @@ class IngressReporter(Accumulator):
         super().__init__("ingress", None)
 
     def record_request(self, status: int, seconds: float, error_kind: str | None = None) -> None:
-        self.events.append(Event(time.time(), "request", (status, seconds, error_kind)))
+        self.add(Event(time.time(), "request", (status, seconds, error_kind)))
 
 
 @dataclass

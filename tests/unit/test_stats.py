@@ -585,3 +585,31 @@ def test_a_reset_forgets_sources_that_have_gone_silent(agg):
     snap = agg.snapshot(now=t + 101)
     assert [r["id"] for r in snap["replicas"]] == ["live"]
     assert set(snap["models"]) == {"mini"}
+
+
+def test_events_added_from_forward_threads_while_the_shipper_takes_are_all_handed_over():
+    import threading
+
+    replica = ReplicaReporter("m")
+    taken: list = []
+    stop = threading.Event()
+
+    def shipper() -> None:
+        while not stop.is_set():
+            taken.extend(replica.take())
+
+    def worker() -> None:
+        for report in _reports() * 2000:
+            replica.record(report)
+
+    ship = threading.Thread(target=shipper)
+    ship.start()
+    workers = [threading.Thread(target=worker) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    ship.join()
+    taken.extend(replica.take())
+    assert len(taken) == 3 * 2000 * len(_reports())
