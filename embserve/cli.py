@@ -57,17 +57,62 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "serve", help="serve a Serve config (serve_config.yaml) on Serve's fast path; stops all it started",
+        description="Run `serve run CONFIG` with Serve's fast path (deployments/serve_env.py; a variable you set "
+        "wins). Refuses to start when a port it needs is taken, naming the process that holds it. On Ctrl-C, "
+        "SIGTERM or SIGHUP it asks Serve to shut down, then stops every process the run started, HAProxy "
+        "included; an HAProxy whose Ray went away (`ray stop`) is stopped at once. Other options are passed to "
+        "`serve run`.")
+    p.add_argument("config", nargs="?", default="serve_config.yaml", help="a Serve config file (default: "
+                   "serve_config.yaml)")
+    p.add_argument("--grace-s", type=float, default=60.0, help="how long Serve may take to shut down before its "
+                   "processes are killed (default: 60)")
+    p.set_defaults(run=cmd_serve, passes_unknown=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from embserve.serving import serve
+
+    return serve(args.config, args.extra, grace_s=args.grace_s)
+
+
+def _add_stop(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "stop", help="stop this user's `embserve serve` runs and the HAProxy processes they left",
+        description="Ask every `embserve serve` of this user to stop (SIGTERM) and wait for it; then stop the "
+        "HAProxy processes left by a run whose `embserve serve` is gone (killed with SIGKILL, say). Touches no "
+        "other HAProxy and no Ray cluster that `embserve serve` did not start.")
+    p.add_argument("--timeout-s", type=float, default=90.0, help="how long to wait for each run (default: 90)")
+    p.set_defaults(run=cmd_stop)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from embserve.serving import stop
+
+    done = stop(timeout_s=args.timeout_s)
+    print("\n".join(done) if done else "embserve stop: nothing to stop", flush=True)
+    return 1 if any("still runs" in line for line in done) else 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="embserve", description="An OpenAI-compatible text-embedding service.")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_embed(commands)
+    _add_serve(commands)
+    _add_stop(commands)
     return top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from embserve.shards import BulkInputError
 
-    args = parser().parse_args(argv)
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra and not getattr(args, "passes_unknown", False):
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return args.run(args)
     except BulkInputError as err:

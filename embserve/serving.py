@@ -1,0 +1,373 @@
+"""`embserve serve` and `embserve stop`: `serve run CONFIG` on Serve's fast path, and nothing left when it stops.
+
+Ray's HAProxy (`ray/serve/_private/haproxy.py`) is a plain child of the HAProxyManager actor's worker: when
+that worker is killed (`ray stop --force`, SIGTERM to `serve run`), HAProxy lives on, holding the HTTP port
+and answering 500. So `embserve serve` runs `serve run` in a session of its own, gives Ray's HAProxy files
+a folder of this run's own (the HAProxy command line names its config file there, which is how its
+processes are told from anyone else's), and becomes the child subreaper of everything the run starts, so
+that what loses its parent comes to it. It then waits for signals and for the child: an HAProxy of this run
+whose manager is gone is stopped within a second; a stop signal asks `serve run` to shut Serve down, and
+whatever of the run is still alive after it is stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from embserve import ports
+
+RUN_PREFIX = "embserve-"
+OWNER_FILE = "embserve-serve.pid"
+# Where Ray's HAProxy keeps its files (ray/serve/_private/constants.py), moved into the run's folder. Ray puts
+# each node's files in a folder named by the node id below these.
+HAPROXY_FILES: dict[str, str] = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+# One node: its HAProxy notices a stopping ingress replica within a second, not Ray's 30 s (docs/settings.md).
+DRAINING = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+WATCH_S = 0.5  # how often the run's processes are looked at: the kernel tells no one when a process is orphaned
+KILL_WAIT_S = 5.0
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port the server will listen on, and what it is, in words a user can act on."""
+
+    host: str
+    port: int
+    what: str
+
+
+def http_options(config: Mapping[str, Any], environ: Mapping[str, str]) -> tuple[str, int]:
+    """The host and port Serve's HTTP proxy (HAProxy on the fast path) listens on, as Serve reads them."""
+    options = config.get("http_options") or {}
+    host = options.get("host") or environ.get("RAY_SERVE_DEFAULT_HTTP_HOST") or "127.0.0.1"
+    return host, int(options.get("port", 8000))
+
+
+def ports_needed(config: Mapping[str, Any], environ: Mapping[str, str]) -> list[Port]:
+    """Every fixed port the run will listen on: HTTP, and on the fast path HAProxy's stats and Prometheus
+    pages and the fallback proxy on the head node."""
+    host, port = http_options(config, environ)
+    needed = [Port(host, port, "the HTTP port (http_options.port in the config)")]
+    if environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        needed += [
+            Port("0.0.0.0", int(environ.get("RAY_SERVE_HAPROXY_STATS_PORT", 8404)),
+                 "HAProxy's stats page (RAY_SERVE_HAPROXY_STATS_PORT moves it)"),
+            Port("0.0.0.0", int(environ.get("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)),
+                 "HAProxy's Prometheus page (RAY_SERVE_HAPROXY_METRICS_PORT moves it)"),
+            Port(host, int(environ.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500)),
+                 "Serve's fallback proxy (RAY_SERVE_FALLBACK_PROXY_HTTP_PORT moves it)"),
+        ]
+    return needed
+
+
+def taken(needed: Iterable[Port]) -> list[tuple[Port, str]]:
+    """The ports of `needed` that something already listens on, each with who it is."""
+    return [(p, ports.holder(p.port)) for p in needed if not ports.is_free(p.host, p.port)]
+
+
+def refusal(busy: Sequence[tuple[Port, str]]) -> str:
+    lines = [f"port {p.port}, {p.what}, is taken by {who}" for p, who in busy]
+    return ("embserve serve: cannot start: " + "; ".join(lines) + ". Stop it (`embserve stop` stops what an "
+            "earlier `embserve serve` left), or move the port.")
+
+
+def serve_environment(environ: Mapping[str, str], run_dir: Path) -> dict[str, str]:
+    """`environ` plus Serve's fast path (deployments/serve_env.py), a short drain on one node, and HAProxy's
+    files in `run_dir`; what the user set wins."""
+    from deployments import serve_env
+
+    env = dict(environ)
+    serve_env.apply(env)
+    for key, value in DRAINING.items():
+        env.setdefault(key, value)
+    for key, name in HAPROXY_FILES.items():
+        env.setdefault(key, str(run_dir / name) if name else str(run_dir))
+    return env
+
+
+def serve_command(config: str, extra: Sequence[str] = (), python: str = sys.executable) -> list[str]:
+    """`serve run CONFIG ...` with the Ray Serve CLI of this interpreter's environment."""
+    script = Path(python).parent / "serve"
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script), "run", config, *extra]
+    return [python, "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())", "run", config, *extra]
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    state: str
+    argv: tuple[str, ...]
+
+
+def processes(proc: Path = Path("/proc")) -> dict[int, Proc]:
+    """Every process /proc shows, by pid."""
+    found = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # the command name may hold spaces and ')'
+        found[int(entry.name)] = Proc(int(entry.name), int(ppid), state,
+                                      tuple(a.decode(errors="replace") for a in argv if a))
+    return found
+
+
+def descendants(procs: Mapping[int, Proc], root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for p in procs.values():
+        children.setdefault(p.ppid, []).append(p.pid)
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def haproxy_config(argv: Sequence[str]) -> str | None:
+    """The config file of an HAProxy command line (`haproxy -db -f FILE ...`, as Ray starts it)."""
+    if not argv or "haproxy" not in Path(argv[0]).name:
+        return None
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "-f":
+            return value
+    return None
+
+
+def run_haproxies(procs: Mapping[int, Proc], run_dir: Path) -> set[int]:
+    """The live HAProxy processes whose config file lies in `run_dir`: this run's, and no one else's."""
+    inside = str(run_dir).rstrip("/") + "/"
+    return {p.pid for p in procs.values()
+            if p.state != "Z" and (haproxy_config(p.argv) or "").startswith(inside)}
+
+
+def orphaned(procs: Mapping[int, Proc], pids: Iterable[int], child: int) -> set[int]:
+    """Those of `pids` whose parent is no longer a process of the run under `child` (Ray's worker that
+    started them is gone, and they came to the subreaper or to init)."""
+    run = descendants(procs, child) | {child}
+    return {pid for pid in pids if pid in procs and procs[pid].ppid not in run}
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants come to this process rather than to init (Linux 3.4+); False elsewhere."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def say(message: str) -> None:
+    print(f"embserve serve: {message}", file=sys.stderr, flush=True)
+
+
+class Run:
+    """One `serve run` child and the processes it starts."""
+
+    def __init__(self, command: Sequence[str], env: Mapping[str, str], run_dir: Path, grace_s: float):
+        self.command, self.env, self.run_dir, self.grace_s = list(command), dict(env), run_dir, grace_s
+        self.me = os.getpid()
+        self.child = 0
+        self.status: int | None = None
+        self.stop_asked: float | None = None
+        self.escalated: list[signal.Signals] = []
+
+    def start(self) -> None:
+        become_subreaper()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {*STOP_SIGNALS, signal.SIGCHLD})
+        # The child gets an empty mask and default dispositions: a background shell ignores SIGINT for it
+        # otherwise, and SIGINT is how `serve run` is asked to shut Serve down.
+        self.child = os.posix_spawnp(
+            self.command[0], self.command, self.env, setsid=True, setsigmask=(),
+            setsigdef=(*STOP_SIGNALS, signal.SIGQUIT, signal.SIGPIPE, signal.SIGXFSZ))
+
+    def reap(self) -> None:
+        """Collects every exited child (orphans of the run are this process's children now)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.child:
+                self.status = os.waitstatus_to_exitcode(status)
+
+    def ask_to_stop(self, why: str) -> None:
+        if self.stop_asked is None:
+            say(f"{why}: asking serve run (pid {self.child}) to shut Serve down")
+            self.stop_asked = time.monotonic()
+            self._signal_child(signal.SIGINT, group=False)
+        else:
+            say(f"{why} again: killing serve run's process group")
+            self._signal_child(signal.SIGKILL, group=True)
+
+    def _signal_child(self, sig: signal.Signals, group: bool) -> None:
+        try:
+            os.killpg(self.child, sig) if group else os.kill(self.child, sig)
+        except ProcessLookupError:
+            pass
+
+    def escalate(self) -> None:
+        """SIGTERM, then SIGKILL, to serve run's process group when it outlives the grace period."""
+        if self.stop_asked is None:
+            return
+        late = time.monotonic() - self.stop_asked
+        for sig, after in ((signal.SIGTERM, self.grace_s), (signal.SIGKILL, self.grace_s + KILL_WAIT_S)):
+            if late >= after and sig not in self.escalated:
+                self.escalated.append(sig)
+                say(f"serve run still runs after {late:.0f} s: {sig.name} to its process group")
+                self._signal_child(sig, group=True)
+
+    def stop_orphaned_haproxies(self) -> None:
+        procs = processes()
+        lost = orphaned(procs, run_haproxies(procs, self.run_dir), self.child)
+        if lost:
+            say(f"HAProxy {sorted(lost)} lost its Ray manager (Ray stopped?): stopping it")
+            terminate(lost, self.reap)
+
+    def wait(self) -> int:
+        while self.status is None:
+            info = signal.sigtimedwait({*STOP_SIGNALS, signal.SIGCHLD}, WATCH_S)
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                self.ask_to_stop(signal.Signals(info.si_signo).name)
+            self.reap()
+            if self.status is None:
+                self.escalate()
+                self.stop_orphaned_haproxies()
+        return self.status
+
+    def clean_up(self) -> None:
+        """Stops whatever the run left: its descendants, and its HAProxy processes wherever they went."""
+        procs = processes()
+        left = {pid for pid in descendants(procs, self.me) if procs[pid].state != "Z"}
+        left |= run_haproxies(procs, self.run_dir)
+        if left:
+            say(f"stopping what the run left: {describe(procs, left)}")
+            terminate(left, self.reap)
+        self.reap()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def describe(procs: Mapping[int, Proc], pids: Iterable[int]) -> str:
+    return ", ".join(f"{pid} ({' '.join(procs[pid].argv)[:80] or '?'})" for pid in sorted(pids))
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def terminate(pids: Iterable[int], reap=lambda: None, wait_s: float = KILL_WAIT_S) -> None:
+    """SIGTERM, then SIGKILL after `wait_s` to those still alive; `reap` collects this process's children."""
+    pids = set(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait_s
+        while True:
+            reap()
+            pids = {pid for pid in pids if alive(pid)}
+            if not pids or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)  # no event tells when a process that is not our child has gone
+        if not pids:
+            return
+
+
+def new_run_dir(base: Path | None = None) -> Path:
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_PREFIX, dir=base or run_base()))
+    (run_dir / OWNER_FILE).write_text(str(os.getpid()))
+    return run_dir
+
+
+def run_base() -> Path:
+    # Short, so that HAProxy's sockets (RUN_DIR/<56-character node id>/admin.sock) fit a socket path's 108 bytes.
+    return Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+
+
+def serve(config_path: str, extra: Sequence[str] = (), grace_s: float = 60.0,
+          environ: Mapping[str, str] = os.environ) -> int:
+    """`embserve serve`: refuses when a port is taken, else runs `serve run` until it ends or is stopped."""
+    import yaml
+
+    config = yaml.safe_load(Path(config_path).read_text()) or {}
+    run_dir = new_run_dir()
+    try:
+        env = serve_environment(environ, run_dir)
+        busy = taken(ports_needed(config, env))
+        if busy:
+            print(refusal(busy), file=sys.stderr, flush=True)
+            return 1
+        command = serve_command(config_path, extra)
+        if not hasattr(signal, "sigtimedwait"):  # not Linux: no HAProxy either; Serve's own proxy stops with Ray
+            import subprocess
+
+            return subprocess.call(command, env=env)
+        run = Run(command, env, run_dir, grace_s)
+        run.start()
+        try:
+            return run.wait()
+        finally:
+            run.clean_up()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def stop(base: Path | None = None, timeout_s: float = 90.0) -> list[str]:
+    """`embserve stop`: asks every `embserve serve` of this user to stop and waits for it; then stops the
+    HAProxy processes of runs whose `embserve serve` is gone (killed with SIGKILL, say), and removes their
+    folders. Returns what it did, in words."""
+    done = []
+    for run_dir in sorted((base or run_base()).glob(f"{RUN_PREFIX}*")):
+        try:
+            if run_dir.stat().st_uid != os.getuid():
+                continue
+            owner = int((run_dir / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if alive(owner) and "embserve" in ports.command_line(owner):
+            os.kill(owner, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while alive(owner) and time.monotonic() < deadline:
+                time.sleep(0.2)  # not our child: nothing to wait on but /proc
+            if alive(owner):
+                done.append(f"embserve serve (pid {owner}) still runs after {timeout_s:.0f} s")
+                continue
+            done.append(f"stopped embserve serve (pid {owner})")
+        left = run_haproxies(processes(), run_dir)
+        if left:
+            terminate(left)
+            done.append(f"stopped HAProxy {sorted(left)} left by an earlier embserve serve")
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return done
