@@ -10,11 +10,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 BUNDLED_MODEL = "bundled"
 BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
