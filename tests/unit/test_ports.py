@@ -1,0 +1,62 @@
+"""embserve.ports: whether a port is free, and who holds it when it is not."""
+
+import os
+import socket
+import sys
+
+import pytest
+
+from embserve import ports
+
+PROC_NET_TCP = """\
+  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4242 1 0000000000000000 100 0 0 10 0
+   1: 00000000:20D4 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0
+   2: 0100007F:1F40 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1000        0 0 1 0000000000000000 20 4 30 10 -1
+"""
+
+
+def test_listeners_reads_only_listening_sockets_on_the_port():
+    assert ports.listeners(PROC_NET_TCP, 8000) == [ports.Listener(uid=1000, inode=4242)]  # not the connection
+    assert ports.listeners(PROC_NET_TCP, 8404) == [ports.Listener(uid=0, inode=777)]
+    assert ports.listeners(PROC_NET_TCP, 9101) == []
+
+
+@pytest.fixture
+def listening():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_a_port_this_process_listens_on_is_taken_and_named_with_its_pid_and_command_line(listening):
+    assert not ports.is_free("127.0.0.1", listening)
+    assert ports.is_free("127.0.0.1", ports.free_port())
+    if sys.platform == "linux":
+        who = ports.holder(listening)
+        assert who.startswith(f"pid {os.getpid()} (") and "python" in who
+
+
+def test_another_users_listener_is_called_so(tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "tcp").write_text(PROC_NET_TCP)
+    assert ports.holder(8404, proc=tmp_path, uid=1000) == "another user's process (uid 0)"
+    assert "does not show" in ports.holder(8000, proc=tmp_path, uid=1000)  # ours, yet no /proc/<pid>/fd names it
+    assert ports.holder(1, proc=tmp_path) == "a process this system does not name"
+
+
+def test_a_named_holder_comes_from_its_fd_and_cmdline(tmp_path):
+    (tmp_path / "net").mkdir()
+    (tmp_path / "net" / "tcp").write_text(PROC_NET_TCP)
+    (tmp_path / "321" / "fd").mkdir(parents=True)
+    os.symlink("socket:[4242]", tmp_path / "321" / "fd" / "7")
+    (tmp_path / "321" / "cmdline").write_bytes(b"haproxy\0-db\0-f\0/tmp/x/haproxy.cfg\0")
+    assert ports.holder(8000, proc=tmp_path, uid=1000) == "pid 321 (haproxy -db -f /tmp/x/haproxy.cfg)"
+
+
+def test_a_port_below_1024_is_not_reported_as_taken_when_only_root_may_bind_it():
+    if os.geteuid() == 0:
+        pytest.skip("root may bind any port")
+    with pytest.raises(PermissionError):
+        ports.is_free("127.0.0.1", 1)

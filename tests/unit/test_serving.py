@@ -1,0 +1,248 @@
+"""embserve.serving: what `embserve serve` runs, the ports it checks, and that a run leaves no process behind.
+
+The supervision is tested here with stand-ins (a fake `serve run` whose worker starts a fake HAProxy), in
+seconds and without Ray; tests/integration/test_embserve_serve.py runs the real thing."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from embserve import serving
+from embserve.serving import Port, Proc
+
+ROOT = Path(__file__).resolve().parents[2]
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the supervision reads /proc")
+
+
+def test_http_options_as_serve_reads_them():
+    assert serving.http_options({}, {}) == ("127.0.0.1", 8000)
+    assert serving.http_options({"http_options": {"host": "0.0.0.0", "port": 8123}}, {}) == ("0.0.0.0", 8123)
+    shipped = __import__("yaml").safe_load((ROOT / "serve_config.yaml").read_text())
+    assert serving.http_options(shipped, {}) == ("127.0.0.1", 8000)
+
+
+def test_the_fast_path_also_needs_haproxys_stats_and_prometheus_ports_and_the_fallback_proxys():
+    config = {"http_options": {"port": 8123}}
+    assert [p.port for p in serving.ports_needed(config, {})] == [8123]
+    fast = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_STATS_PORT": "18404"}
+    assert [p.port for p in serving.ports_needed(config, fast)] == [8123, 18404, 9101, 8500]
+
+
+def test_a_taken_port_is_refused_naming_its_holder():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        busy = serving.taken([Port("127.0.0.1", port, "the HTTP port"), Port("127.0.0.1", 0, "any")])
+    [(p, who)] = busy
+    message = serving.refusal(busy)
+    assert f"port {port}, the HTTP port, is taken by {who}" in message and "embserve stop" in message
+    if sys.platform == "linux":
+        assert f"pid {os.getpid()}" in who
+
+
+def test_serve_environment_adds_the_fast_path_and_this_runs_haproxy_folder_and_keeps_what_is_set(tmp_path):
+    env = serving.serve_environment({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "PATH": "/bin",
+                                     "RAY_SERVE_HAPROXY_BINARY_PATH": "/opt/haproxy"}, tmp_path)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "2"
+    assert env["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] == str(tmp_path / "haproxy.cfg")
+    assert env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] == str(tmp_path)
+    assert set(serving.HAPROXY_FILES) <= set(env)
+
+
+def test_the_haproxy_file_variables_are_those_ray_reads():
+    from ray.serve._private import constants
+
+    assert all(hasattr(constants, key) for key in serving.HAPROXY_FILES)
+
+
+def test_serve_command_is_the_venvs_serve_run(tmp_path):
+    assert serving.serve_command("c.yaml", ["--address", "auto"])[-4:] == ["run", "c.yaml", "--address", "auto"]
+    python = tmp_path / "python"
+    assert serving.serve_command("c.yaml", python=str(python))[:2] == [str(python), "-c"]  # no serve script there
+    (tmp_path / "serve").write_text("#!/bin/sh\n")
+    (tmp_path / "serve").chmod(0o755)
+    assert serving.serve_command("c.yaml", python=str(python)) == [str(tmp_path / "serve"), "run", "c.yaml"]
+
+
+def test_haproxies_of_a_run_are_told_apart_by_their_config_folder_and_orphans_by_their_parent(tmp_path):
+    run = tmp_path / "embserve-abc"
+    procs = {
+        1: Proc(1, 0, "S", ("/sbin/init",)),
+        10: Proc(10, 1, "S", ("embserve",)),
+        11: Proc(11, 10, "S", ("serve", "run")),
+        12: Proc(12, 11, "S", ("ray::HAProxyManager",)),
+        13: Proc(13, 12, "S", ("/x/haproxy", "-db", "-f", f"{run}/node/haproxy.cfg")),  # managed
+        14: Proc(14, 10, "S", ("/x/haproxy", "-db", "-f", f"{run}/node/haproxy.cfg", "-sf", "13")),  # orphan
+        15: Proc(15, 1, "S", ("/x/haproxy", "-f", f"{tmp_path}/embserve-abcd/node/haproxy.cfg")),  # another run
+        16: Proc(16, 1, "S", ("/usr/sbin/haproxy", "-f", "/etc/haproxy/haproxy.cfg")),  # a stranger's
+        17: Proc(17, 10, "Z", ("/x/haproxy", "-f", f"{run}/node/haproxy.cfg")),  # gone
+        18: Proc(18, 11, "S", ("/bin/cat", "-f", f"{run}/node/haproxy.cfg")),  # not an HAProxy
+    }
+    assert serving.descendants(procs, 10) == {11, 12, 13, 14, 17, 18}
+    assert serving.haproxy_config(procs[16].argv) == "/etc/haproxy/haproxy.cfg"
+    assert serving.haproxy_config(("haproxy", "-db")) is None
+    assert serving.run_haproxies(procs, run) == {13, 14}
+    assert serving.orphaned(procs, {13, 14}, child=11) == {14}
+
+
+def test_processes_reads_this_process_from_proc():
+    if sys.platform != "linux":
+        pytest.skip("reads /proc")
+    me = serving.processes()[os.getpid()]
+    assert me.ppid == os.getppid() and me.state in "RS" and "python" in me.argv[0]
+
+
+# A stand-in for `serve run`: a "worker" (like Ray's HAProxyManager) starts an "HAProxy" whose command line
+# names a config file in the run's folder; the pids go to a file. On SIGINT it exits and leaves them
+# running (as `serve run` does when Ray is killed under it), or ignores SIGINT when asked to.
+FAKE_SERVE = textwrap.dedent("""
+    import json, os, signal, subprocess, sys, time
+    out, run_dir, mode = sys.argv[1:4]
+    haproxy = ["/fake/bin/haproxy", "-c", "import time; time.sleep(120)", "-f", run_dir + "/node/haproxy.cfg"]
+    worker = subprocess.Popen([sys.executable, "-c", "import os, subprocess, sys, time; "
+                               "p = subprocess.Popen(sys.argv[1:], executable=sys.executable); "
+                               "print(p.pid, flush=True); time.sleep(120)",
+                               *haproxy], stdout=subprocess.PIPE, text=True)
+    haproxy_pid = int(worker.stdout.readline())
+    with open(out, "w") as f:
+        json.dump({"serve": os.getpid(), "worker": worker.pid, "haproxy": haproxy_pid}, f)
+    if mode == "deaf":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    time.sleep(120)
+""")
+
+SUPERVISE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from embserve.serving import Run
+    fake, out, run_dir, mode, grace = sys.argv[1:6]
+    run = Run([sys.executable, fake, out, run_dir, mode], {}, Path(run_dir), float(grace))
+    run.command[0] = sys.executable
+    import os
+    run.env = dict(os.environ)
+    run.start()
+    try:
+        status = run.wait()
+    finally:
+        run.clean_up()
+    sys.exit(status)
+""")
+
+
+@pytest.fixture
+def supervise(tmp_path, request):
+    """Starts Run over the fake `serve run` in a process of its own (it blocks signals); returns it and a
+    function that reads the fake's pids once they are written."""
+    (tmp_path / "fake_serve.py").write_text(FAKE_SERVE)
+    (tmp_path / "supervise.py").write_text(SUPERVISE)
+    run_dir = tmp_path / "embserve-run"
+    run_dir.mkdir()
+    out = tmp_path / "pids.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if getattr(request.config.option, "cov_source", None):
+        env.update(COVERAGE_PROCESS_START=str(ROOT / "pyproject.toml"), COVERAGE_FILE=str(ROOT / ".coverage"))
+    started = []
+
+    def start(mode: str = "leaky", grace_s: float = 2.0):
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "supervise.py"), str(tmp_path / "fake_serve.py"),
+                                 str(out), str(run_dir), mode, str(grace_s)], env=env, stderr=subprocess.PIPE,
+                                text=True)
+        started.append(proc)
+        deadline = time.monotonic() + 30
+        while not (out.exists() and out.read_text()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        return proc, json.loads(out.read_text()), run_dir
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def wait_gone(pids, timeout_s: float = 10) -> set[int]:
+    deadline = time.monotonic() + timeout_s
+    while (left := {p for p in pids if serving.alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+@linux_only
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_leaves_no_process_of_the_run_and_no_folder(supervise, sig):
+    proc, pids, run_dir = supervise()
+    assert all(serving.alive(p) for p in pids.values())
+    proc.send_signal(sig)
+    assert proc.wait(30) != 0  # the fake serve run died of the SIGINT it was sent
+    assert wait_gone(pids.values(), 1) == set()
+    assert not run_dir.exists()
+    err = proc.stderr.read()
+    assert f"{sig.name}: asking serve run" in err and "stopping what the run left" in err
+
+
+@linux_only
+def test_an_haproxy_whose_manager_dies_is_stopped_while_the_run_goes_on(supervise):
+    """What `ray stop --force` does to the HAProxyManager's worker: HAProxy comes to the subreaper."""
+    proc, pids, _ = supervise()
+    os.kill(pids["worker"], signal.SIGKILL)
+    assert wait_gone([pids["haproxy"]], 5) == set()
+    assert proc.poll() is None and serving.alive(pids["serve"])
+    proc.terminate()
+    proc.wait(30)
+    assert "lost its Ray manager" in proc.stderr.read()
+
+
+@linux_only
+def test_a_serve_run_that_will_not_stop_is_terminated_after_the_grace_period(supervise):
+    proc, pids, _ = supervise(mode="deaf", grace_s=1)
+    started = time.monotonic()
+    proc.terminate()
+    proc.wait(30)
+    assert time.monotonic() - started < 10
+    assert wait_gone(pids.values(), 1) == set()
+    assert "SIGTERM to its process group" in proc.stderr.read()
+
+
+@linux_only
+def test_a_second_signal_kills_at_once(supervise):
+    proc, pids, _ = supervise(mode="deaf", grace_s=60)
+    proc.terminate()
+    time.sleep(0.5)
+    proc.terminate()
+    proc.wait(15)
+    assert wait_gone(pids.values(), 1) == set()
+    assert "again: killing" in proc.stderr.read()
+
+
+@linux_only
+def test_embserve_stop_stops_a_run_and_the_haproxy_a_killed_run_left(supervise, tmp_path):
+    proc, pids, run_dir = supervise()
+    # As if `embserve serve` had written its pid (the fake's supervisor has "embserve" in its command line).
+    (run_dir / serving.OWNER_FILE).write_text(str(proc.pid))
+    assert any("stopped embserve serve" in line for line in serving.stop(base=tmp_path, timeout_s=30))
+    assert wait_gone(pids.values(), 1) == set() and not run_dir.exists()
+
+
+@linux_only
+def test_embserve_stop_stops_haproxy_left_by_a_run_killed_with_sigkill(supervise, tmp_path):
+    proc, pids, run_dir = supervise()
+    (run_dir / serving.OWNER_FILE).write_text(str(proc.pid))
+    proc.kill()  # no clean-up: the fake serve run, its worker and HAProxy go on
+    proc.wait()
+    os.kill(pids["serve"], signal.SIGKILL)
+    os.kill(pids["worker"], signal.SIGKILL)
+    assert serving.alive(pids["haproxy"])
+    done = serving.stop(base=tmp_path, timeout_s=5)
+    assert done == [f"stopped HAProxy [{pids['haproxy']}] left by an earlier embserve serve"]
+    assert wait_gone([pids["haproxy"]], 1) == set() and not run_dir.exists()
+    assert serving.stop(base=tmp_path) == []
