@@ -12,9 +12,19 @@ import httpx
 import pytest
 import yaml
 
+from embserve.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-BASE = "http://127.0.0.1:8000"
 APP = "embserve"
+# Ports of this session's own, so that a server already running (`./run.sh serve` on 8000, another test
+# session) neither breaks the tests nor is answered in their place. Serve reads the fast path's fixed ports
+# (HAProxy's stats and Prometheus pages, the fallback proxy) from the environment that Ray's processes
+# inherit, so they are set before Ray starts.
+PORT = free_port()
+BASE = f"http://127.0.0.1:{PORT}"
+for _name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+              "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
+    os.environ[_name] = str(free_port())
 
 
 def load_config() -> dict[str, Any]:
@@ -59,6 +69,7 @@ def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
+    config = {**config, "http_options": {**config.get("http_options", {}), "port": PORT}}
     schema = ServeDeploySchema.model_validate(config)
     _get_global_client().deploy_apps(schema)
     deadline = time.time() + timeout_s
@@ -113,7 +124,7 @@ def ray_cluster(request):
 
     follow_coverage_into_ray_workers(request.config)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     yield
     serve.shutdown()
     ray.shutdown()

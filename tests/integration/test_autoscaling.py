@@ -26,9 +26,11 @@ from typing import Any, Callable
 import httpx
 import pytest
 
+from embserve.ports import free_port
+
 pytestmark = pytest.mark.slow
 
-HTTP_PORT = 8123  # the default suite's Serve listens on 8000 in another Ray
+HTTP_PORT = free_port()  # not the default suite's, nor a server's already running
 APP = "embscale"
 MODEL = "tiny-bert"
 DEPLOYMENT = "Embedder-" + MODEL

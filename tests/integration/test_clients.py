@@ -34,9 +34,13 @@ def readme_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
 
 
-def readme_python(marker: str) -> str:
+README_BASE = "http://127.0.0.1:8000"
+
+
+def readme_python(marker: str, base: str = BASE) -> str:
+    """The README's python block that contains `marker`, pointed at this session's server."""
     [block] = [b for b in readme_blocks("python") if marker in b]
-    return block
+    return block.replace(README_BASE, base)
 
 
 def run_readme_python(marker: str) -> tuple[dict, str]:
@@ -88,7 +92,7 @@ def test_the_readmes_llamaindex_recipe_gives_the_openai_clients_vectors(oai):
 
 def test_the_recipes_embed_the_texts_the_test_compares():
     for marker in ("from langchain_openai import", "from llama_index.embeddings.openai_like import"):
-        block = readme_python(marker)
+        block = readme_python(marker, base=README_BASE)
         assert repr(DOCUMENTS).replace("'", '"') in block and f'"{QUERY}"' in block
         assert 'base_url="http://127.0.0.1:8000/v1"' in block or 'api_base="http://127.0.0.1:8000/v1"' in block
 
