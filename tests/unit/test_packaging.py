@@ -68,3 +68,21 @@ def test_no_tracked_file_names_a_package_registrys_host():
         path = ROOT / name
         if path.is_file() and path.suffix not in {".png", ".parquet"}:
             assert not hosts.search(path.read_text(errors="ignore")), name
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    quick_start = readme()[readme().index("## Quick start"):readme().index("### curl")]
+    block = re.search(r"```bash\n(.*?)```", quick_start, re.S).group(1)
+    assert [line.split("#")[0].strip() for line in block.splitlines()] == ["./run.sh serve", "./run.sh test"]
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "exec ./run.sh test"
+
+
+def test_the_readmes_docker_commands_fit_the_dockerfile():
+    """Not run here (no image registry): the commands must at least agree with the Dockerfile."""
+    block = re.search(r"### Docker\n.*?```\n(.*?)```", readme(), re.S).group(1)
+    assert block.splitlines() == ["docker build -t embserve .", "docker run --rm --shm-size=2g -p 8000:8000 embserve"]
+    assert "EXPOSE 8000" in (ROOT / "Dockerfile").read_text()
