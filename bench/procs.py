@@ -29,6 +29,7 @@ ROLES = (
     ("raylet", re.compile(r"raylet")),
     ("gcs", re.compile(r"gcs_server")),
     ("py-spy", re.compile(r"py-spy")),
+    ("infinity", re.compile(r"infinity_emb")),  # the peer server bench.peers starts (Infinity's CLI)
 )
 
 

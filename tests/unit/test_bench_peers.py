@@ -1,0 +1,65 @@
+"""bench.peers' pure parts: Infinity's command line, the round order, and what the rounds sum up to."""
+
+from bench.peers import ARMS, BASELINE, INFINITY, infinity_command, ratios, round_order, server_cores, summarize_arm
+
+EMBSERVE_ARM, INF_DEFAULT, INF_BF16 = (a.name for a in ARMS)
+
+
+def _run(texts_per_s: float, p50: float = 100.0, lone: float = 15.0, cores: dict | None = None) -> dict:
+    cpu = {"by_role": cores or {"load generator": 0.2, "infinity": 1.6}, "foreign": 0.01}
+    return {"c32": {"texts_per_s": texts_per_s, "latency_ms": {"p50": p50, "p99": 2 * p50}, "errors": {},
+                    "cpu": cpu},
+            "single_query": {"latency_ms": {"p50": lone}}}
+
+
+def test_infinity_defaults_arm_passes_only_the_model_and_where_to_listen():
+    arm = next(a for a in ARMS if a.name == BASELINE)
+    cmd = infinity_command("/peer/bin/infinity_emb", "/models/m", 7997, arm.flags)
+    assert cmd == ["/peer/bin/infinity_emb", "v2", "--model-id", "/models/m", "--host", "127.0.0.1",
+                   "--port", "7997"]
+
+
+def test_infinity_bf16_arm_adds_exactly_the_dtype_flag():
+    bf16 = next(a for a in ARMS if a.server == INFINITY and a.name != BASELINE)
+    cmd = infinity_command("inf", "/m", 1, bf16.flags)
+    assert cmd[-2:] == ["--dtype", "bfloat16"]
+    assert len(cmd) == len(infinity_command("inf", "/m", 1)) + 2
+
+
+def test_round_order_rotates_so_every_arm_leads_one_round():
+    firsts = {round_order(ARMS, k)[0].name for k in range(len(ARMS))}
+    assert firsts == {a.name for a in ARMS}
+    assert sorted(a.name for a in round_order(ARMS, 5)) == sorted(a.name for a in ARMS)
+
+
+def test_server_cores_leave_out_the_load_generator():
+    cpu = {"by_role": {"load generator": 0.3, "replica": 1.4, "ingress": 0.2, "proxy": 0.1}}
+    assert abs(server_cores(cpu) - 1.7) < 1e-9
+    assert server_cores(None) is None
+
+
+def test_summary_takes_median_and_spread_and_skips_failed_rounds():
+    runs = [_run(60.0, p50=300), _run(80.0, p50=500), {"error": "Infinity exited with 1"}, _run(70.0, p50=400)]
+    s = summarize_arm(runs)
+    assert s["rounds"] == 3
+    assert s["texts_per_s_spread"] == {"min": 60.0, "median": 70.0, "max": 80.0}
+    assert s["p50_ms"] == 400
+    assert s["errors"] == ["Infinity exited with 1"]
+    assert s["server_cpu_ms_per_text"][0] == round(1.6 * 1000 / 60.0, 1)
+
+
+def test_an_arm_that_never_answered_is_reported_not_summarized():
+    s = summarize_arm([{"error": "refused"}, {"error": "refused"}])
+    assert s["rounds"] == 0 and s["errors"] == ["refused", "refused"]
+
+
+def test_ratios_set_embserve_against_each_infinity_arm_by_medians_and_round_by_round():
+    rounds = [{EMBSERVE_ARM: _run(80.0), INF_DEFAULT: _run(40.0), INF_BF16: _run(50.0)},
+              {EMBSERVE_ARM: _run(90.0), INF_DEFAULT: _run(30.0), INF_BF16: {"error": "crashed"}}]
+    summaries = {name: summarize_arm([r[name] for r in rounds]) for name in rounds[0]}
+    rel = ratios(summaries, rounds, {"float32": 50.0, "bfloat16": 100.0})
+    assert rel["embserve_to"][INF_DEFAULT] == {"of_medians": round(85.0 / 35.0, 2), "by_round": [2.0, 3.0]}
+    # The round where the bf16 arm failed has no pair.
+    assert rel["embserve_to"][INF_BF16]["by_round"] == [1.6]
+    assert rel["to_offline"][EMBSERVE_ARM] == {"float32": 1.7, "bfloat16": 0.85}
+    assert EMBSERVE_ARM not in rel["embserve_to"]
