@@ -244,6 +244,14 @@ REFUSED = {
         "config_sentence_transformers.json": {"prompts": {"query": "Represent the query: "}}}, "include_prompt: false"),
     "generative task": ([TRANSFORMER, POOL], {"sentence_bert_config.json": {"transformer_task": "text-generation"}},
                         "transformer_task 'text-generation'"),
+    "modules not a list": ({"0": TRANSFORMER}, {}, "is not a list of modules"),
+    "dense without config": ([TRANSFORMER, POOL, DENSE], {}, "no config.json with in_features and out_features"),
+    "normalize on token embeddings": ([TRANSFORMER, POOL, _module(2, "Normalize", "2_Normalize")], {
+        "2_Normalize/config.json": {"module_input_name": "token_embeddings"}}, "module_input_name 'token_embeddings'"),
+    "text through the pooler output": ([TRANSFORMER, POOL], {"sentence_bert_config.json": {"modality_config": {
+        "text": {"method": "forward", "method_output_name": "pooler_output"}}}}, "pooler_output"),
+    "prompts that are not texts": ([TRANSFORMER, POOL], {"config_sentence_transformers.json": {
+        "prompts": {"query": 1}}}, "must map names to texts"),
     "default prompt it lacks": ([TRANSFORMER, POOL], {"config_sentence_transformers.json": {
         "prompts": {"query": "query: "}, "default_prompt_name": "passage"}}, "default_prompt_name 'passage'"),
 }
@@ -256,6 +264,14 @@ def test_pipelines_embserve_cannot_compute_exactly_are_refused_naming_why(tmp_pa
         read_pipeline(_folder(tmp_path / "m", modules, configs))
     assert says in err.value.message
     assert err.value.code == "unsupported_model"
+
+
+def test_a_config_that_is_not_json_is_refused_naming_the_file(tmp_path):
+    folder = _folder(tmp_path, [TRANSFORMER, POOL])
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text("{not json")
+    with pytest.raises(UnsupportedModel, match="1_Pooling/config.json of .* is not valid JSON"):
+        read_pipeline(folder)
 
 
 def test_unknown_modules_are_refused_with_what_is_supported(tmp_path):
