@@ -24,7 +24,7 @@ from embserve.scheduler import EmbedJob, EmbedResult
 from embserve.encode import apply_dimensions
 from embserve.errors import (EmbservError, InvalidRequest, ModelNotFound, Overloaded, PayloadTooLarge,
                              RequestTimeout, Unauthorized, Unavailable)
-from embserve.inputs import Limits, normalize_input
+from embserve.inputs import Limits, check_prompt_name, normalize_input
 from embserve.model import ModelInfo
 from embserve.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList
 from embserve.responses import embeddings_body, model_card
@@ -270,8 +270,10 @@ class Ingress:
         if body.dimensions is not None and not 1 <= body.dimensions <= info.dimensions:
             raise InvalidRequest(f"dimensions must be between 1 and {info.dimensions} for this model, "
                                  f"got {body.dimensions}", param="dimensions")
+        check_prompt_name(body.prompt_name, info.prompts)
         truncate = self.settings.truncate if body.truncate is None else body.truncate
-        job = EmbedJob(texts=normalized.texts, token_ids=normalized.token_ids, truncate=truncate)
+        job = EmbedJob(texts=normalized.texts, token_ids=normalized.token_ids, truncate=truncate,
+                       prompt_name=body.prompt_name)
         result = await self._call(route, job)
         if result.error is not None:
             raise result.error

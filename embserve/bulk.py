@@ -119,7 +119,8 @@ def tokenize_and_plan(tokenizer: Any, texts: Sequence[str], truncate: bool, cfg:
     sequences: list[list[int]] = []
     kept: list[int] = []
     too_long: dict[int, str] = {}
-    for i, ids in enumerate(tokenizer.content_ids(list(texts))):
+    # The model's default prompt, as the server puts it before a request's texts that name none.
+    for i, ids in enumerate(tokenizer.content_ids(tokenizer.model_texts(list(texts), tokenizer.prompt(None)))):
         try:
             sequences.append(tokenizer.finish(ids, i, truncate))
             kept.append(i)
@@ -156,11 +157,10 @@ class ShardEmbedder:
 
         from embserve.hardware import choose_batch_sizes, choose_device, gpu_limits
         from embserve.model import EmbeddingModel
-        from embserve.tokenize import Tokenizer
 
         device = choose_device(settings, torch.cuda.is_available()).value
         self.model = EmbeddingModel(spec, device=device, dtype=settings.dtype, threads=threads)
-        self.tokenizer = Tokenizer(self.model.tokenizer, self.model.max_length, self.model.vocab_size)
+        self.tokenizer = self.model.request_tokenizer()
         gpu = gpu_limits(self.model, settings.gpu_memory_fraction, 1) if device == "cuda" else None
         _, budget = choose_batch_sizes(settings, gpu)
         self.budget = int(budget.value)

@@ -81,3 +81,12 @@ class RequestTimeout(EmbservError):
     status = 504
     type = "server_error"
     default_code = "timeout"
+
+
+class UnsupportedModel(EmbservError):
+    """A model whose sentence-transformers pipeline embserve cannot compute exactly: refused when a replica
+    loads it (the deployment's start fails with this message), never served with different vectors."""
+
+    status = 500
+    type = "server_error"
+    default_code = "unsupported_model"

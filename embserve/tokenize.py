@@ -7,6 +7,10 @@ applied here on plain lists. A replica's forward workers share it, one call at a
 Token ids from a client are taken as the model's tokenizer gives them: `tokenizer(text)["input_ids"]`
 already holds the special tokens (TEI and vLLM take such ids as given), so ids that begin and end with
 them are kept as they are; ids without them get them added, as for text.
+
+Prompts (config_sentence_transformers.json) are put before each input here, once per tokenizer call: a text
+gets the prompt's text in front (what sentence-transformers' encode tokenizes), and token ids get the prompt's
+own ids in front (as TEI applies prompts to ids too), so ids embed like their text.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from embserve.errors import InputTooLong, InvalidRequest
+from embserve.inputs import check_prompt_name
+from embserve.pipeline import Prompts
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,17 @@ def probe_special_tokens(tokenizer: Any) -> SpecialTokens:
     raise ValueError("cannot locate the text inside the tokenizer's special tokens")
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt as it goes before an input: its text (before a text) and its content ids (before token ids)."""
+
+    text: str = ""
+    ids: tuple[int, ...] = ()
+
+
+NO_PROMPT = Prompt()
+
+
 class TextIds(list):
     """A text's content ids from `Tokenizer.content_ids`: `finish` always adds special tokens to these,
     even where the text spells them out ("[CLS] hi [SEP]"), so a text embeds as the tokenizer's own call
@@ -41,15 +58,39 @@ class TextIds(list):
 
 
 class Tokenizer:
-    def __init__(self, tokenizer: Any, max_length: int, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Any, max_length: int, vocab_size: int, prompts: Prompts | None = None,
+                 lowercase: bool = False) -> None:
         self._tok = tokenizer
         self._lock = threading.Lock()
         self.max_length = max_length
         self.vocab_size = vocab_size
+        self.lowercase = lowercase  # sentence_bert_config.json's do_lower_case: texts and prompts, not ids
         self.special = probe_special_tokens(tokenizer)
         self._room = max_length - len(self.special.head) - len(self.special.tail)
         if self._room < 1:
             raise ValueError(f"max_length {max_length} leaves no room for text")
+        prompts = prompts or Prompts()
+        texts = {name: text.lower() if lowercase else text for name, text in prompts.texts.items()}
+        ids = self.content_ids(list(texts.values()))
+        self._prompts = {name: Prompt(text, tuple(i)) for (name, text), i in zip(texts.items(), ids)}
+        self._default = self._prompts[prompts.default_name] if prompts.default_name else NO_PROMPT
+
+    @property
+    def prompt_names(self) -> tuple[str, ...]:
+        return tuple(self._prompts)
+
+    def prompt(self, name: str | None) -> Prompt:
+        """The prompt a request names, or the default one where it names none."""
+        if name is None:
+            return self._default
+        check_prompt_name(name, self.prompt_names)
+        return self._prompts[name]
+
+    def model_texts(self, texts: list[str], prompt: Prompt = NO_PROMPT) -> list[str]:
+        """Texts as the model's tokenizer gets them: the prompt in front, lowercased where the model asks."""
+        if prompt.text:
+            texts = [prompt.text + text for text in texts]
+        return [text.lower() for text in texts] if self.lowercase else texts
 
     def content_ids(self, texts: list[str]) -> list[list[int]]:
         """One tokenizer call for all texts of a batch."""
@@ -78,11 +119,14 @@ class Tokenizer:
         return (len(ids) >= len(head) + len(tail) and tuple(ids[: len(head)]) == head
                 and tuple(ids[len(ids) - len(tail):]) == tail)
 
-    def finish(self, content: list[int], index: int, truncate: bool) -> list[int]:
-        """Add special tokens (unless client ids hold them already); cut or refuse content past the model's
-        maximum."""
-        if not isinstance(content, TextIds) and self.has_special_tokens(content):
-            content = content[len(self.special.head): len(content) - len(self.special.tail)]
+    def finish(self, content: list[int], index: int, truncate: bool, prompt: Prompt = NO_PROMPT) -> list[int]:
+        """Add special tokens (unless client ids hold them already) and, to client ids, the prompt's ids; cut or
+        refuse content past the model's maximum. A text's content already holds its prompt (`model_texts`)."""
+        if not isinstance(content, TextIds):
+            if self.has_special_tokens(content):
+                content = content[len(self.special.head): len(content) - len(self.special.tail)]
+            if prompt.ids:
+                content = [*prompt.ids, *content]
         total = len(content) + len(self.special.head) + len(self.special.tail)
         if total > self.max_length:
             if not truncate:

@@ -18,6 +18,7 @@ from embserve.errors import (
     RequestTimeout,
     Unauthorized,
     Unavailable,
+    UnsupportedModel,
 )
 
 KINDS = [
@@ -31,6 +32,7 @@ KINDS = [
     (Unavailable, 503, "server_error", "service_unavailable"),
     (RequestTimeout, 504, "server_error", "timeout"),
     (Cancelled, 499, "invalid_request_error", "cancelled"),
+    (UnsupportedModel, 500, "server_error", "unsupported_model"),
 ]
 
 

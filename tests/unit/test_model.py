@@ -16,10 +16,10 @@ from embserve.model import (
     pick_dtype,
     pool,
     read_cpu_flags,
-    read_sentence_transformer_hints,
     resolve_source,
     torch_bf16_gemm_supported,
 )
+from embserve.pipeline import read_pipeline
 from embserve.settings import ModelSpec
 from embserve.tokenize import Tokenizer
 from tests.texts import mixed_texts
@@ -40,13 +40,13 @@ def test_bundled_model_is_described_by_its_own_config(bundled_model):
     assert bundled_model.pad_id == 0
 
 
-def test_bundled_hints_come_from_its_sentence_transformers_files():
-    hints = read_sentence_transformer_hints(resolve_source("bundled"))
-    assert (hints.pooling, hints.max_seq_length, hints.normalize) == ("mean", 256, True)
+def test_bundled_pipeline_comes_from_its_sentence_transformers_files():
+    pipeline = read_pipeline(resolve_source("bundled"))
+    assert (pipeline.pooling, pipeline.max_seq_length, pipeline.normalize, pipeline.dense) == ("mean", 256, True, ())
 
 
 def _model_folder(tmp_path, pooling_cfg: dict | None, normalize: bool, max_seq: int | None):
-    modules = []
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
     if pooling_cfg is not None:
         modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
         (tmp_path / "1_Pooling").mkdir()
@@ -65,28 +65,31 @@ def _model_folder(tmp_path, pooling_cfg: dict | None, normalize: bool, max_seq: 
         ({"pooling_mode_cls_token": True}, "cls"),
         ({"pooling_mode_lasttoken": True}, "last"),
         ({"pooling_mode_mean_tokens": True}, "mean"),
-        ({}, None),
+        ({"pooling_mode_max_tokens": True, "pooling_mode_mean_tokens": False}, "max"),
+        ({}, "mean"),  # sentence-transformers' default
+        ({"pooling_mode": "cls"}, "cls"),  # its format since 5.2
+        ({"pooling_mode": ["lasttoken"]}, "last"),
     ],
 )
-def test_hints_read_the_pooling_mode_of_a_model_folder(tmp_path, cfg, pooling):
-    hints = read_sentence_transformer_hints(_model_folder(tmp_path, cfg, normalize=False, max_seq=128))
-    assert hints.pooling == pooling
-    assert hints.max_seq_length == 128
-    assert hints.normalize is False
+def test_pipeline_reads_the_pooling_mode_of_a_model_folder(tmp_path, cfg, pooling):
+    pipeline = read_pipeline(_model_folder(tmp_path, cfg, normalize=False, max_seq=128))
+    assert pipeline.pooling == pooling
+    assert pipeline.max_seq_length == 128
+    assert pipeline.normalize is False
 
 
-def test_folder_without_sentence_transformers_files_gives_no_hints(tmp_path):
-    hints = read_sentence_transformer_hints(str(tmp_path))
-    assert (hints.pooling, hints.max_seq_length, hints.normalize) == (None, None, False)
+def test_folder_without_sentence_transformers_files_gives_the_plain_pipeline(tmp_path):
+    pipeline = read_pipeline(str(tmp_path))
+    assert (pipeline.modules, pipeline.pooling, pipeline.max_seq_length, pipeline.normalize) == (False, None, None, False)
 
 
 def test_normalize_module_is_detected(tmp_path):
-    assert read_sentence_transformer_hints(_model_folder(tmp_path, None, normalize=True, max_seq=None)).normalize
+    assert read_pipeline(_model_folder(tmp_path, {}, normalize=True, max_seq=None)).normalize
 
 
-def test_uncached_hub_id_offline_gives_no_hints():
-    hints = read_sentence_transformer_hints("embserve-tests/no-such-model")
-    assert (hints.pooling, hints.max_seq_length, hints.normalize) == (None, None, False)
+def test_uncached_hub_id_offline_gives_the_plain_pipeline():
+    pipeline = read_pipeline("embserve-tests/no-such-model")
+    assert (pipeline.modules, pipeline.pooling, pipeline.max_seq_length, pipeline.normalize) == (False, None, None, False)
 
 
 def test_non_bundled_source_is_passed_through():
@@ -113,6 +116,10 @@ def test_mean_pooling_ignores_padding():
 
 def test_cls_pooling_takes_the_first_token():
     torch.testing.assert_close(pool(HIDDEN, MASK, "cls"), torch.tensor([[1.0, 0.0], [5.0, 1.0]]))
+
+
+def test_max_pooling_ignores_padding():
+    torch.testing.assert_close(pool(HIDDEN, MASK, "max"), torch.tensor([[3.0, 2.0], [7.0, 4.0]]))
 
 
 def test_last_pooling_takes_the_last_real_token_under_right_padding():

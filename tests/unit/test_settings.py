@@ -237,7 +237,7 @@ def test_model_spec_refuses_unknown_fields_and_bad_pooling():
     with pytest.raises(ValidationError):
         ModelSpec(name="a", colour="blue")
     with pytest.raises(ValidationError):
-        ModelSpec(name="a", pooling="max")
+        ModelSpec(name="a", pooling="weightedmean")
     with pytest.raises(ValidationError):
         ModelSpec(name="a", max_length=1)
 
