@@ -10,16 +10,14 @@ from typing import Any
 
 import torch
 from ray import serve
-from ray.serve import metrics as ray_metrics
 
-from embserve.hardware import (Choice, choose_batch_sizes, choose_device, choose_threads, cpu_cores, gpu_limits,
-                               replica_profile)
-from embserve.model import EmbeddingModel, ModelInfo
-from embserve.scheduler import EmbedJob, EmbedResult, Forward, Scheduler, forward_layout
+from embserve.hardware import assigned_gpus, start_replica
+from embserve.pipeline import ModelInfo
+from embserve.scheduler import EmbedJob, EmbedResult, Forward, Scheduler
 from embserve.settings import ModelSpec, Settings
 from embserve.stats import ReplicaReporter
 from deployments import serve_env
-from deployments.metrics import MetricsShipper
+from deployments.metrics import MetricsShipper, ReplicaRayMetrics
 
 log = logging.getLogger("ray.serve")
 
@@ -43,42 +41,21 @@ def count_inputs(jobs: list[EmbedJob]) -> int:
 class Embedder:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.settings = settings
-        device = choose_device(settings, torch.cuda.is_available())
-        threads = choose_threads(settings, device.value, cpu_cores())
-        self.model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value)
-        # The replica's threads, split among forwards that run at once from one queue (forward_layout).
-        self.layout = forward_layout(self.model.device, torch.get_num_threads(), settings.forward_workers)
-        if self.layout.threads != torch.get_num_threads():
-            log.warning("%d torch threads for %d forward workers: running %d x %d", torch.get_num_threads(),
-                        self.layout.workers, self.layout.workers, self.layout.threads_per_forward)
-        # On a GPU the sizes come from the card and this model's config; forwards at once share the card.
-        gpu = gpu_limits(self.model, settings.gpu_memory_fraction, self.layout.workers) if device.value == "cuda" else None
-        batch_size, batch_tokens = choose_batch_sizes(settings, gpu)
-        self.batching = settings.batching(batch_size.value, batch_tokens.value)
-        dtype = Choice(self.model.info.dtype, getattr(self.model, "dtype_reason", f"set: {settings.source_of('dtype')}"))
-        self.profile = replica_profile(settings, device=device, dtype=dtype, threads=threads, layout=self.layout,
-                                       batch_size=batch_size, batch_tokens=batch_tokens)
+        start = start_replica(spec, settings, torch.cuda.is_available(), assigned_gpus())
+        self.model, self.layout, self.profile = start.model, start.layout, start.profile
+        self.batching = settings.batching(start.batch_size, start.batch_tokens)
         self.reporter = ReplicaReporter(spec.name)
+        self.ray_metrics = ReplicaRayMetrics(spec.name)
         self.scheduler = Scheduler(self.model, self.layout, config=lambda: self.batching,
-                                   max_batch_tokens=batch_tokens.value, report=self._report,
+                                   max_batch_tokens=start.batch_tokens, report=self._report,
                                    group_cost_tokens=settings.group_cost_tokens)
         self._apply_batching()
         self._ongoing = 0
-        # Ray's own metrics pipeline (Prometheus via the Ray dashboard agent, Grafana) sees these too.
-        self._ray_inputs = ray_metrics.Counter("embserve_replica_inputs", "Inputs embedded by this replica.",
-                                               tag_keys=("model",))
-        self._ray_padded = ray_metrics.Counter("embserve_replica_padded_tokens", "Tokens sent to the model.",
-                                               tag_keys=("model",))
-        self._ray_forward = ray_metrics.Histogram("embserve_replica_forward_seconds", "Forward time per batch.",
-                                                  boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
-                                                  tag_keys=("model",))
-        for metric in (self._ray_inputs, self._ray_padded, self._ray_forward):
-            metric.set_default_tags({"model": spec.name})
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
                                       gauges=lambda: {"queue_size": self._ongoing}, profile=self.profile.as_dict)
         self.shipper.start()  # Serve runs constructors on the replica's loop
-        for name, what in settings.shadowed().items():
-            log.warning("setting %s=%r from %s shadows %s", name, getattr(settings, name), settings.source_of(name), what)
+        for warning in start.warnings:
+            log.warning(warning)
         log.info("embedder %s ready (max_length=%d): %s", spec.name, self.model.max_length, self.profile.summary())
         serve_env.flush_warnings_at_once()  # the line above, and warnings from now on, reach the log at once
 
@@ -146,6 +123,4 @@ class Embedder:
         """The scheduler's admissions, forwards and answers, from whichever thread they happened on."""
         self.reporter.record(event)
         if isinstance(event, Forward):
-            self._ray_inputs.inc(event.inputs)
-            self._ray_padded.inc(event.padded_tokens)
-            self._ray_forward.observe(event.seconds)
+            self.ray_metrics.forward(event)

@@ -25,7 +25,7 @@ from embserve.encode import apply_dimensions
 from embserve.errors import (EmbservError, InvalidRequest, ModelNotFound, Overloaded, PayloadTooLarge,
                              RequestTimeout, Unauthorized, Unavailable)
 from embserve.inputs import Limits, check_prompt_name, normalize_input
-from embserve.model import ModelInfo
+from embserve.pipeline import ModelInfo
 from embserve.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList
 from embserve.responses import embeddings_body, model_card
 from embserve.settings import Settings

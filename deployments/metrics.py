@@ -133,3 +133,27 @@ class MetricsShipper:
         except Exception as exc:  # the actor is down or restarting: drop these events, keep serving
             log.warning("metrics actor unreachable (%s); this report is dropped", type(exc).__name__)
             self._actor = None
+
+
+class ReplicaRayMetrics:
+    """A replica's forwards in Ray's own metrics pipeline (Prometheus via the Ray dashboard agent, Grafana),
+    beside what the metrics actor aggregates."""
+
+    def __init__(self, model: str) -> None:
+        from ray.serve import metrics
+
+        self.inputs = metrics.Counter("embserve_replica_inputs", "Inputs embedded by this replica.",
+                                      tag_keys=("model",))
+        self.padded = metrics.Counter("embserve_replica_padded_tokens", "Tokens sent to the model.",
+                                      tag_keys=("model",))
+        self.seconds = metrics.Histogram("embserve_replica_forward_seconds", "Forward time per batch.",
+                                         boundaries=[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+                                         tag_keys=("model",))
+        for metric in (self.inputs, self.padded, self.seconds):
+            metric.set_default_tags({"model": model})
+
+    def forward(self, event: Any) -> None:
+        """One forward's `embserve.scheduler.Forward` report."""
+        self.inputs.inc(event.inputs)
+        self.padded.inc(event.padded_tokens)
+        self.seconds.observe(event.seconds)

@@ -155,10 +155,10 @@ class ShardEmbedder:
                  threads: int | None = None) -> None:
         import torch
 
-        from embserve.hardware import choose_batch_sizes, choose_device, gpu_limits
+        from embserve.hardware import assigned_gpus, choose_batch_sizes, choose_device, gpu_limits
         from embserve.model import EmbeddingModel
 
-        device = choose_device(settings, torch.cuda.is_available()).value
+        device = choose_device(settings, torch.cuda.is_available(), assigned_gpus()).value
         self.model = EmbeddingModel(spec, device=device, dtype=settings.dtype, threads=threads)
         self.tokenizer = self.model.request_tokenizer()
         gpu = gpu_limits(self.model, settings.gpu_memory_fraction, 1) if device == "cuda" else None

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 from embserve.settings import CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, USER_CONFIG_FIELD, Settings
 
 if TYPE_CHECKING:
-    from embserve.engine import ForwardLayout
     from embserve.model import EmbeddingModel
+    from embserve.scheduler import ForwardLayout
+    from embserve.settings import ModelSpec
 
 BATCHING_KNOBS = ("max_wait_time_ms", "min_batch_size", "enable_dynamic_batching", "enable_length_grouping",
                   "length_group_tolerance")
@@ -40,13 +41,26 @@ def source(settings: Settings, name: str, otherwise: str) -> str:
     return _given(settings, name) if settings.explicit(name) else otherwise
 
 
-def choose_device(settings: Settings, cuda_available: bool) -> Choice:
+def choose_device(settings: Settings, cuda_available: bool, gpus_assigned: int | None = None) -> Choice:
+    """`gpus_assigned`: the GPUs Ray gave this replica (its `num_gpus`), None outside Ray. Ray 2.60 no
+    longer hides a GPU host's cards from a worker that asked for none, so `num_gpus: 0` means the CPU."""
     if settings.device == "auto":
+        if cuda_available and gpus_assigned == 0:
+            return Choice("cpu", "auto: the replica has no GPU of its own (num_gpus: 0), though torch sees one")
         return Choice("cuda", "auto: torch sees a GPU") if cuda_available else Choice("cpu", "auto: no GPU visible")
     if settings.device == "cuda" and not cuda_available:
         raise ValueError(f"device 'cuda' is set ({settings.source_of('device')}) but torch sees no GPU on this "
                          "replica's node; set it to 'auto' or 'cpu', or give the replica a GPU (num_gpus)")
     return Choice(settings.device, _given(settings, "device"))
+
+
+def assigned_gpus() -> int | None:
+    """How many GPUs Ray assigned to this worker, or None where this process is no Ray worker."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return len(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
 
 def choose_threads(settings: Settings, device: str, cores: int) -> Choice:
@@ -132,3 +146,44 @@ def gpu_limits(model: "EmbeddingModel", fraction: float, forwards_at_once: int) 
     total = torch.cuda.get_device_properties(0).total_memory
     return gpu_batch_limits(total, ModelShape.from_config(net.config), dtype_bytes, fraction=fraction,
                             forwards_at_once=forwards_at_once, max_length=model.max_length, weights=weights)
+
+
+@dataclass
+class ReplicaStart:
+    """What a replica builds at start: its model, forward layout and batch limits, the profile that says
+    where each came from, and the warnings worth a line in its log."""
+
+    model: "EmbeddingModel"
+    layout: "ForwardLayout"
+    batch_size: int
+    batch_tokens: int
+    profile: Profile
+    warnings: list[str]
+
+
+def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
+                  gpus_assigned: int | None = None) -> ReplicaStart:
+    """Load the model on the device the settings and hardware choose, and size the replica around it."""
+    import torch
+
+    from embserve.model import EmbeddingModel
+    from embserve.scheduler import forward_layout
+
+    device = choose_device(settings, cuda_available, gpus_assigned)
+    threads = choose_threads(settings, device.value, cpu_cores())
+    model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value)
+    # The replica's threads, split among forwards that run at once from one queue.
+    layout = forward_layout(model.device, torch.get_num_threads(), settings.forward_workers)
+    warnings = []
+    if layout.threads != torch.get_num_threads():
+        warnings.append(f"{torch.get_num_threads()} torch threads for {layout.workers} forward workers: "
+                        f"running {layout.workers} x {layout.threads_per_forward}")
+    # On a GPU the sizes come from the card and this model's config; forwards at once share the card.
+    gpu = gpu_limits(model, settings.gpu_memory_fraction, layout.workers) if device.value == "cuda" else None
+    batch_size, batch_tokens = choose_batch_sizes(settings, gpu)
+    dtype = Choice(model.info.dtype, model.dtype_reason)
+    profile = replica_profile(settings, device=device, dtype=dtype, threads=threads, layout=layout,
+                              batch_size=batch_size, batch_tokens=batch_tokens)
+    warnings += [f"setting {name}={getattr(settings, name)!r} from {settings.source_of(name)} shadows {what}"
+                 for name, what in settings.shadowed().items()]
+    return ReplicaStart(model, layout, batch_size.value, batch_tokens.value, profile, warnings)

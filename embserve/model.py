@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from embserve.errors import UnsupportedModel
-from embserve.pipeline import DenseSpec, Pipeline, Prompts, read_pipeline
+from embserve.pipeline import DenseSpec, ModelInfo, Pipeline, Prompts, read_pipeline
 from embserve.settings import BUNDLED_MODEL, ModelSpec
 from embserve.tokenize import Tokenizer
 
@@ -116,20 +116,6 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    aliases: tuple[str, ...]
-    dimensions: int
-    max_length: int
-    vocab_size: int
-    pooling: str
-    device: str
-    dtype: str
-    prompts: tuple[str, ...] = ()  # the names a request's prompt_name may take
-    default_prompt_name: str | None = None
 
 
 class EmbeddingModel:

@@ -233,3 +233,19 @@ def read_pipeline(source: str, revision: str | None = None, default_prompt_name:
     return Pipeline(modules=True, pooling=pooling, include_prompt=include_prompt, dense=tuple(dense),
                     normalize=normalize, max_seq_length=plain.max_seq_length, lowercase=plain.lowercase,
                     prompts=prompts)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a served model is, as the ingress needs it: torch-free, so the ingress never imports torch."""
+
+    name: str
+    aliases: tuple[str, ...]
+    dimensions: int
+    max_length: int
+    vocab_size: int
+    pooling: str
+    device: str
+    dtype: str
+    prompts: tuple[str, ...] = ()  # the names a request's prompt_name may take
+    default_prompt_name: str | None = None

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from embserve.encode import to_base64
-from embserve.model import ModelInfo
+from embserve.pipeline import ModelInfo
 
 
 def embeddings_body(vectors: np.ndarray, model: str, prompt_tokens: int, encoding_format: str) -> bytes:

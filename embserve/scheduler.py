@@ -13,14 +13,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from embserve.batching import next_group, padded_size
 from embserve.errors import Cancelled, EmbservError, Unavailable
-from embserve.model import EmbeddingModel
 from embserve.settings import BatchingConfig
 from embserve.tokenize import Prompt
+
+if TYPE_CHECKING:  # the ingress imports this module for EmbedJob, and must not import torch
+    from embserve.model import EmbeddingModel
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from embserve.encode import apply_dimensions, to_base64
 from embserve.errors import InvalidRequest
-from embserve.model import ModelInfo
+from embserve.pipeline import ModelInfo
 from embserve.responses import embeddings_body, model_card
 
 

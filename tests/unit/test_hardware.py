@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from embserve.hardware import Profile, choose_batch_sizes, choose_device, choose_threads, cpu_cores
+from embserve.hardware import Profile, assigned_gpus, choose_batch_sizes, choose_device, choose_threads, cpu_cores
 from embserve.settings import Settings
 
 
@@ -16,6 +16,19 @@ def test_auto_device_follows_what_torch_sees():
     assert choose_device(Settings(), cuda_available=True).value == "cuda"
     chosen = choose_device(Settings(), cuda_available=False)
     assert (chosen.value, chosen.source) == ("cpu", "auto: no GPU visible")
+
+
+def test_num_gpus_0_means_the_cpu_even_where_torch_sees_a_gpu():
+    chosen = choose_device(Settings(), cuda_available=True, gpus_assigned=0)
+    assert (chosen.value, chosen.source) == ("cpu", "auto: the replica has no GPU of its own (num_gpus: 0), "
+                                                    "though torch sees one")
+    assert choose_device(Settings(), cuda_available=True, gpus_assigned=1).value == "cuda"
+    assert choose_device(Settings(), cuda_available=True, gpus_assigned=None).value == "cuda"  # outside Ray
+    assert choose_device(Settings(device="cuda"), cuda_available=True, gpus_assigned=0).value == "cuda"  # asked
+
+
+def test_outside_a_ray_worker_no_gpus_are_assigned_or_denied():
+    assert assigned_gpus() is None
 
 
 def test_asking_for_cuda_without_a_gpu_says_where_it_was_asked(monkeypatch):
