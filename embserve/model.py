@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from embserve.cpu_memory import HeapTrimmer, bound_primitive_cache
 from embserve.errors import UnsupportedModel
 from embserve.pipeline import DenseSpec, ModelInfo, Pipeline, Prompts, read_pipeline
 from embserve.settings import BUNDLED_MODEL, ModelSpec
@@ -130,6 +131,10 @@ class EmbeddingModel:
 
         self.source = resolve_source(spec.source)
         self.device = pick_device(device)
+        # Before the first forward, so that memory stays flat however varied the forwards' shapes.
+        self.heap = HeapTrimmer() if self.device == "cpu" else None
+        if self.device == "cpu":
+            bound_primitive_cache()
         choice = choose_dtype(dtype, self.device)
         self.dtype = choice.weights
         self.autocast = choice.autocast  # bf16 autocast around each forward (CPU), over float32 weights
@@ -171,9 +176,15 @@ class EmbeddingModel:
         return Tokenizer(self.tokenizer, self.max_length, self.vocab_size, prompts=self.prompts,
                          lowercase=self.pipeline.lowercase)
 
-    @torch.inference_mode()
     def forward(self, sequences: list[list[int]]) -> np.ndarray:
         """Embed a group in one forward: pad to its longest, pool, Dense, normalize. Returns float32 [n, dim]."""
+        vectors = self._embed(sequences)
+        if self.heap is not None:  # once the forward's tensors are freed
+            self.heap.maybe_trim()
+        return vectors
+
+    @torch.inference_mode()
+    def _embed(self, sequences: list[list[int]]) -> np.ndarray:
         longest = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), longest), dtype=torch.long)
