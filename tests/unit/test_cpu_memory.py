@@ -49,8 +49,12 @@ def test_glibcs_own_trim_runs():
     assert heap.trim is not None and heap.maybe_trim() is True
 
 
-def test_a_cpu_model_trims_after_its_forwards(bundled_model, monkeypatch):
-    monkeypatch.setattr(bundled_model.heap, "interval_s", 0.0)
-    before = bundled_model.heap.trims
-    bundled_model.forward([[101, 7592, 102], [101, 102]])
-    assert bundled_model.heap.trims == before + 1
+def test_a_cpu_model_trims_after_its_forwards(bundled_model):
+    heap, interval = bundled_model.heap, bundled_model.heap.interval_s
+    heap.interval_s = 0.0  # every forward trims
+    try:
+        before = heap.trims
+        bundled_model.forward([[101, 7592, 102], [101, 102]])
+        assert heap.trims == before + 1
+    finally:
+        heap.interval_s = interval
