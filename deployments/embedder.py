@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from embserve.hardware import assigned_gpus, start_replica
+from embserve.hardware import assigned_gpu_share, assigned_gpus, start_replica
 from embserve.pipeline import ModelInfo
 from embserve.scheduler import EmbedJob, EmbedResult, Forward, Scheduler
 from embserve.settings import ModelSpec, Settings
@@ -41,7 +41,7 @@ def count_inputs(jobs: list[EmbedJob]) -> int:
 class Embedder:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.settings = settings
-        start = start_replica(spec, settings, torch.cuda.is_available(), assigned_gpus())
+        start = start_replica(spec, settings, torch.cuda.is_available(), assigned_gpus(), assigned_gpu_share())
         self.model, self.layout, self.profile = start.model, start.layout, start.profile
         self.batching = settings.batching(start.batch_size, start.batch_tokens)
         self.reporter = ReplicaReporter(spec.name)
@@ -56,6 +56,9 @@ class Embedder:
         self.shipper.start()  # Serve runs constructors on the replica's loop
         for warning in start.warnings:
             log.warning(warning)
+        if start.warm_up is not None:
+            log.info("warm-up: %d forwards of shapes %s in %.2f s", len(start.warm_up.shapes),
+                     list(start.warm_up.shapes), start.warm_up.seconds)
         log.info("embedder %s ready (max_length=%d): %s", spec.name, self.model.max_length, self.profile.summary())
         serve_env.flush_warnings_at_once()  # the line above, and warnings from now on, reach the log at once
 

@@ -69,6 +69,31 @@ class Unavailable(EmbservError):
     default_code = "service_unavailable"
 
 
+class OutOfMemory(Unavailable):
+    """One input alone did not fit the replica's GPU memory, after its group was split down to it; the
+    other inputs of its group are still answered."""
+
+    default_code = "out_of_memory"
+
+
+class NonFiniteOutput(EmbservError):
+    """The model produced NaN or infinite values for an input: never sent as a vector. `rows` (inside a
+    replica only) are the group's rows affected and `vectors` the group's output, so the others can
+    still be answered; neither crosses a process boundary."""
+
+    status = 500
+    type = "server_error"
+    default_code = "non_finite_output"
+    HINT = ("the model produced non-finite values (NaN or infinity) for {what}; a model that overflows in "
+            "float16 or bfloat16 usually runs in float32 (EMB_PROVIDER_DTYPE=float32)")
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 rows: tuple[int, ...] = (), vectors: object = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.rows = rows
+        self.vectors = vectors
+
+
 class Cancelled(EmbservError):
     """The caller went away; nobody reads this, it only keeps the work from being done."""
 

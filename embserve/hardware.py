@@ -11,6 +11,7 @@ from embserve.settings import CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, USER_CON
 
 if TYPE_CHECKING:
     from embserve.model import EmbeddingModel
+    from embserve.warmup import WarmUp
     from embserve.scheduler import ForwardLayout
     from embserve.settings import ModelSpec
 
@@ -61,6 +62,42 @@ def assigned_gpus() -> int | None:
     if not ray.is_initialized():
         return None
     return len(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+
+
+def assigned_gpu_share() -> float | None:
+    """The GPUs Ray reserved for this worker, as a number (0.5 where two replicas share a card), or None
+    where this process is no Ray worker."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+
+
+def memory_fraction(setting: float, gpu_share: float | None) -> Choice:
+    """The share of the card this replica may use: `gpu_memory_fraction` of its own part of the card.
+    Replicas that share a card (num_gpus 0.5) each get their part; a replica with one card or more uses
+    its first card (device 0) and gets the setting."""
+    if gpu_share is not None and 0 < gpu_share < 1:
+        return Choice(round(setting * gpu_share, 4), f"gpu_memory_fraction {setting} x num_gpus {gpu_share:g}")
+    return Choice(setting, f"gpu_memory_fraction {setting}")
+
+
+def cuda_allocator_defaults(environ: dict[str, str] | None = None) -> None:
+    """Expandable segments for torch's CUDA allocator unless the environment says otherwise: a group of a
+    new shape grows the segment it has instead of leaving holes that the next one cannot use. Read at
+    CUDA's first allocation, so it must be set before the model loads."""
+    env = os.environ if environ is None else environ
+    if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def enforce_memory_fraction(fraction: float) -> None:
+    """Caps this process's CUDA allocations at `fraction` of the card: past it torch raises out of memory
+    here (which the scheduler recovers from) instead of taking memory another replica planned for."""
+    import torch
+
+    torch.cuda.set_per_process_memory_fraction(fraction)
 
 
 def choose_threads(settings: Settings, device: str, cores: int) -> Choice:
@@ -118,10 +155,15 @@ class Profile:
 
 
 def replica_profile(settings: Settings, *, device: Choice, dtype: Choice, threads: Choice, layout: "ForwardLayout",
-                    batch_size: Choice, batch_tokens: Choice) -> Profile:
+                    batch_size: Choice, batch_tokens: Choice, attention: Choice | None = None,
+                    memory: Choice | None = None) -> Profile:
     profile = Profile()
     profile.set("device", device.value, device.source)
     profile.set("dtype", dtype.value, dtype.source)
+    if attention is not None:
+        profile.set("attention", attention.value, attention.source)
+    if memory is not None:
+        profile.set("gpu_memory_fraction", memory.value, memory.source)
     profile.set("torch_threads", layout.threads, threads.source)
     profile.set("forward_workers", layout.workers, source(
         settings, "forward_workers", "auto: one forward on a GPU" if device.value == "cuda" else
@@ -159,17 +201,25 @@ class ReplicaStart:
     batch_tokens: int
     profile: Profile
     warnings: list[str]
+    warm_up: "WarmUp | None" = None
 
 
 def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
-                  gpus_assigned: int | None = None) -> ReplicaStart:
-    """Load the model on the device the settings and hardware choose, and size the replica around it."""
+                  gpus_assigned: int | None = None, gpu_share: float | None = None) -> ReplicaStart:
+    """Load the model on the device the settings and hardware choose, size the replica around it, and warm
+    it up on the shapes its first requests will have. `gpu_share`: the GPUs Ray reserved (num_gpus)."""
     import torch
 
     from embserve.model import EmbeddingModel
     from embserve.scheduler import forward_layout
+    from embserve.warmup import warm_up, warm_up_shapes
 
     device = choose_device(settings, cuda_available, gpus_assigned)
+    memory = None
+    if device.value == "cuda":
+        cuda_allocator_defaults()  # before the first CUDA allocation
+        memory = memory_fraction(settings.gpu_memory_fraction, gpu_share)
+        enforce_memory_fraction(memory.value)
     threads = choose_threads(settings, device.value, cpu_cores())
     model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value)
     # The replica's threads, split among forwards that run at once from one queue.
@@ -179,11 +229,17 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
         warnings.append(f"{torch.get_num_threads()} torch threads for {layout.workers} forward workers: "
                         f"running {layout.workers} x {layout.threads_per_forward}")
     # On a GPU the sizes come from the card and this model's config; forwards at once share the card.
-    gpu = gpu_limits(model, settings.gpu_memory_fraction, layout.workers) if device.value == "cuda" else None
+    # The token budget is sized for the same share of the card that the allocator is capped at.
+    gpu = gpu_limits(model, memory.value, layout.workers) if memory is not None else None
     batch_size, batch_tokens = choose_batch_sizes(settings, gpu)
     dtype = Choice(model.info.dtype, model.dtype_reason)
+    attention = Choice(model.attention, model.attention_reason)
     profile = replica_profile(settings, device=device, dtype=dtype, threads=threads, layout=layout,
-                              batch_size=batch_size, batch_tokens=batch_tokens)
+                              batch_size=batch_size, batch_tokens=batch_tokens, attention=attention, memory=memory)
     warnings += [f"setting {name}={getattr(settings, name)!r} from {settings.source_of(name)} shadows {what}"
                  for name, what in settings.shadowed().items()]
-    return ReplicaStart(model, layout, batch_size.value, batch_tokens.value, profile, warnings)
+    warmed = warm_up(model, warm_up_shapes(batch_tokens.value, batch_size.value, model.max_length, model.device))
+    if warmed.out_of_memory:
+        warnings.append(f"warm-up ran out of GPU memory at one of {list(warmed.shapes)}: the replica will lower "
+                        "its token budget on its first large groups")
+    return ReplicaStart(model, layout, batch_size.value, batch_tokens.value, profile, warnings, warmed)

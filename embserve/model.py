@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from embserve.cpu_memory import HeapTrimmer, bound_primitive_cache
-from embserve.errors import UnsupportedModel
+from embserve.errors import NonFiniteOutput, UnsupportedModel
 from embserve.pipeline import DenseSpec, ModelInfo, Pipeline, Prompts, read_pipeline
 from embserve.settings import BUNDLED_MODEL, ModelSpec
 from embserve.tokenize import Tokenizer
@@ -85,6 +86,7 @@ class DtypeChoice:
     weights: torch.dtype
     autocast: bool
     reason: str
+    tf32: bool = False  # float32 matmuls on a GPU's TF32 units (Ampere and later; ignored elsewhere)
 
     @property
     def name(self) -> str:
@@ -96,6 +98,8 @@ def choose_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | None = Non
     """The dtype setting resolved for a device. On a CPU, bf16 runs as autocast over float32 weights, so
     layer norms, softmax and GELU stay float32: within 6% of bf16 weights' speed here, with half their
     error (bench/profile.md). `cpu_flags`: the CPU's flags, read from /proc/cpuinfo when not given."""
+    if device == "cuda":
+        return cuda_dtype_choice(dtype, torch.cuda.get_device_capability(), cuda_bf16_native())
     if device != "cpu":
         weights = pick_dtype(dtype, device)
         return DtypeChoice(weights, False, "explicit setting" if dtype != "auto"
@@ -109,14 +113,89 @@ def choose_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | None = Non
     return DtypeChoice(pick_dtype(dtype, device), False, "explicit setting")
 
 
+def cuda_bf16_native() -> bool:
+    """Whether this GPU multiplies bf16 in hardware. torch's plain `is_bf16_supported()` also says yes
+    where it only emulates bf16 (a T4, a V100), which runs slower than fp16 there."""
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def cuda_dtype_choice(dtype: str, capability: tuple[int, int], bf16_native: bool | None = None) -> DtypeChoice:
+    """The dtype setting resolved for a GPU of this compute capability. `bf16_native`: torch's own answer
+    (cuda_bf16_native); None: capability 8.0 and later (Ampere), which is what torch checks. TF32 where
+    float32 runs: on Ampere and later it keeps float32's range with a 10-bit mantissa in the matmuls,
+    several times faster, and pooling and normalization stay float32 anyway."""
+    native = capability >= (8, 0) if bf16_native is None else bf16_native
+    sm = f"sm_{capability[0]}{capability[1]}"
+    if dtype == "auto":
+        if native:
+            return DtypeChoice(torch.bfloat16, False, f"auto: {sm} multiplies bf16 natively, bf16 weights")
+        return DtypeChoice(torch.float16, False, f"auto: {sm} has no native bf16, fp16 weights")
+    weights = pick_dtype(dtype, "cuda")
+    if weights == torch.float32:
+        return DtypeChoice(weights, False, "explicit setting, TF32 matmuls", tf32=True)
+    if weights == torch.bfloat16 and not native:
+        return DtypeChoice(weights, False, f"explicit setting (bf16 is emulated on {sm}: slower than fp16)")
+    return DtypeChoice(weights, False, "explicit setting")
+
+
+def enable_tf32() -> None:
+    """Float32 matmuls and convolutions on TF32 units, for the process (torch's flags are global)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
     """The weights' dtype. `auto` on a CPU is float32 weights; whether bf16 autocast runs over them is
     `choose_dtype`'s call."""
     if dtype == "auto":
         if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if cuda_bf16_native() else torch.float16
         return torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def attention_choice(device: str, weights: torch.dtype, flash_attn_installed: bool) -> tuple[str | None, str]:
+    """The attention implementation to ask transformers for, and why. FlashAttention-2 only on a GPU, in
+    fp16 or bf16 (its kernels take nothing else), where the flash_attn package is installed; otherwise
+    None: transformers' default, sdpa where the model supports it, else eager."""
+    if device != "cuda":
+        return None, f"{device}: transformers' default (sdpa where the model has it)"
+    if not flash_attn_installed:
+        return None, "cuda: flash_attn is not installed, transformers' default (sdpa where the model has it)"
+    if weights not in (torch.float16, torch.bfloat16):
+        return None, f"cuda: FlashAttention-2 takes fp16 or bf16, not {str(weights).removeprefix('torch.')}"
+    return "flash_attention_2", "cuda, fp16/bf16 and flash_attn installed"
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def device_map_loading(device: str) -> dict[str, str]:
+    """from_pretrained's arguments that put the weights straight onto a GPU, not through host memory
+    first; transformers 5 takes any `device_map` only with accelerate installed."""
+    if device == "cuda" and importlib.util.find_spec("accelerate") is not None:
+        return {"device_map": "cuda"}
+    return {}
+
+
+def to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    """A host tensor on `device`. On a GPU through pinned memory, without waiting: the copy overlaps with
+    whatever the host does next, and the kernels that read it wait for it on the stream."""
+    if device == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def padded_inputs(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of a group, right-padded to its longest, built in one step from one flat array
+    (no per-row loop): the mask is `position < length`, and the ids fill its true cells in row order."""
+    lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+    flat = np.fromiter((t for seq in sequences for t in seq), dtype=np.int64, count=int(lengths.sum()))
+    mask = np.arange(int(lengths.max())) < lengths[:, None]
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = flat
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
 class EmbeddingModel:
@@ -136,6 +215,8 @@ class EmbeddingModel:
         if self.device == "cpu":
             bound_primitive_cache()
         choice = choose_dtype(dtype, self.device)
+        if choice.tf32 and self.device == "cuda":
+            enable_tf32()
         self.dtype = choice.weights
         self.autocast = choice.autocast  # bf16 autocast around each forward (CPU), over float32 weights
         self.dtype_reason = choice.reason
@@ -145,7 +226,13 @@ class EmbeddingModel:
         pinned = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
         config = AutoConfig.from_pretrained(self.source, **pinned)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source, **pinned)
-        self.model = AutoModel.from_pretrained(self.source, dtype=self.dtype, **pinned).to(self.device).eval()
+        attention, self.attention_reason = attention_choice(self.device, self.dtype, flash_attn_installed())
+        extra = {"attn_implementation": attention} if attention else {}
+        self.model = AutoModel.from_pretrained(self.source, dtype=self.dtype, **device_map_loading(self.device),
+                                               **extra, **pinned).to(self.device).eval()
+        # What transformers settled on (it falls back to eager where a model has no sdpa).
+        self.attention = str(getattr(self.model.config, "_attn_implementation", None) or "eager")
+        log.info("attention: %s (%s)", self.attention, self.attention_reason)
         self.pooling = spec.pooling if spec.pooling != "auto" else (self.pipeline.pooling or "mean")
         self.prompts: Prompts = self.pipeline.prompts
         position_limit = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
@@ -177,7 +264,9 @@ class EmbeddingModel:
                          lowercase=self.pipeline.lowercase)
 
     def forward(self, sequences: list[list[int]]) -> np.ndarray:
-        """Embed a group in one forward: pad to its longest, pool, Dense, normalize. Returns float32 [n, dim]."""
+        """Embed a group in one forward: pad to its longest, pool, Dense, normalize. Returns float32 [n, dim].
+        Raises NonFiniteOutput, with the rows affected and the group's vectors, where any came out NaN or
+        infinite: such a vector is never an answer."""
         vectors = self._embed(sequences)
         if self.heap is not None:  # once the forward's tensors are freed
             self.heap.maybe_trim()
@@ -185,21 +274,25 @@ class EmbeddingModel:
 
     @torch.inference_mode()
     def _embed(self, sequences: list[list[int]]) -> np.ndarray:
-        longest = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = padded_inputs(sequences, self.pad_id)
+        uniform = bool(mask.all())
+        ids = to_device(ids, self.device)
+        # A group of equal lengths needs no mask: attention runs unmasked (sdpa and FlashAttention take
+        # their fastest path), which is what a mask of ones means. Pooling still gets that mask of ones.
+        mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device) if uniform else to_device(mask, self.device)
         # Autocast is per thread, so it is entered here, on whichever forward worker runs this group.
         with torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = self.model(input_ids=ids, attention_mask=None if uniform else mask).last_hidden_state
         pooled = pool(hidden.float(), mask, self.pooling)  # pooling, Dense and normalization in float32
         pooled = self.dense(pooled)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.cpu().numpy()
+        vectors = pooled.cpu().numpy()  # the group's one copy back
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        if bad.size:
+            raise NonFiniteOutput(NonFiniteOutput.HINT.format(what=f"{bad.size} of {len(sequences)} inputs"),
+                                  rows=tuple(int(r) for r in bad), vectors=vectors)
+        return vectors
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -3,7 +3,8 @@ forward worker takes the next group from one plan over everything pending (the g
 oldest input), and each request is answered as soon as its own inputs are done.
 
 One lock guards the queue; forward workers are plain threads that take a group, run it, and hand its
-vectors back. Nothing else decides what runs next.
+vectors back. Nothing else decides what runs next. A group that runs out of GPU memory is split and run
+again here, and the budget that plans later groups lowered (`_run`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from embserve.batching import next_group, padded_size
-from embserve.errors import Cancelled, EmbservError, Unavailable
+from embserve.errors import Cancelled, EmbservError, NonFiniteOutput, OutOfMemory, Unavailable
 from embserve.settings import BatchingConfig
 from embserve.tokenize import Prompt
 
@@ -141,6 +142,9 @@ class Scheduler:
         self.tokenizer = model.request_tokenizer()
         self.config = config
         self.max_batch_tokens = max_batch_tokens
+        # Padded tokens a forward has proved too many for the card's memory: halved at each out-of-memory,
+        # for the replica's life, and a cap on whatever budget the settings or user_config give.
+        self.memory_cap: int | None = None
         # A forward's fixed cost dwarfs per-token cost on a GPU; on a CPU it is a few dozen tokens.
         self.group_cost_tokens = group_cost_tokens if group_cost_tokens is not None else (
             512 if model.device == "cuda" else 32)
@@ -231,8 +235,11 @@ class Scheduler:
         window = self._pending[:PLAN_WINDOW]
         if not cfg.enable_dynamic_batching:  # every request on its own: plan the oldest one's inputs only
             window = [item for item in window if item[0] is window[0][0]]
-        group = next_group([len(r.seqs[i]) for r, i in window], max_batch_tokens=cfg.max_batch_tokens or
-                           self.max_batch_tokens, group_by_length=cfg.enable_length_grouping,
+        budget = cfg.max_batch_tokens or self.max_batch_tokens
+        if self.memory_cap is not None:
+            budget = min(budget, self.memory_cap)
+        group = next_group([len(r.seqs[i]) for r, i in window], max_batch_tokens=budget,
+                           group_by_length=cfg.enable_length_grouping,
                            tolerance=cfg.length_group_tolerance, min_group_size=cfg.min_batch_size,
                            group_cost_tokens=self.group_cost_tokens if cfg.group_cost_tokens is None
                            else cfg.group_cost_tokens)
@@ -262,27 +269,26 @@ class Scheduler:
         seqs = [request.seqs[i] for request, i in taken]
         for request, _ in taken:
             request.started_at = request.started_at or started
-        try:
-            out, error = self.model.forward(seqs), None
-        except Exception as exc:  # a failed forward fails only the requests that had inputs in it
-            log.exception("forward of %d inputs failed", len(seqs))
-            out, error = None, Unavailable(f"the model failed on this batch: {exc}")
+        rows = self._run(seqs)
         lengths = list(map(len, seqs))
         self.report(Forward(len(seqs), sum(lengths), padded_size(lengths, range(len(seqs))),
                             time.perf_counter() - started))
         done = time.perf_counter()
         with self._wake:
             finished = []
-            for row, (request, i) in enumerate(taken):
-                if error is not None:
-                    request.error = request.error or error
+            failed = set()
+            for row, (request, i) in zip(rows, taken):
+                if isinstance(row, NonFiniteOutput):  # its message names the request's own input
+                    row = NonFiniteOutput(NonFiniteOutput.HINT.format(what=f"input[{i}]"), param="input")
+                if isinstance(row, EmbservError):
+                    request.error = request.error or row
+                    failed.add(request)
                 else:
-                    request.vectors[i] = out[row]
+                    request.vectors[i] = row
                 request.left -= 1
                 if request.left == 0:
                     finished.append(request)
-            if error is not None:  # its other inputs are not worth computing
-                failed = {request for request, _ in taken}
+            if failed:  # their other inputs are not worth computing
                 for request, _ in self._pending:
                     if request in failed and request.left:
                         request.left -= 1
@@ -292,10 +298,58 @@ class Scheduler:
         for request in finished:
             self._answer(request, done)
 
+    def _run(self, seqs: list[list[int]]) -> list[np.ndarray | EmbservError]:
+        """Each input's vector or error. A group that runs out of GPU memory is split in halves, each run
+        again (down to single inputs), and the replica's budget lowered; an input that fails alone gets
+        OutOfMemory, and the rest of its group is still answered."""
+        import torch
+
+        try:
+            return list(self.model.forward(seqs))
+        except torch.cuda.OutOfMemoryError:
+            # No `as`: the exception's traceback holds the failed forward's frames and with them its
+            # activations; it is dropped when this block ends, before the cache is freed and halves retried.
+            pass
+        except NonFiniteOutput as err:  # only the inputs whose vectors are not finite fail
+            bad = set(err.rows)
+            return [err if row in bad else vector for row, vector in enumerate(err.vectors)]
+        except Exception as exc:  # a failed forward fails only the requests that had inputs in it
+            log.exception("forward of %d inputs failed", len(seqs))
+            return [Unavailable(f"the model failed on this batch: {exc}")] * len(seqs)
+        release_gpu_cache()
+        if len(seqs) == 1:
+            log.warning("out of GPU memory for one input of %d tokens", len(seqs[0]))
+            return [OutOfMemory(f"out of GPU memory for one input of {len(seqs[0])} tokens; retry later, or "
+                                "send it shorter (or with truncate)", param="input")]
+        self._lower_budget(padded_size(list(map(len, seqs)), range(len(seqs))))
+        half = len(seqs) // 2
+        return self._run(seqs[:half]) + self._run(seqs[half:])
+
+    def _lower_budget(self, failed_tokens: int) -> None:
+        """Caps the planning budget at half a group that ran out of memory, once per lowering, logged."""
+        with self._wake:
+            old = self.memory_cap if self.memory_cap is not None else (
+                self.config().max_batch_tokens or self.max_batch_tokens)
+            new = max(1, failed_tokens // 2)
+            if new >= old:  # another worker lowered it already, or the group was over the budget anyway
+                return
+            self.memory_cap = new
+        log.warning("out of GPU memory at %d padded tokens: max_batch_tokens lowered from %d to %d for this "
+                    "replica's life", failed_tokens, old, new)
+
     def _answer(self, request: Request, now: float) -> None:
         result = request.result(now)
         self.report(Answered(result.queue_s, type(result.error).__name__ if result.error else None))
         request.reply(result)
+
+
+def release_gpu_cache() -> None:
+    """Hands the CUDA caching allocator's free blocks back, so that a retry finds them unfragmented;
+    nothing to do where CUDA was never used (a CPU replica, a test)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def embed_jobs(scheduler: Scheduler, jobs: list[EmbedJob]) -> list[EmbedResult]:

@@ -13,6 +13,8 @@ from embserve.errors import (
     InputTooLong,
     InvalidRequest,
     ModelNotFound,
+    NonFiniteOutput,
+    OutOfMemory,
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
@@ -33,6 +35,8 @@ KINDS = [
     (RequestTimeout, 504, "server_error", "timeout"),
     (Cancelled, 499, "invalid_request_error", "cancelled"),
     (UnsupportedModel, 500, "server_error", "unsupported_model"),
+    (OutOfMemory, 503, "server_error", "out_of_memory"),
+    (NonFiniteOutput, 500, "server_error", "non_finite_output"),
 ]
 
 

@@ -68,3 +68,44 @@ def test_user_config_marks_its_knobs_and_warns_where_it_shadows_the_environment(
     assert shown["max_batch_size"] == {"value": 8, "source": "set: serve_config.yaml user_config"}
     assert shown["max_wait_time_ms"]["value"] == 2.0
     assert "max_batch_size=8 (set: serve_config.yaml user_config)" in profile.summary()
+
+
+@pytest.mark.parametrize(("share", "want"), [(0.5, 0.4), (0.25, 0.2), (1.0, 0.8), (2.0, 0.8), (None, 0.8), (0.0, 0.8)])
+def test_a_replica_caps_its_gpu_memory_at_its_share_of_the_card(share, want):
+    from embserve.hardware import memory_fraction
+
+    chosen = memory_fraction(0.8, share)
+    assert chosen.value == pytest.approx(want)
+    assert ("x num_gpus" in chosen.source) is (share is not None and 0 < share < 1)
+
+
+def test_expandable_segments_are_the_default_and_the_environment_wins():
+    from embserve.hardware import cuda_allocator_defaults
+
+    env: dict[str, str] = {}
+    cuda_allocator_defaults(env)
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    for given in ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}, {"PYTORCH_ALLOC_CONF": "backend:native"}):
+        env = dict(given)
+        cuda_allocator_defaults(env)
+        assert env == given
+
+
+def test_outside_a_ray_worker_no_gpu_share_is_known():
+    from embserve.hardware import assigned_gpu_share
+
+    assert assigned_gpu_share() is None
+
+
+def test_the_profile_shows_the_attention_and_the_memory_share():
+    from embserve.hardware import Choice, replica_profile
+    from embserve.scheduler import ForwardLayout
+
+    profile = replica_profile(Settings(), device=Choice("cuda", "auto"), dtype=Choice("bfloat16", "auto"),
+                              threads=Choice(None, "auto"), layout=ForwardLayout(1, 8),
+                              batch_size=Choice(256, "auto"), batch_tokens=Choice(81920, "auto"),
+                              attention=Choice("flash_attention_2", "cuda, fp16/bf16 and flash_attn installed"),
+                              memory=Choice(0.4, "gpu_memory_fraction 0.8 x num_gpus 0.5"))
+    shown = profile.as_dict()
+    assert shown["attention"] == {"value": "flash_attention_2", "source": "cuda, fp16/bf16 and flash_attn installed"}
+    assert shown["gpu_memory_fraction"]["value"] == 0.4

@@ -8,15 +8,21 @@ import numpy as np
 import pytest
 import torch
 
+from embserve.errors import NonFiniteOutput
 from embserve.model import (
     EmbeddingModel,
+    attention_choice,
     choose_dtype,
     cpu_bf16_choice,
+    cuda_dtype_choice,
+    device_map_loading,
     pick_device,
     pick_dtype,
+    padded_inputs,
     pool,
     read_cpu_flags,
     resolve_source,
+    to_device,
     torch_bf16_gemm_supported,
 )
 from embserve.pipeline import read_pipeline
@@ -288,3 +294,126 @@ def test_bf16_runs_on_the_forward_workers_threads_too(bf16_model, float32_model,
         there = worker.submit(bf16_model.forward, ids).result()
     assert np.abs(there - here).max() <= 1e-6
     assert np.abs(there - float32_model.forward(ids)).max() > 1e-5, "the worker's forward ran in float32"
+
+
+# Input building, masks and non-finite vectors.
+
+def _loop_forward(model: EmbeddingModel, sequences: list[list[int]]) -> np.ndarray:
+    """The forward as it was before its inputs were built in one step: ids and mask filled row by row,
+    a mask always passed. The reference that the vectorized forward must equal."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), model.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    with torch.inference_mode():
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = torch.nn.functional.normalize(pool(hidden.float(), mask, model.pooling), p=2, dim=1)
+    return pooled.numpy()
+
+
+def test_padded_inputs_equal_the_tokenizers_own_padding(float32_model, varied_texts):
+    texts = varied_texts[:12]
+    own = float32_model.tokenizer(texts, padding=True, truncation=True, max_length=float32_model.max_length,
+                                  return_tensors="pt")
+    ids, mask = padded_inputs(_ids(float32_model, texts), float32_model.pad_id)
+    assert len(set(map(len, _ids(float32_model, texts)))) > 1, "the texts must have mixed lengths"
+    assert torch.equal(ids, own["input_ids"])
+    assert torch.equal(mask, own["attention_mask"])
+    assert ids.dtype == mask.dtype == torch.long
+
+
+def test_vectorized_inputs_give_the_vectors_of_the_row_by_row_forward(float32_model, varied_texts):
+    ids = _ids(float32_model, varied_texts)
+    for name, groups in _compositions(len(ids)).items():
+        for group in groups:
+            seqs = [ids[i] for i in group]
+            assert np.abs(float32_model.forward(seqs) - _loop_forward(float32_model, seqs)).max() <= 1e-6, name
+
+
+def test_a_group_of_equal_lengths_runs_without_a_mask_and_gives_the_masked_vectors(float32_model, varied_texts):
+    seen: list[object] = []
+    hook = float32_model.model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    same = [ids[:12] for ids in _ids(float32_model, varied_texts) if len(ids) >= 12][:5]
+    mixed = _ids(float32_model, varied_texts[:5])
+    try:
+        got = float32_model.forward(same)
+        float32_model.forward(mixed)
+    finally:
+        hook.remove()
+    assert len(same) == 5 and seen[0] is None, "a group of equal lengths passes no mask"
+    assert seen[1] is not None, "a group of mixed lengths passes its mask"
+    assert np.abs(got - _loop_forward(float32_model, same)).max() <= 1e-6  # the unmasked forward = all ones
+
+
+def test_host_tensors_stay_unpinned_on_a_cpu():
+    t = torch.arange(6).reshape(2, 3)
+    moved = to_device(t, "cpu")
+    assert torch.equal(moved, t) and moved.device.type == "cpu" and not moved.is_pinned()
+
+
+def test_a_non_finite_vector_fails_only_its_own_rows(nan_model, float32_model):
+    from tests.unit.conftest import POISON
+
+    tok = nan_model.tokenizer
+    poisoned = [101, tok.convert_tokens_to_ids(POISON), 102]
+    fine = [101, 7592, 2088, 102]
+    with pytest.raises(NonFiniteOutput) as caught:
+        nan_model.forward([fine, poisoned, fine[:3]])
+    err = caught.value
+    assert err.rows == (1,) and err.status == 500 and err.type == "server_error"
+    assert "non-finite" in err.message and "float32" in err.message
+    np.testing.assert_allclose(err.vectors[[0, 2]], float32_model.forward([fine, fine[:3]]), atol=1e-6)
+    assert np.isfinite(nan_model.forward([fine])).all()
+
+
+# Precision and attention on a GPU, decided from what the card is: pure functions, run here on the CPU.
+
+@pytest.mark.parametrize(("capability", "setting", "weights", "tf32", "reason"), [
+    ((9, 0), "auto", torch.bfloat16, False, "sm_90 multiplies bf16 natively"),     # H100
+    ((8, 0), "auto", torch.bfloat16, False, "sm_80 multiplies bf16 natively"),     # A100
+    ((8, 9), "auto", torch.bfloat16, False, "natively"),                           # L4, L40S
+    ((7, 5), "auto", torch.float16, False, "sm_75 has no native bf16"),            # T4: bf16 only emulated
+    ((7, 0), "auto", torch.float16, False, "no native bf16"),                      # V100
+    ((8, 6), "float32", torch.float32, True, "TF32"),                              # float32 on TF32 units
+    ((7, 5), "float32", torch.float32, True, "TF32"),                              # harmless where absent
+    ((7, 5), "bfloat16", torch.bfloat16, False, "emulated on sm_75"),              # asked for: kept, flagged
+    ((8, 0), "bfloat16", torch.bfloat16, False, "explicit setting"),
+    ((8, 0), "float16", torch.float16, False, "explicit setting"),
+])
+def test_gpu_dtype_follows_the_cards_native_units(capability, setting, weights, tf32, reason):
+    choice = cuda_dtype_choice(setting, capability)
+    assert (choice.weights, choice.tf32, choice.autocast) == (weights, tf32, False)
+    assert reason in choice.reason
+
+
+def test_torchs_own_bf16_answer_wins_over_the_capability():
+    assert cuda_dtype_choice("auto", (8, 0), bf16_native=False).weights == torch.float16
+    assert cuda_dtype_choice("auto", (7, 5), bf16_native=True).weights == torch.bfloat16
+
+
+@pytest.mark.parametrize(("device", "weights", "flash", "want", "reason"), [
+    ("cuda", torch.bfloat16, True, "flash_attention_2", "flash_attn installed"),
+    ("cuda", torch.float16, True, "flash_attention_2", "flash_attn installed"),
+    ("cuda", torch.float32, True, None, "not float32"),
+    ("cuda", torch.bfloat16, False, None, "flash_attn is not installed"),
+    ("cpu", torch.float32, True, None, "cpu: transformers' default"),
+])
+def test_flash_attention_only_on_a_gpu_in_half_precision_with_flash_attn(device, weights, flash, want, reason):
+    chosen, why = attention_choice(device, weights, flash)
+    assert chosen == want and reason in why
+
+
+def test_the_attention_transformers_settled_on_is_recorded(float32_model):
+    assert float32_model.attention == float32_model.model.config._attn_implementation == "sdpa"
+    assert "default" in float32_model.attention_reason
+
+
+def test_weights_load_straight_onto_a_gpu_only_through_a_device_map_transformers_can_take():
+    import importlib.util
+
+    assert device_map_loading("cpu") == {}
+    accelerate = importlib.util.find_spec("accelerate") is not None
+    assert device_map_loading("cuda") == ({"device_map": "cuda"} if accelerate else {})

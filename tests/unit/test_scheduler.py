@@ -4,13 +4,16 @@ their request, cancelled callers, the order groups run in, and what it reports."
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import threading
+import weakref
 
 import numpy as np
 import pytest
+import torch
 
 from embserve.batching import next_group, plan_batches
-from embserve.errors import Cancelled, InputTooLong, InvalidRequest, Unavailable
+from embserve.errors import Cancelled, InputTooLong, InvalidRequest, NonFiniteOutput, OutOfMemory, Unavailable
 from embserve.scheduler import (Admitted, Answered, EmbedJob, Forward, ForwardLayout, Scheduler, embed_jobs,
                                 forward_layout)
 from embserve.settings import BatchingConfig
@@ -242,3 +245,107 @@ def test_job_length_counts_its_inputs():
     assert len(EmbedJob(texts=["a", "b"])) == 2
     assert len(EmbedJob(token_ids=[[1], [2], [3]])) == 3
     assert len(EmbedJob()) == 0
+
+
+class OutOfMemoryAbove:
+    """The real model's forward, raising CUDA's out-of-memory error (as a card would) for a group of more than
+    `inputs` inputs or with an input longer than `tokens`. Records the group sizes that ran, and checks at
+    each call that the previous out-of-memory error is gone (its traceback holds a forward's activations)."""
+
+    def __init__(self, forward, inputs: int = 10**9, tokens: int = 10**9) -> None:
+        self.forward, self.inputs, self.tokens = forward, inputs, tokens
+        self.ran: list[int] = []
+        self.raised: list[weakref.ref] = []
+        self.kept_alive = 0
+
+    def _error(self) -> torch.cuda.OutOfMemoryError:
+        err = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+        self.raised.append(weakref.ref(err))
+        return err
+
+    def __call__(self, seqs: list[list[int]]) -> np.ndarray:
+        self.kept_alive += sum(ref() is not None for ref in self.raised)
+        if len(seqs) > self.inputs or max(map(len, seqs)) > self.tokens:
+            raise self._error()
+        self.ran.append(len(seqs))
+        return self.forward(seqs)
+
+
+# One group of all of them: no length grouping splits them before the out-of-memory does.
+ONE_GROUP = BatchingConfig(enable_length_grouping=False)
+
+
+def test_out_of_memory_splits_the_group_and_every_vector_is_the_normal_ones(float32_model, reference, texts, caplog):
+    s, seen = make(float32_model, cfg=ONE_GROUP, budget=8192)
+    oom = OutOfMemoryAbove(float32_model.forward, inputs=3)
+    s.model.forward = oom
+    try:
+        with caplog.at_level(logging.WARNING, logger="embserve.scheduler"):
+            jobs = [EmbedJob(texts=texts[:10], truncate=True), EmbedJob(texts=texts[10:13], truncate=True)]
+            results = embed_jobs(s, jobs)
+    finally:
+        del s.model.forward
+        s.close()
+    for job, result in zip(jobs, results):
+        assert result.error is None
+        assert_close(result.vectors, reference(job.texts))
+    assert len(seen.of(Forward)) == 1 and oom.raised, "one group of 13, out of memory at first"
+    assert max(oom.ran) <= 3 and sum(oom.ran) == 13
+    assert oom.kept_alive == 0, "an out-of-memory error was still alive when its halves were retried"
+    assert s.memory_cap is not None and s.memory_cap < 8192  # lowered for the replica's life
+    lowered = [r.getMessage() for r in caplog.records if "max_batch_tokens lowered from" in r.getMessage()]
+    assert lowered and "lowered from 8192 to" in lowered[0]
+    assert lowered[-1].endswith(f"to {s.memory_cap} for this replica's life")
+    assert len(lowered) == len(set(lowered)), "each lowering is logged once"
+
+
+def test_later_groups_are_planned_within_the_lowered_budget(float32_model, texts):
+    s, seen = make(float32_model, cfg=ONE_GROUP, budget=8192)
+    s.model.forward = OutOfMemoryAbove(float32_model.forward, inputs=2)
+    try:
+        embed_jobs(s, [EmbedJob(texts=texts[:8], truncate=True)])
+        cap = s.memory_cap
+        before = len(seen.of(Forward))
+        embed_jobs(s, [EmbedJob(texts=texts[8:16], truncate=True)])
+    finally:
+        del s.model.forward
+        s.close()
+    assert cap is not None and s.memory_cap <= cap
+    assert all(f.padded_tokens <= cap or f.inputs == 1 for f in seen.of(Forward)[before:])
+
+
+def test_an_input_out_of_memory_alone_is_a_clean_503_and_its_group_is_still_answered(float32_model, reference):
+    s, seen = make(float32_model, cfg=ONE_GROUP)
+    long_text = " ".join(["parse the date string"] * 20)
+    s.model.forward = OutOfMemoryAbove(float32_model.forward, tokens=40)
+    try:
+        results = embed_jobs(s, [EmbedJob(texts=["hello"]), EmbedJob(texts=["world", long_text]),
+                                 EmbedJob(texts=["good"])])
+    finally:
+        del s.model.forward
+        s.close()
+    err = results[1].error
+    assert isinstance(err, OutOfMemory) and (err.status, err.type, err.code) == (503, "server_error", "out_of_memory")
+    assert err.message.startswith("out of GPU memory for one input of ") and "CUDA" not in err.message
+    assert_close(results[0].vectors, reference(["hello"]))
+    assert_close(results[2].vectors, reference(["good"]))
+    assert [a.error for a in seen.of(Answered)].count("OutOfMemory") == 1
+    assert len(seen.of(Forward)) == 1, "the long input shared its group with the others"
+
+
+def test_a_non_finite_vector_fails_its_request_and_the_others_in_its_group_are_answered(nan_model, reference):
+    from tests.unit.conftest import POISON
+
+    s, seen = make(nan_model, cfg=ONE_GROUP)
+    try:
+        results = embed_jobs(s, [EmbedJob(texts=["hello there"]), EmbedJob(texts=["fine", f"a {POISON} split"]),
+                                 EmbedJob(texts=["good night"])])
+    finally:
+        s.close()
+    assert len(seen.of(Forward)) == 1, "the three requests shared one forward"
+    err = results[1].error
+    assert isinstance(err, NonFiniteOutput) and (err.status, err.type) == (500, "server_error")
+    assert "input[1]" in err.message and "non-finite" in err.message and "float32" in err.message
+    assert results[1].vectors is None
+    assert_close(results[0].vectors, reference(["hello there"]))
+    assert_close(results[2].vectors, reference(["good night"]))
