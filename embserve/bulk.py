@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from embserve.batching import Plan, plan_batches, plan_stats
-from embserve.errors import InputTooLong
+from embserve.errors import InputTooLong, NonFiniteOutput
 from embserve.settings import BatchingConfig, ModelSpec, Settings
 from embserve.shards import (REJECTS_DIR, BulkInputError, Shard, ShardRows, list_inputs, open_fs, pending,
                              plan_shards, prepare_output, read_shard, save_plan, tmp_path, done_parts,
@@ -209,10 +209,20 @@ class ShardEmbedder:
         for i, message in too_long.items():
             rows.refuse(chunk[i], "too_long", message)
         vectors = np.empty((len(sequences), self.dim), dtype=np.float32)
+        failed: list[int] = []
         for group in plan:
-            vectors[group] = self.model.forward([sequences[i] for i in group])
+            try:
+                vectors[group] = self.model.forward([sequences[i] for i in group])
+            except NonFiniteOutput as exc:  # a row the model cannot embed is a reject, not the job's end
+                vectors[group] = exc.vectors
+                for row in exc.rows:
+                    failed.append(group[row])
+                    rows.refuse(chunk[kept[group[row]]], "non_finite_output", str(exc))
+        if failed:
+            good = sorted(set(range(len(sequences))) - set(failed))
+            vectors, kept = vectors[good], [kept[i] for i in good]
         stats = plan_stats([len(s) for s in sequences], plan)
-        report.texts += stats.inputs
+        report.texts += stats.inputs - len(failed)
         report.tokens += stats.tokens
         report.padded_tokens += stats.padded_tokens
         report.forwards += stats.groups

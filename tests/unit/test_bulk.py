@@ -119,6 +119,35 @@ def test_a_shard_embedded_in_process_equals_the_models_own_forward_and_writes_it
         ("d1", "c.jsonl:2", "empty"), ("d3", "c.jsonl:4", "too_long"), ("d5", "c.jsonl:6", "null")]
 
 
+def test_a_row_the_model_turns_to_nan_is_a_reject_and_the_rest_of_its_group_is_written(nan_model, tmp_path):
+    from tests.unit.conftest import POISON
+
+    out = str(tmp_path / "out")
+    fs = pafs.LocalFileSystem()
+    prepare_output(fs, out, {})
+    poisoned = ShardEmbedder(ModelSpec(name="all-MiniLM-L6-v2"), Settings(dtype="float32"), fs, fs, out, "text",
+                             "id", truncate=False, chunk_rows=10, threads=1)
+    clean = poisoned.model
+    poisoned.model = nan_model  # the same model with the POISON word's embedding row set to NaN
+    texts = ["The cat sits.", f"A {POISON} split.", "A dog runs."]  # one length group, one forward
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    fs_in, files = list_inputs([str(path)])
+    [shard] = plan_shards(fs_in, files, 100, ["text", "id"])
+    report = poisoned.embed_shard(shard)
+    assert (report.rows, report.texts, report.rejects) == (3, 2, {"non_finite_output": 1})
+    table = pq.read_table(Path(out) / shard.part)
+    assert table["id"].to_pylist() == ["d0", "d2"]
+    vectors = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    assert np.isfinite(vectors).all()
+    tok = clean.request_tokenizer()
+    for row, i in enumerate((0, 2)):
+        [ids] = tok.content_ids([texts[i]])
+        np.testing.assert_allclose(vectors[row], clean.forward([tok.finish(ids, 0, False)])[0], atol=1e-5)
+    [reject] = pq.read_table(Path(out) / REJECTS_DIR / shard.part).to_pylist()
+    assert (reject["id"], reject["reason"]) == ("d1", "non_finite_output") and "float32" in reject["message"]
+
+
 def test_the_cli_has_an_embed_subcommand_and_says_why_it_cannot_start(tmp_path, capsys):
     args = parser().parse_args(["embed", "in.jsonl", "--output", "out", "--actors", "1-4", "--truncate"])
     assert (args.command, args.input, args.actors, args.truncate, args.column) == ("embed", ["in.jsonl"], (1, 4), True, "text")
