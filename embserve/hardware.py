@@ -56,20 +56,21 @@ def choose_device(settings: Settings, cuda_available: bool, gpus_assigned: int |
 
 
 def assigned_gpus() -> int | None:
-    """How many GPUs Ray assigned to this worker, or None where this process is no Ray worker."""
+    """How many GPUs Ray assigned to this worker, or None where this process is no Ray actor (a driver,
+    or no Ray at all)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return None
     return len(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
 
 def assigned_gpu_share() -> float | None:
     """The GPUs Ray reserved for this worker, as a number (0.5 where two replicas share a card), or None
-    where this process is no Ray worker."""
+    where this process is no Ray actor (a driver, or no Ray at all)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return None
     return float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
 

@@ -120,7 +120,9 @@ def test_unknown_prompt_name_is_400_in_openai_shape_listing_the_prompts(oai, cli
 def test_the_readmes_prompt_name_example_runs(oai, st):
     namespace: dict = {"__name__": "readme"}
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        exec(compile(readme_block(), "README.md (prompt_name)", "exec"), namespace)
+        # As the README has it, pointed at this session's server (tests run Serve on a free port).
+        exec(compile(readme_block().replace("http://127.0.0.1:8000", BASE), "README.md (prompt_name)", "exec"),
+             namespace)
     query, passages = namespace["query"], namespace["passages"]
     assert np.abs(vectors(query) - st([query_text()], prompt_name="query")).max() <= 1e-5
     assert vectors(passages).shape[1] == 64
