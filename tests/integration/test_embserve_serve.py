@@ -99,7 +99,7 @@ def test_sigterm_stops_every_process_embserve_serve_started_and_frees_its_ports(
     [run_dir] = {Path(serving.haproxy_config(serving.processes()[pid].argv)).parents[1] for pid in haproxies}
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)
-    assert gone(started, 5) == set()
+    assert gone(started, 30) == set()  # a loaded box can take seconds to end a killed process
     assert all(is_free("0.0.0.0", p) for p in ports_of(port, env))
     assert not run_dir.exists()
 
@@ -120,7 +120,7 @@ def test_an_haproxy_whose_ray_is_killed_goes_at_once_and_the_port_is_free_again(
     assert is_free("127.0.0.1", port)
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)
-    assert gone(started, 5) == set()
+    assert gone(started, 30) == set()  # a loaded box can take seconds to end a killed process
 
 
 def test_a_taken_port_is_refused_naming_the_process_that_holds_it(tmp_path):
