@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,30 @@ def is_free(host: str, port: int) -> bool:
     return True
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel says is free now (it may be taken again before it is used)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+# Ports a test or a bench can claim for a server it starts later: above Ray's default worker ports (10002-19999)
+# and below the kernel's ephemeral range, so that neither Ray's workers nor the outgoing connections and
+# port-0 listeners of the processes that start in between take them first (a port-0 pick lies in that range).
+CLAIMABLE_FROM = 20000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def ephemeral_low(path: Path = EPHEMERAL_RANGE) -> int:
+    """The lowest port the kernel hands out for port 0 and outgoing connections (Linux's default elsewhere)."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1", rng: random.Random | None = None, tries: int = 200) -> int:
+    """A port free now that the kernel does not hand out on its own (it may still be taken by someone who
+    asks for it by number before it is used)."""
+    rng = rng or random.Random()
+    high = ephemeral_low()
+    for _ in range(tries if high > CLAIMABLE_FROM else 0):
+        port = rng.randrange(CLAIMABLE_FROM, high)
+        if is_free(host, port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the ephemeral range
         s.bind((host, 0))
         return s.getsockname()[1]

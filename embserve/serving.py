@@ -195,9 +195,15 @@ class Run:
         self.status: int | None = None
         self.stop_asked: float | None = None
         self.escalated: list[signal.Signals] = []
+        self.noticed: list[int] = []
 
     def start(self) -> None:
         become_subreaper()
+        # The mask below is this thread's only: a thread started before it (by a library, or coverage's saver
+        # under the tests) can still take a stop signal, whose default action would end this process without
+        # clean-up and leave `serve run` behind. A handler turns such a signal into a note that wait() reads.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, lambda signo, _frame: self.noticed.append(signo))
         signal.pthread_sigmask(signal.SIG_BLOCK, {*STOP_SIGNALS, signal.SIGCHLD})
         # The child gets an empty mask and default dispositions: a background shell ignores SIGINT for it
         # otherwise, and SIGINT is how `serve run` is asked to shut Serve down.
@@ -254,7 +260,9 @@ class Run:
         while self.status is None:
             info = signal.sigtimedwait({*STOP_SIGNALS, signal.SIGCHLD}, WATCH_S)
             if info is not None and info.si_signo != signal.SIGCHLD:
-                self.ask_to_stop(signal.Signals(info.si_signo).name)
+                self.noticed.append(info.si_signo)
+            while self.noticed:
+                self.ask_to_stop(signal.Signals(self.noticed.pop(0)).name)
             self.reap()
             if self.status is None:
                 self.escalate()

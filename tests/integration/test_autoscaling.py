@@ -16,7 +16,6 @@ Node class in a private temp dir on a free port, and stops only the processes it
 import json
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -52,12 +51,6 @@ AUTOSCALING = {
     # metrics_interval_s, 10 s by default.
     "look_back_period_s": 11,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class FakeGpuCluster:
@@ -113,7 +106,7 @@ class FakeGpuCluster:
 
         # Short: Unix socket paths under it must stay below 108 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="embscale-", dir="/tmp")
-        gcs_address = f"{ray._private.services.get_node_ip_address()}:{_free_port()}"
+        gcs_address = f"{ray._private.services.get_node_ip_address()}:{free_port('0.0.0.0')}"
         config_path = Path(self.temp_dir) / "autoscaler.json"
         config_path.write_text(json.dumps(self._autoscaler_config(gcs_address)))
         params = RayParams(

@@ -60,3 +60,37 @@ def test_a_port_below_1024_is_not_reported_as_taken_when_only_root_may_bind_it()
         pytest.skip("root may bind any port")
     with pytest.raises(PermissionError):
         ports.is_free("127.0.0.1", 1)
+
+
+def test_a_claimed_port_lies_below_the_ephemeral_range_where_ray_s_own_connections_get_theirs(tmp_path):
+    low = ports.ephemeral_low()
+    picked = {ports.free_port() for _ in range(20)}
+    assert all(ports.CLAIMABLE_FROM <= p < low for p in picked) and len(picked) > 1
+    assert all(ports.is_free("127.0.0.1", p) for p in picked)
+    (tmp_path / "range").write_text("40000\t60999\n")
+    assert ports.ephemeral_low(tmp_path / "range") == 40000
+    assert ports.ephemeral_low(tmp_path / "missing") == 32768
+
+
+def test_a_taken_candidate_is_passed_over():
+    """A listener already on the first candidate: free_port moves on to the next."""
+    import random
+
+    class Fixed(random.Random):
+        def __init__(self, picks):
+            super().__init__()
+            self.picks = list(picks)
+
+        def randrange(self, *_):
+            return self.picks.pop(0)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports.CLAIMABLE_FROM + 7))
+        s.listen()
+        got = ports.free_port(rng=Fixed([ports.CLAIMABLE_FROM + 7, ports.CLAIMABLE_FROM + 8]))
+    assert got == ports.CLAIMABLE_FROM + 8
+
+
+def test_with_no_room_below_the_ephemeral_range_the_kernel_picks(monkeypatch):
+    monkeypatch.setattr(ports, "ephemeral_low", lambda: ports.CLAIMABLE_FROM)
+    assert ports.is_free("127.0.0.1", ports.free_port())

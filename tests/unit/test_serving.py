@@ -126,6 +126,17 @@ SUPERVISE = textwrap.dedent("""
     from pathlib import Path
     from embserve.serving import Run
     fake, out, run_dir, mode, grace = sys.argv[1:6]
+    if mode == "threaded":
+        # A thread that exists before Run.start, as coverage's saver or a library's would, and that takes
+        # the SIGTERM itself once the fake serve run is up.
+        import signal, threading, time
+
+        def take_sigterm():
+            while not Path(out).exists() or not Path(out).read_text():
+                time.sleep(0.05)
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        threading.Thread(target=take_sigterm, daemon=True).start()
+        mode = "leaky"
     run = Run([sys.executable, fake, out, run_dir, mode], {}, Path(run_dir), float(grace))
     run.command[0] = sys.executable
     import os
@@ -188,6 +199,18 @@ def test_a_stop_signal_leaves_no_process_of_the_run_and_no_folder(supervise, sig
     assert not run_dir.exists()
     err = proc.stderr.read()
     assert f"{sig.name}: asking serve run" in err and "stopping what the run left" in err
+
+
+@linux_only
+def test_a_stop_signal_that_another_thread_takes_still_stops_the_run_cleanly(supervise):
+    """The signal mask is per thread: a thread started earlier gets the SIGTERM, and it must not end
+    `embserve serve` before it has stopped `serve run` (it did, under coverage's saver thread)."""
+    proc, pids, run_dir = supervise(mode="threaded")
+    assert proc.wait(30) != 0
+    assert wait_gone(pids.values(), 1) == set()
+    assert not run_dir.exists()
+    err = proc.stderr.read()
+    assert "SIGTERM: asking serve run" in err and "stopping what the run left" in err
 
 
 @linux_only
