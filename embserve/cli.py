@@ -80,10 +80,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _add_stop(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
-        "stop", help="stop this user's `embserve serve` runs and the HAProxy processes they left",
-        description="Ask every `embserve serve` of this user to stop (SIGTERM) and wait for it; then stop the "
-        "HAProxy processes left by a run whose `embserve serve` is gone (killed with SIGKILL, say). Touches no "
-        "other HAProxy and no Ray cluster that `embserve serve` did not start.")
+        "stop", help="stop this user's `embserve serve` runs and whatever a killed one left",
+        description="Ask every `embserve serve` of this user to stop (SIGTERM) and wait for it; then stop what "
+        "a run whose `embserve serve` is gone (killed with SIGKILL, say) left: its `serve run`, the local Ray "
+        "that started, and HAProxy. Touches no other HAProxy and no Ray cluster that `embserve serve` did not "
+        "start.")
     p.add_argument("--timeout-s", type=float, default=90.0, help="how long to wait for each run (default: 90)")
     p.set_defaults(run=cmd_stop)
 

@@ -28,6 +28,7 @@ from embserve import ports
 
 RUN_PREFIX = "embserve-"
 OWNER_FILE = "embserve-serve.pid"
+SERVE_RUN_FILE = "serve-run.pid"  # `serve run`'s pid, which is also the id of the session everything of the run is in
 # Where Ray's HAProxy keeps its files (ray/serve/_private/constants.py), moved into the run's folder. Ray puts
 # each node's files in a folder named by the node id below these.
 HAPROXY_FILES: dict[str, str] = {
@@ -117,6 +118,7 @@ class Proc:
     ppid: int
     state: str
     argv: tuple[str, ...]
+    sid: int = 0
 
 
 def processes(proc: Path = Path("/proc")) -> dict[int, Proc]:
@@ -130,9 +132,9 @@ def processes(proc: Path = Path("/proc")) -> dict[int, Proc]:
             argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
         except OSError:
             continue
-        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # the command name may hold spaces and ')'
+        state, ppid, _pgrp, sid = stat[stat.rindex(")") + 2:].split()[:4]  # the name may hold spaces and ')'
         found[int(entry.name)] = Proc(int(entry.name), int(ppid), state,
-                                      tuple(a.decode(errors="replace") for a in argv if a))
+                                      tuple(a.decode(errors="replace") for a in argv if a), int(sid))
     return found
 
 
@@ -164,6 +166,20 @@ def run_haproxies(procs: Mapping[int, Proc], run_dir: Path) -> set[int]:
     inside = str(run_dir).rstrip("/") + "/"
     return {p.pid for p in procs.values()
             if p.state != "Z" and (haproxy_config(p.argv) or "").startswith(inside)}
+
+
+def run_session(procs: Mapping[int, Proc], run_dir: Path) -> set[int]:
+    """The live processes in the session of the run's `serve run` (its Ray, its workers, HAProxy), from the pid
+    the run wrote: whatever survived an `embserve serve` that was killed outright. The kernel does not reuse a
+    pid while a session still carries it, and a session counts only if Ray or Serve runs in it."""
+    try:
+        sid = int((run_dir / SERVE_RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return set()
+    members = {p.pid for p in procs.values() if p.sid == sid and p.state != "Z"}
+    if not any("ray" in line or "serve" in line for line in (" ".join(procs[pid].argv) for pid in members)):
+        return set()
+    return members
 
 
 def orphaned(procs: Mapping[int, Proc], pids: Iterable[int], child: int) -> set[int]:
@@ -210,6 +226,7 @@ class Run:
         self.child = os.posix_spawnp(
             self.command[0], self.command, self.env, setsid=True, setsigmask=(),
             setsigdef=(*STOP_SIGNALS, signal.SIGQUIT, signal.SIGPIPE, signal.SIGXFSZ))
+        (self.run_dir / SERVE_RUN_FILE).write_text(str(self.child))  # for `embserve stop`, were this one killed
 
     def reap(self) -> None:
         """Collects every exited child (orphans of the run are this process's children now)."""
@@ -273,7 +290,7 @@ class Run:
         """Stops whatever the run left: its descendants, and its HAProxy processes wherever they went."""
         procs = processes()
         left = {pid for pid in descendants(procs, self.me) if procs[pid].state != "Z"}
-        left |= run_haproxies(procs, self.run_dir)
+        left |= run_haproxies(procs, self.run_dir) | run_session(procs, self.run_dir)
         if left:
             say(f"stopping what the run left: {describe(procs, left)}")
             terminate(left, self.reap)
@@ -352,30 +369,44 @@ def serve(config_path: str, extra: Sequence[str] = (), grace_s: float = 60.0,
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def stop(base: Path | None = None, timeout_s: float = 90.0) -> list[str]:
-    """`embserve stop`: asks every `embserve serve` of this user to stop and waits for it; then stops the
-    HAProxy processes of runs whose `embserve serve` is gone (killed with SIGKILL, say), and removes their
-    folders. Returns what it did, in words."""
-    done = []
+def run_dirs(base: Path | None = None) -> dict[Path, int]:
+    """This user's run folders and the pid of the `embserve serve` that made each."""
+    found = {}
     for run_dir in sorted((base or run_base()).glob(f"{RUN_PREFIX}*")):
         try:
-            if run_dir.stat().st_uid != os.getuid():
-                continue
-            owner = int((run_dir / OWNER_FILE).read_text())
+            if run_dir.stat().st_uid == os.getuid():
+                found[run_dir] = int((run_dir / OWNER_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if alive(owner) and "embserve" in ports.command_line(owner):
-            os.kill(owner, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while alive(owner) and time.monotonic() < deadline:
-                time.sleep(0.2)  # not our child: nothing to wait on but /proc
-            if alive(owner):
-                done.append(f"embserve serve (pid {owner}) still runs after {timeout_s:.0f} s")
-                continue
-            done.append(f"stopped embserve serve (pid {owner})")
-        left = run_haproxies(processes(), run_dir)
-        if left:
-            terminate(left)
-            done.append(f"stopped HAProxy {sorted(left)} left by an earlier embserve serve")
-        shutil.rmtree(run_dir, ignore_errors=True)
+    return found
+
+
+def stop(base: Path | None = None, timeout_s: float = 90.0) -> list[str]:
+    """`embserve stop`: every run of this user's `embserve serve` stopped (`stop_run`). Returns what it did,
+    in words."""
+    return [line for run_dir, owner in run_dirs(base).items() for line in stop_run(run_dir, owner, timeout_s)]
+
+
+def stop_run(run_dir: Path, owner: int, timeout_s: float = 90.0) -> list[str]:
+    """Asks the run's `embserve serve` to stop and waits for it; then stops what it left, if it was killed
+    outright (SIGKILL, say): `serve run` with its Ray, and HAProxy; and removes the run's folder."""
+    done = []
+    if alive(owner) and "embserve" in ports.command_line(owner):
+        os.kill(owner, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while alive(owner) and time.monotonic() < deadline:
+            time.sleep(0.2)  # not our child: nothing to wait on but /proc
+        if alive(owner):
+            return [f"embserve serve (pid {owner}) still runs after {timeout_s:.0f} s"]
+        done.append(f"stopped embserve serve (pid {owner})")
+    procs = processes()
+    haproxies, session = run_haproxies(procs, run_dir), run_session(procs, run_dir)
+    if session - haproxies:
+        done.append(f"stopped serve run and its Ray ({len(session - haproxies)} processes) left by an earlier "
+                    "embserve serve")
+    if haproxies:
+        done.append(f"stopped HAProxy {sorted(haproxies)} left by an earlier embserve serve")
+    if haproxies | session:
+        terminate(haproxies | session)
+    shutil.rmtree(run_dir, ignore_errors=True)
     return done

@@ -52,10 +52,14 @@ def server(tmp_path):
         return proc, port, env
 
     yield start
+    # A test that failed half-way still leaves nothing behind: what embserve stop does, for this run only.
     for proc in started:
+        for run_dir, owner in serving.run_dirs().items():
+            if owner == proc.pid:
+                serving.stop_run(run_dir, owner, timeout_s=120)
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.wait()
     print((tmp_path / "embserve.log").read_text()[-3000:])
 
 
@@ -123,6 +127,24 @@ def test_an_haproxy_whose_ray_is_killed_goes_at_once_and_the_port_is_free_again(
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)
     assert gone(started, 30) == set()  # a loaded box can take seconds to end a killed process
+
+
+def test_embserve_stop_ends_serve_run_and_its_ray_after_embserve_serve_was_killed_outright(server):
+    """SIGKILL gives embserve serve no chance to clean up: serve run and its Ray go on serving. `embserve stop`
+    (here its per-run step, so that a developer's own server elsewhere is left alone) ends all of it."""
+    proc, port, env = server()
+    wait_for_embeddings(proc, port)
+    started, _ = the_runs_processes(proc)
+    [run_dir] = [d for d, owner in serving.run_dirs().items() if owner == proc.pid]
+    proc.kill()
+    proc.wait()
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "x"},
+                      timeout=30).status_code == 200  # still serving, on its own
+    done = serving.stop_run(run_dir, proc.pid, timeout_s=30)
+    assert any(line.startswith("stopped serve run and its Ray") for line in done), done
+    assert gone(started, 30) == set()
+    assert all(is_free("0.0.0.0", p) for p in ports_of(port, env))
+    assert not run_dir.exists()
 
 
 def test_a_taken_port_is_refused_naming_the_process_that_holds_it(tmp_path):

@@ -260,6 +260,7 @@ def test_embserve_stop_stops_a_run_and_the_haproxy_a_killed_run_left(supervise, 
 def test_embserve_stop_stops_haproxy_left_by_a_run_killed_with_sigkill(supervise, tmp_path):
     proc, pids, run_dir = supervise()
     (run_dir / serving.OWNER_FILE).write_text(str(proc.pid))
+    (run_dir / serving.SERVE_RUN_FILE).unlink()  # as a run of an embserve that did not write it
     proc.kill()  # no clean-up: the fake serve run, its worker and HAProxy go on
     proc.wait()
     os.kill(pids["serve"], signal.SIGKILL)
@@ -269,3 +270,31 @@ def test_embserve_stop_stops_haproxy_left_by_a_run_killed_with_sigkill(supervise
     assert done == [f"stopped HAProxy [{pids['haproxy']}] left by an earlier embserve serve"]
     assert wait_gone([pids["haproxy"]], 1) == set() and not run_dir.exists()
     assert serving.stop(base=tmp_path) == []
+
+
+@linux_only
+def test_embserve_stop_stops_serve_run_and_everything_in_its_session_after_embserve_serve_was_killed(supervise, tmp_path):
+    """SIGKILL gives embserve serve no chance to clean up: `serve run` and its Ray go on serving. They share
+    the session embserve serve gave `serve run`, which embserve stop finds from the pid the run wrote."""
+    proc, pids, run_dir = supervise()
+    (run_dir / serving.OWNER_FILE).write_text(str(proc.pid))
+    assert (run_dir / serving.SERVE_RUN_FILE).read_text() == str(pids["serve"])
+    proc.kill()
+    proc.wait()
+    assert all(serving.alive(p) for p in pids.values())
+    done = serving.stop(base=tmp_path, timeout_s=5)
+    assert done == ["stopped serve run and its Ray (2 processes) left by an earlier embserve serve",
+                    f"stopped HAProxy [{pids['haproxy']}] left by an earlier embserve serve"]
+    assert wait_gone(pids.values(), 1) == set() and not run_dir.exists()
+
+
+def test_a_session_counts_only_where_the_run_wrote_it_and_ray_or_serve_runs_in_it(tmp_path):
+    procs = {10: serving.Proc(10, 1, "S", ("/venv/bin/serve", "run", "c.yaml"), sid=10),
+             11: serving.Proc(11, 10, "S", ("ray::ServeReplica",), sid=10),
+             12: serving.Proc(12, 11, "Z", ("",), sid=10),
+             20: serving.Proc(20, 1, "S", ("vim",), sid=20)}
+    assert serving.run_session(procs, tmp_path) == set()  # no pid written
+    (tmp_path / serving.SERVE_RUN_FILE).write_text("10")
+    assert serving.run_session(procs, tmp_path) == {10, 11}
+    (tmp_path / serving.SERVE_RUN_FILE).write_text("20")  # a pid now another's session: not the run's
+    assert serving.run_session(procs, tmp_path) == set()
