@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import descendants
+from embserve.bulk import DEFAULT_SHARD_ROWS
 
 
 def rss_bytes(pid: int) -> int:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Bulk embedding (embserve embed) against the offline limit.")
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--compare", type=int, default=50_000, help="a second, smaller run for the memory peak; 0: none")
-    parser.add_argument("--shard-rows", type=int, default=10_000)
+    parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="the shipped default unless set")
     parser.add_argument("--actors", type=int, default=None)
     parser.add_argument("--cpus-per-actor", type=float, default=None)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))

@@ -32,7 +32,10 @@ from embserve.shards import (REJECTS_DIR, BulkInputError, Shard, ShardRows, list
                              plan_shards, prepare_output, read_shard, save_plan, tmp_path, done_parts,
                              write_atomically)
 
-DEFAULT_SHARD_ROWS = 10_000
+# Small enough that the run's last shards, which leave the other actors idle, are a short tail (10,000-row
+# shards left one of two CPU actors idle through a fifth of a 50,000-row run: docs/benchmarks.md, "Bulk
+# embedding"); large enough that a shard's fixed cost (a task, a file) is noise beside its forwards.
+DEFAULT_SHARD_ROWS = 2_000
 DEFAULT_CHUNK_ROWS = 2048  # texts tokenized and planned at once: the window that length grouping sorts
 # On a CPU, one single-thread actor per core: measured faster than one actor on every core (docs/benchmarks.md,
 # "Bulk embedding"), as no forward waits at an OpenMP barrier for a descheduled thread; it is the layout the
