@@ -76,6 +76,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "replica_cpu_ms_per_text": [round(cores(r, "replica") * 1000 / r["c32"]["texts_per_s"], 2) for r in runs],
         "ingress_cores": [round(cores(r, "ingress"), 3) for r in runs],
         "other_load": [round((r["c32"].get("cpu") or {}).get("foreign", 0.0), 3) for r in runs],
+        "idle_cores": [(r["c32"].get("cpu") or {}).get("idle") for r in runs],
+        # Each forward worker's share of the window running / runnable without a CPU / asleep.
+        "forward_threads": [(r["c32"].get("cpu") or {}).get("forward_threads") for r in runs],
     }
 
 

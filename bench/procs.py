@@ -79,20 +79,66 @@ def _system_busy_ticks() -> int:
     return sum(values) - values[3] - values[4]
 
 
+def _system_idle_ticks() -> int:
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return values[3] + values[4]
+
+
+FORWARD_THREAD = "forward-"  # the OS name of a replica's forward workers (embserve.scheduler.name_os_thread)
+
+
+def forward_thread_times(pid: int) -> dict[int, tuple[int, int]]:
+    """tid -> (ns on a CPU, ns runnable but waiting for one) of each forward worker of the process, from
+    /proc/PID/task/TID/schedstat; the rest of a window the thread slept (no work, or the GIL)."""
+    found = {}
+    for tid in threads_of(pid):
+        try:
+            if not Path(f"/proc/{pid}/task/{tid}/comm").read_text().startswith(FORWARD_THREAD):
+                continue
+            run_ns, wait_ns, _ = map(int, Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        found[tid] = (run_ns, wait_ns)
+    return found
+
+
 @dataclass
 class CpuSnapshot:
     at: float
     system_ticks: int
     per_pid: dict[int, tuple[str, int]]
+    idle_ticks: int = 0
+    forward_threads: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 def cpu_snapshot() -> CpuSnapshot:
     per_pid = {}
+    forward: dict[int, tuple[int, int]] = {}
     for pid, role in descendants().items():
         st = _stat(pid)
         if st is not None:
             per_pid[pid] = (role, st[1])
-    return CpuSnapshot(time.perf_counter(), _system_busy_ticks(), per_pid)
+            if role == "replica":
+                forward.update(forward_thread_times(pid))
+    return CpuSnapshot(time.perf_counter(), _system_busy_ticks(), per_pid, _system_idle_ticks(), forward)
+
+
+def forward_states(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float] | None:
+    """The share of the window a replica's forward worker spent on a CPU, waiting for one (runnable: the
+    machine's other processes had it), and asleep (nothing to run, or waiting for the GIL); the mean over
+    the workers seen in both snapshots. None without any."""
+    seconds = max(1e-9, after.at - before.at)
+    shared = [tid for tid in after.forward_threads if tid in before.forward_threads]
+    if not shared:
+        return None
+
+    def share(k: int) -> float:
+        done = sum(after.forward_threads[t][k] - before.forward_threads[t][k] for t in shared)
+        return done / 1e9 / seconds / len(shared)
+
+    running, waiting = share(0), share(1)
+    return {"workers": len(shared), "running": round(running, 3), "waiting_for_cpu": round(waiting, 3),
+            "asleep": round(max(0.0, 1 - running - waiting), 3)}
 
 
 @dataclass
@@ -103,6 +149,8 @@ class CpuUsage:
     by_role: dict[str, float]
     foreign: float  # cores that processes outside this benchmark used
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    idle: float | None = None  # cores that nothing used
+    forward: dict[str, float] | None = None  # forward_states
 
     @property
     def ours(self) -> float:
@@ -110,7 +158,8 @@ class CpuUsage:
 
     def to_dict(self) -> dict:
         return {"window_s": round(self.window_s, 2), "by_role": {k: round(v, 3) for k, v in self.by_role.items()},
-                "ours": round(self.ours, 3), "foreign": round(self.foreign, 3), "cores": self.cores}
+                "ours": round(self.ours, 3), "foreign": round(self.foreign, 3), "cores": self.cores,
+                "idle": None if self.idle is None else round(self.idle, 3), "forward_threads": self.forward}
 
 
 def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
@@ -123,7 +172,8 @@ def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
         ours += ticks - start
     foreign = max(0, (after.system_ticks - before.system_ticks) - ours)
     return CpuUsage(seconds, {r: t / CLK_TCK / seconds for r, t in sorted(by_role.items())},
-                    foreign / CLK_TCK / seconds)
+                    foreign / CLK_TCK / seconds, idle=(after.idle_ticks - before.idle_ticks) / CLK_TCK / seconds,
+                    forward=forward_states(before, after))
 
 
 class QuietGate:

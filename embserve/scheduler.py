@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -251,6 +252,7 @@ class Scheduler:
     def _work(self, threads: int, ready: threading.Barrier) -> None:
         import torch
 
+        name_os_thread(threading.current_thread().name)
         torch.set_num_threads(threads)
         self.threads_seen.add(torch.get_num_threads())
         ready.wait()
@@ -341,6 +343,15 @@ class Scheduler:
         result = request.result(now)
         self.report(Answered(result.queue_s, type(result.error).__name__ if result.error else None))
         request.reply(result)
+
+
+def name_os_thread(name: str) -> None:
+    """Gives the calling thread `name` where the OS shows it (`top -H`, /proc/PID/task/TID/comm, py-spy), so
+    that a forward worker can be told from Ray's threads; Linux only, and nothing happens elsewhere."""
+    try:
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(name[:15])
+    except OSError:
+        pass
 
 
 def release_gpu_cache() -> None:

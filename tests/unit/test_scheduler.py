@@ -8,6 +8,8 @@ import logging
 import threading
 import weakref
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -349,3 +351,10 @@ def test_a_non_finite_vector_fails_its_request_and_the_others_in_its_group_are_a
     assert results[1].vectors is None
     assert_close(results[0].vectors, reference(["hello there"]))
     assert_close(results[2].vectors, reference(["good night"]))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux names threads in /proc")
+def test_forward_workers_carry_their_name_where_the_os_shows_threads(scheduler):
+    """`top -H`, py-spy and bench.procs tell a replica's forward workers from Ray's threads by it."""
+    names = {(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()}
+    assert {"forward-0", "forward-1"} <= names
