@@ -73,15 +73,12 @@ def descendants(root: int | None = None) -> dict[int, str]:
     return out
 
 
-def _system_busy_ticks() -> int:
-    """Busy CPU ticks of the whole machine since boot (all but idle and iowait)."""
+def _system_ticks() -> tuple[int, int]:
+    """(busy, idle) CPU ticks of the whole machine since boot, from one read of /proc/stat (idle counts
+    iowait too)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(values) - values[3] - values[4]
-
-
-def _system_idle_ticks() -> int:
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return values[3] + values[4]
+    idle = values[3] + values[4]
+    return sum(values) - idle, idle
 
 
 FORWARD_THREAD = "forward-"  # the OS name of a replica's forward workers (embserve.scheduler.name_os_thread)
@@ -120,7 +117,8 @@ def cpu_snapshot() -> CpuSnapshot:
             per_pid[pid] = (role, st[1])
             if role == "replica":
                 forward.update(forward_thread_times(pid))
-    return CpuSnapshot(time.perf_counter(), _system_busy_ticks(), per_pid, _system_idle_ticks(), forward)
+    busy, idle = _system_ticks()
+    return CpuSnapshot(time.perf_counter(), busy, per_pid, idle, forward)
 
 
 def forward_states(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float] | None:
