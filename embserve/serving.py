@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -288,12 +288,12 @@ class Run:
 
     def clean_up(self) -> None:
         """Stops whatever the run left: its descendants, and its HAProxy processes wherever they went."""
-        procs = processes()
-        left = {pid for pid in descendants(procs, self.me) if procs[pid].state != "Z"}
-        left |= run_haproxies(procs, self.run_dir) | run_session(procs, self.run_dir)
-        if left:
-            say(f"stopping what the run left: {describe(procs, left)}")
-            terminate(left, self.reap)
+        def members(procs: Mapping[int, Proc]) -> set[int]:
+            left = {pid for pid in descendants(procs, self.me) if procs[pid].state != "Z"}
+            return left | run_session(procs, self.run_dir)
+
+        end_run(self.run_dir, members, self.reap,
+                tell=lambda procs, pids: say(f"stopping what the run left: {describe(procs, pids)}"))
         self.reap()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -328,6 +328,30 @@ def terminate(pids: Iterable[int], reap=lambda: None, wait_s: float = KILL_WAIT_
             time.sleep(0.05)  # no event tells when a process that is not our child has gone
         if not pids:
             return
+
+
+END_ROUNDS = 4
+
+
+def end_run(run_dir: Path, members: Callable[[Mapping[int, Proc]], set[int]], reap=lambda: None,
+            tell: Callable[[Mapping[int, Proc], set[int]], None] = lambda procs, pids: None) -> tuple[set[int], set[int]]:
+    """Ends a run's processes: first all but its HAProxy (`members` names them: Ray, its workers, `serve run`),
+    then its HAProxy from a fresh look at /proc. Ray's HAProxy manager starts a new HAProxy on every reload, and
+    it reloads when replicas go, so it may start one while it is being stopped: one taken from an earlier look
+    would miss it, and it would hold the port with no Ray behind it. Returns (others, HAProxy) that it ended."""
+    others_ended: set[int] = set()
+    haproxies_ended: set[int] = set()
+    for _ in range(END_ROUNDS):
+        procs = processes()
+        haproxies = run_haproxies(procs, run_dir)
+        others = members(procs) - haproxies
+        now = others or haproxies
+        if not now:
+            break
+        tell(procs, now)
+        terminate(now, reap)
+        (others_ended if others else haproxies_ended).update(now)
+    return others_ended, haproxies_ended
 
 
 def new_run_dir(base: Path | None = None) -> Path:
@@ -399,14 +423,10 @@ def stop_run(run_dir: Path, owner: int, timeout_s: float = 90.0) -> list[str]:
         if alive(owner):
             return [f"embserve serve (pid {owner}) still runs after {timeout_s:.0f} s"]
         done.append(f"stopped embserve serve (pid {owner})")
-    procs = processes()
-    haproxies, session = run_haproxies(procs, run_dir), run_session(procs, run_dir)
-    if session - haproxies:
-        done.append(f"stopped serve run and its Ray ({len(session - haproxies)} processes) left by an earlier "
-                    "embserve serve")
+    ray, haproxies = end_run(run_dir, lambda procs: run_session(procs, run_dir))
+    if ray:
+        done.append(f"stopped serve run and its Ray ({len(ray)} processes) left by an earlier embserve serve")
     if haproxies:
         done.append(f"stopped HAProxy {sorted(haproxies)} left by an earlier embserve serve")
-    if haproxies | session:
-        terminate(haproxies | session)
     shutil.rmtree(run_dir, ignore_errors=True)
     return done

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from embserve import install_stamp, serving
-from embserve.ports import free_port, is_free
+from embserve.ports import free_port, holder, is_free
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,6 +97,11 @@ def ports_of(port: int, env) -> list[int]:
     return [port, *(int(env[name]) for name in AUX_PORTS)]
 
 
+def still_taken(port: int, env) -> dict[int, str]:
+    """The run's ports that something still listens on, with the process that holds each."""
+    return {p: holder(p) for p in ports_of(port, env) if not is_free("0.0.0.0", p)}
+
+
 def test_sigterm_stops_every_process_embserve_serve_started_and_frees_its_ports(server):
     proc, port, env = server()
     wait_for_embeddings(proc, port)
@@ -106,7 +111,7 @@ def test_sigterm_stops_every_process_embserve_serve_started_and_frees_its_ports(
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)
     assert gone(started, 30) == set()  # a loaded box can take seconds to end a killed process
-    assert all(is_free("0.0.0.0", p) for p in ports_of(port, env))
+    assert still_taken(port, env) == {}
     assert not run_dir.exists()
 
 
@@ -143,7 +148,7 @@ def test_embserve_stop_ends_serve_run_and_its_ray_after_embserve_serve_was_kille
     done = serving.stop_run(run_dir, proc.pid, timeout_s=30)
     assert any(line.startswith("stopped serve run and its Ray") for line in done), done
     assert gone(started, 30) == set()
-    assert all(is_free("0.0.0.0", p) for p in ports_of(port, env))
+    assert still_taken(port, env) == {}
     assert not run_dir.exists()
 
 

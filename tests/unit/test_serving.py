@@ -104,22 +104,37 @@ def test_processes_reads_this_process_from_proc():
 
 # A stand-in for `serve run`: a "worker" (like Ray's HAProxyManager) starts an "HAProxy" whose command line
 # names a config file in the run's folder; the pids go to a file. On SIGINT it exits and leaves them
-# running (as `serve run` does when Ray is killed under it), or ignores SIGINT when asked to.
+# running (as `serve run` does when Ray is killed under it), or ignores SIGINT when asked to. In mode
+# "reloading" the worker answers SIGTERM as Ray's manager can while replicas go: it starts a new HAProxy
+# (`-sf OLD`), writes that pid to OUT.reloaded, then exits.
+FAKE_WORKER = textwrap.dedent("""
+    import signal, subprocess, sys, time
+    out, mode, haproxy = sys.argv[1], sys.argv[2], sys.argv[3:]
+    p = subprocess.Popen(haproxy, executable=sys.executable)
+    print(p.pid, flush=True)
+
+    def reload(*_):
+        q = subprocess.Popen([*haproxy, "-sf", str(p.pid)], executable=sys.executable)
+        with open(out + ".reloaded", "w") as f:
+            f.write(str(q.pid))
+        sys.exit(0)
+    if mode == "reloading":
+        signal.signal(signal.SIGTERM, reload)
+    time.sleep(120)
+""")
 FAKE_SERVE = textwrap.dedent("""
     import json, os, signal, subprocess, sys, time
     out, run_dir, mode = sys.argv[1:4]
     haproxy = ["/fake/bin/haproxy", "-c", "import time; time.sleep(120)", "-f", run_dir + "/node/haproxy.cfg"]
-    worker = subprocess.Popen([sys.executable, "-c", "import os, subprocess, sys, time; "
-                               "p = subprocess.Popen(sys.argv[1:], executable=sys.executable); "
-                               "print(p.pid, flush=True); time.sleep(120)",
-                               *haproxy], stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, out, mode, *haproxy], stdout=subprocess.PIPE,
+                              text=True)
     haproxy_pid = int(worker.stdout.readline())
     with open(out, "w") as f:
         json.dump({"serve": os.getpid(), "worker": worker.pid, "haproxy": haproxy_pid}, f)
     if mode == "deaf":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     time.sleep(120)
-""")
+""").replace("WORKER", repr(FAKE_WORKER))
 
 SUPERVISE = textwrap.dedent("""
     import sys
@@ -286,6 +301,36 @@ def test_embserve_stop_stops_serve_run_and_everything_in_its_session_after_embse
     assert done == ["stopped serve run and its Ray (2 processes) left by an earlier embserve serve",
                     f"stopped HAProxy [{pids['haproxy']}] left by an earlier embserve serve"]
     assert wait_gone(pids.values(), 1) == set() and not run_dir.exists()
+
+
+def reloaded(tmp_path) -> int:
+    return int((tmp_path / "pids.json.reloaded").read_text())
+
+
+@linux_only
+def test_an_haproxy_that_ray_starts_while_the_run_stops_is_stopped_too(supervise, tmp_path):
+    """Ray's HAProxy manager reloads (a new HAProxy process) when replicas go, and so may while it is stopped:
+    the clean-up ends Ray first, then looks again for HAProxy."""
+    proc, pids, run_dir = supervise(mode="reloading")
+    proc.terminate()
+    proc.wait(30)
+    assert wait_gone([*pids.values(), reloaded(tmp_path)], 1) == set()
+    assert not run_dir.exists()
+
+
+@linux_only
+def test_embserve_stop_also_stops_the_haproxy_that_ray_starts_while_it_is_stopped(supervise, tmp_path):
+    """What failed once in CI: after `embserve serve` was SIGKILLed, `embserve stop` ended every process it had
+    seen, and a new HAProxy, started by Ray's manager on its way down, held the port."""
+    proc, pids, run_dir = supervise(mode="reloading")
+    (run_dir / serving.OWNER_FILE).write_text(str(proc.pid))
+    proc.kill()
+    proc.wait()
+    done = serving.stop(base=tmp_path, timeout_s=5)
+    new = reloaded(tmp_path)
+    assert done == ["stopped serve run and its Ray (2 processes) left by an earlier embserve serve",
+                    f"stopped HAProxy {sorted([pids['haproxy'], new])} left by an earlier embserve serve"]
+    assert wait_gone([*pids.values(), new], 1) == set() and not run_dir.exists()
 
 
 def test_a_session_counts_only_where_the_run_wrote_it_and_ray_or_serve_runs_in_it(tmp_path):
