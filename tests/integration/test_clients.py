@@ -3,7 +3,10 @@ LangChain's OpenAIEmbeddings and LlamaIndex's OpenAILikeEmbedding, executed as w
 
 import contextlib
 import io
+import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +63,22 @@ def assert_same_vectors(got, want):
 
 def openai_vectors(oai: OpenAI, texts: list[str]) -> list[list[float]]:
     return [d.embedding for d in oai.embeddings.create(model=MODEL, input=texts).data]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_the_readmes_curl_example_prints_what_the_readme_shows():
+    [command] = [b for b in readme_blocks("bash") if b.lstrip().startswith("curl")]
+    [shown] = [b for b in readme_blocks("json") if '"embedding"' in b]
+    done = subprocess.run(["bash", "-c", command.replace(README_BASE, BASE)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    got, want = json.loads(done.stdout), json.loads(shown)
+    assert {k: v for k, v in got.items() if k != "data"} == {k: v for k, v in want.items() if k != "data"}
+    [g], [w] = got["data"], want["data"]
+    assert {k: v for k, v in g.items() if k != "embedding"} == {k: v for k, v in w.items() if k != "embedding"}
+    assert len(g["embedding"]) == len(w["embedding"]) == 4
+    # As the openai example: the README's figures within the bf16 contract's 2e-3 of this module's float32.
+    assert np.allclose(g["embedding"], w["embedding"], atol=2e-3)
 
 
 def test_the_readmes_openai_client_example_prints_what_the_readme_shows(oai):
