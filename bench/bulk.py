@@ -7,7 +7,11 @@ driver and of the embedding actors, sampled from /proc, at two corpus sizes to s
     python -m bench.bulk --rows 4000 --compare 0 --cpus-per-actor 2   # one actor on both cores
 
 Rows are the benchmark corpus's queries and passages, shuffled (bench.corpus `mixed`), written as JSONL with
-an id. Linux only (/proc). Starts its own local Ray: run it alone on the machine.
+an id. The offline limit is measured before the first run and again after each (the best layout found first,
+on the same texts, with Ray shut down), so that each run is compared with the limit measured on either side
+of it: the ratio is to their mean, and the range is to each. The cores each process used during a run come
+from /proc (the driver, Ray's own processes, the actors, and what no process used). Linux only. Starts its own
+local Ray: run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procs import descendants
-from embserve.bulk import DEFAULT_SHARD_ROWS
+from bench.procs import cpu_snapshot, cpu_usage, descendants
+from embserve.bulk_options import DEFAULT_SHARD_ROWS
 
 
 def rss_bytes(pid: int) -> int:
@@ -85,14 +89,43 @@ def corpus_texts(n: int, seed: int) -> list[str]:
     return load_or_build(Path("build/bench-corpus.json"), seed).mixed(n, seed)
 
 
-def offline_limit(texts: list[str], dtype: str) -> dict:
-    """The same model in this process on `texts`: the fastest of the tried sorted-batching layouts (one
-    forward on every core, or one single-thread forward per core), as bench.offline measures the server."""
-    from bench.offline import OfflineModel
+@dataclass
+class OfflineLimit:
+    """The same model in this process: the fastest of the tried sorted-batching layouts (one forward on every
+    core, or one single-thread forward per core), as bench.offline measures the server; `again` measures that
+    layout once more on the same texts."""
 
-    cores = len(os.sched_getaffinity(0))
-    best, _ = OfflineModel(dtype=dtype).best(texts, batch_sizes=(32, 128), layouts=((cores, 1), (1, cores)))
-    return best.to_dict()
+    texts: list[str]
+    dtype: str
+    model: object = None
+    best: object = None
+
+    def first(self) -> dict:
+        from bench.offline import OfflineModel
+
+        cores = len(os.sched_getaffinity(0))
+        self.model = OfflineModel(dtype=self.dtype)
+        self.best, _ = self.model.best(self.texts, batch_sizes=(32, 128), layouts=((cores, 1), (1, cores)))
+        return self.best.to_dict()
+
+    def again(self) -> dict:
+        b = self.best
+        return self.model.sorted_batches(self.texts, b.batch_size, b.threads, streams=b.streams).to_dict()
+
+
+def against(tokens_per_s: float, before: dict, after: dict) -> dict:
+    """A run's tokens/s against the offline limit measured before and after it: to their mean, and to each."""
+    limits = (before["tokens_per_s"], after["tokens_per_s"])
+    return {"vs_offline_tokens": round(tokens_per_s / (sum(limits) / 2), 3),
+            "vs_offline_tokens_range": [round(tokens_per_s / max(limits), 3), round(tokens_per_s / min(limits), 3)],
+            "offline_tokens_per_s": list(limits)}
+
+
+def cores_by_process(usage) -> dict:
+    """Cores each kind of process used during a run (2.0 = both cores for the whole run), from bench.procs."""
+    d = usage.to_dict()
+    roles = {("driver" if role == "load generator" else role): v for role, v in d["by_role"].items()}
+    return {"by_role": roles, "other processes": d["foreign"], "idle": d["idle"], "window_s": d["window_s"]}
 
 
 def bulk_run(texts: list[str], work: Path, args: argparse.Namespace) -> dict:
@@ -106,6 +139,7 @@ def bulk_run(texts: list[str], work: Path, args: argparse.Namespace) -> dict:
     driver_before = rss_bytes(os.getpid())
     sampler = threading.Thread(target=peaks.run, name="rss-sampler", daemon=True)
     sampler.start()
+    before = cpu_snapshot()
     try:
         summary = embed_corpus(str(src), str(out), id_column="id", settings=Settings(dtype=args.dtype),
                                shard_rows=args.shard_rows, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
@@ -113,13 +147,14 @@ def bulk_run(texts: list[str], work: Path, args: argparse.Namespace) -> dict:
     finally:
         peaks.stop()
         sampler.join()
+    cores = cores_by_process(cpu_usage(before, cpu_snapshot()))
     shutil.rmtree(out, ignore_errors=True)
     src.unlink()
     actors = int(summary.layout.split()[0].split("-")[-1])
     # Texts/s while the actors work: their shard time, spread over the pool, leaves out their start.
     working = summary.texts / (summary.shard_seconds / actors) if summary.shard_seconds else 0.0
     memory = {**peaks.to_dict(), "driver_before_mib": round(driver_before / (1 << 20), 1)}
-    return {"rows": len(texts), "summary": summary.to_dict(), "memory": memory, "actors": actors,
+    return {"rows": len(texts), "summary": summary.to_dict(), "memory": memory, "actors": actors, "cores": cores,
             "working_texts_per_s": round(working, 2),
             "working_tokens_per_s": round(working * summary.tokens / max(1, summary.texts), 1)}
 
@@ -141,27 +176,35 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     texts = corpus_texts(args.rows, args.seed)
-    offline = offline_limit(texts[: args.offline_texts], args.dtype)
-    print("offline limit:", json.dumps(offline), flush=True)
+    limit = OfflineLimit(texts[: args.offline_texts], args.dtype)
+    offline = [limit.first()]
+    print("offline limit:", json.dumps(offline[0]), flush=True)
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-bulk-") as tmp:
         for n in [n for n in (args.compare, args.rows) if n]:
+            ray.init(include_dashboard=False, log_to_driver=False)
             t0 = time.perf_counter()
             run = bulk_run(texts[:n], Path(tmp), args)
             run["wall_s"] = round(time.perf_counter() - t0, 1)
+            ray.shutdown()
+            time.sleep(3)  # Ray's processes exit after shutdown returns: the limit is measured without them
+            offline.append(limit.again())
+            print("offline limit again:", json.dumps(offline[-1]), flush=True)
             s = run["summary"]
-            run["vs_offline_tokens"] = round(s["tokens_per_s"] / offline["tokens_per_s"], 3)
-            run["working_vs_offline_tokens"] = round(run["working_tokens_per_s"] / offline["tokens_per_s"], 3)
+            run.update(against(s["tokens_per_s"], offline[-2], offline[-1]))
+            working = against(run["working_tokens_per_s"], offline[-2], offline[-1])
+            run["working_vs_offline_tokens"] = working["vs_offline_tokens"]
+            run["working_vs_offline_tokens_range"] = working["vs_offline_tokens_range"]
             runs.append(run)
             print(f"{n} rows: {s['texts_per_s']} texts/s, {s['tokens_per_s']} tokens/s "
-                  f"({run['vs_offline_tokens']}x offline) over {s['seconds']:.0f} s; while the actors work "
-                  f"{run['working_texts_per_s']} texts/s ({run['working_vs_offline_tokens']}x); padding "
-                  f"{s['padding_efficiency']}, {s['layout']}; peak RSS {json.dumps(run['memory'])}", flush=True)
-    ray.shutdown()
-    result = {"date": time.strftime("%Y-%m-%d"), "cores": len(os.sched_getaffinity(0)), "offline": offline, "runs": runs}
+                  f"({run['vs_offline_tokens']}x offline, {run['vs_offline_tokens_range']}) over {s['seconds']:.0f} s; "
+                  f"while the actors work {run['working_texts_per_s']} texts/s ({run['working_vs_offline_tokens']}x); "
+                  f"padding {s['padding_efficiency']}, {s['layout']}; cores {json.dumps(run['cores'])}; "
+                  f"peak RSS {json.dumps(run['memory'])}", flush=True)
+    result = {"date": time.strftime("%Y-%m-%d"), "cores": len(os.sched_getaffinity(0)), "offline": offline[0],
+              "offline_rounds": offline, "runs": runs}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

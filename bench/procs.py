@@ -30,6 +30,7 @@ ROLES = (
     ("gcs", re.compile(r"gcs_server")),
     ("py-spy", re.compile(r"py-spy")),
     ("infinity", re.compile(r"infinity_emb")),  # the peer server bench.peers starts (Infinity's CLI)
+    ("bulk actor", re.compile(r"ShardEmbedder")),  # embserve embed's Ray Data actors (bench.bulk)
 )
 
 
