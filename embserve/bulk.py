@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from embserve.batching import Plan, plan_batches, plan_stats
+from embserve.bulk_options import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS
 from embserve.errors import InputTooLong, NonFiniteOutput
 from embserve.settings import BatchingConfig, ModelSpec, Settings
 from embserve.shards import (REJECTS_DIR, BulkInputError, Shard, ShardRows, list_inputs, open_fs, pending,
@@ -35,8 +36,6 @@ from embserve.shards import (REJECTS_DIR, BulkInputError, Shard, ShardRows, list
 # Small enough that the run's last shards, which leave the other actors idle, are a short tail (10,000-row
 # shards left one of two CPU actors idle through a fifth of a 50,000-row run: docs/benchmarks.md, "Bulk
 # embedding"); large enough that a shard's fixed cost (a task, a file) is noise beside its forwards.
-DEFAULT_SHARD_ROWS = 2_000
-DEFAULT_CHUNK_ROWS = 2048  # texts tokenized and planned at once: the window that length grouping sorts
 # On a CPU, one single-thread actor per core: measured faster than one actor on every core (docs/benchmarks.md,
 # "Bulk embedding"), as no forward waits at an OpenMP barrier for a descheduled thread; it is the layout the
 # server's replica uses for its forward workers too.
@@ -84,15 +83,6 @@ class ActorLayout:
         count = str(self.min_actors) if self.min_actors == self.max_actors else f"{self.min_actors}-{self.max_actors}"
         where = f"{self.num_gpus:g} GPU" if self.num_gpus else f"{self.num_cpus:g} CPU"
         return f"{count} actors x ({where}, {self.threads} torch threads)"
-
-
-def parse_actors(text: str) -> tuple[int, int]:
-    """'4' -> (4, 4); '1-4' -> (1, 4): a fixed pool, or one that grows with the work (and the cluster)."""
-    low, _, high = text.partition("-")
-    lo, hi = int(low), int(high or low)
-    if lo < 1 or hi < lo:
-        raise ValueError(f"actors must be N or MIN-MAX with 1 <= MIN <= MAX, got {text!r}")
-    return lo, hi
 
 
 def actor_layout(cluster: dict[str, float], settings: Settings, *, actors: int | tuple[int, int] | None = None,

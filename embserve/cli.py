@@ -7,11 +7,11 @@ import json
 import sys
 from collections.abc import Sequence
 
-from embserve.shards import FORMATS
+from embserve.bulk_options import FORMATS, BulkInputError, missing_bulk_extra
 
 
 def _add_embed(commands: argparse._SubParsersAction) -> None:
-    from embserve.bulk import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS, parse_actors
+    from embserve.bulk_options import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS, parse_actors
 
     p = commands.add_parser(
         "embed", help="embed a whole corpus into Parquet files, on Ray Data, as the server would embed each text",
@@ -45,7 +45,14 @@ def _add_embed(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from embserve.bulk import embed_corpus, settings_from_config
+    try:
+        from embserve.bulk import embed_corpus, settings_from_config
+    except ModuleNotFoundError as err:
+        message = missing_bulk_extra(err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr, flush=True)
+        return 2
 
     settings = settings_from_config(args.config, args.app) if args.config else None
     actors = args.actors if args.actors is None or args.actors[0] != args.actors[1] else args.actors[0]
@@ -107,8 +114,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from embserve.shards import BulkInputError
-
     top = parser()
     args, extra = top.parse_known_args(argv)
     if extra and not getattr(args, "passes_unknown", False):

@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from embserve.bulk_options import FORMATS, BulkInputError
 from embserve.errors import InvalidRequest
 from embserve.inputs import check_text
 
-FORMATS = ("jsonl", "parquet", "text")
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet",
               ".txt": "text", ".text": "text"}
 PLAN_FILE = "_embserve_plan.json"
@@ -34,10 +34,6 @@ _READ_BLOCK = 8 << 20  # bytes read at a time while counting lines
 
 # Why a row was refused: its `reason` in the rejects file. `check_text`'s codes are the server's 400s.
 REASON_OF_CODE = {"empty_input": "empty", "input_too_large": "too_many_chars", "invalid_text": "invalid_text"}
-
-
-class BulkInputError(ValueError):
-    """The job cannot start as asked (no input, unknown format, missing column, another job's output)."""
 
 
 def open_fs(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -10,8 +10,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from embserve.bulk import (BulkSummary, ShardEmbedder, ShardReport, actor_layout, parse_actors, pick_spec,
-                           settings_from_config, tokenize_and_plan)
+from embserve.bulk import (BulkSummary, ShardEmbedder, ShardReport, actor_layout, pick_spec, settings_from_config,
+                           tokenize_and_plan)
+from embserve.bulk_options import parse_actors
 from embserve.cli import main, parser
 from embserve.settings import ModelSpec, Settings
 from embserve.shards import PLAN_FILE, REJECTS_DIR, list_inputs, plan_shards, prepare_output

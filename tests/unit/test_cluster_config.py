@@ -147,7 +147,7 @@ def test_cluster_gpu_workers_scale_from_zero_up_to_the_embedders_max(cluster, on
 def test_cluster_nodes_install_the_repo_with_the_pinned_ray_and_export_metrics(cluster):
     assert cluster["file_mounts"] == {"~/embserve": "."}
     setup = " ".join(cluster["setup_commands"])
-    assert "pip install" in setup and "~/embserve" in setup
+    assert "pip install" in setup and '"$HOME/embserve[bulk]"' in setup  # quoted: no glob of [bulk]
     assert f"ray[default]=={ray.__version__}" in setup
     for commands in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
         assert any("--metrics-export-port=8080" in cmd for cmd in commands)

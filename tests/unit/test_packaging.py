@@ -31,9 +31,12 @@ def test_the_license_is_apache_2_and_declared():
     assert PYPROJECT["project"]["license"] == "Apache-2.0"
 
 
-def top_level_imports(folder: Path) -> set[str]:
+BULK_MODULES = {"bulk.py", "shards.py"}  # embserve embed's: their packages come with the bulk extra
+
+
+def top_level_imports(paths) -> set[str]:
     names = set()
-    for path in folder.glob("*.py"):
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names |= {a.name.split(".")[0] for a in node.names}
@@ -42,16 +45,54 @@ def top_level_imports(folder: Path) -> set[str]:
     return names
 
 
-def test_every_package_the_code_imports_is_declared():
-    declared = {re.split(r"[\[<>=!~ ]", d)[0].lower().replace("_", "-") for d in PYPROJECT["project"]["dependencies"]}
+def distribution_names(requirements) -> set[str]:
+    return {re.split(r"[\[<>=!~ ]", d)[0].lower().replace("_", "-") for d in requirements}
+
+
+def undeclared(paths, declared: set[str]) -> list[str]:
     distributions = importlib.metadata.packages_distributions()
-    imported = (top_level_imports(ROOT / "embserve") | top_level_imports(ROOT / "deployments"))
-    third_party = imported - set(sys.stdlib_module_names) - {"embserve", "deployments"}
-    # starlette comes with fastapi, which the ingress builds on.
-    comes_with = {"starlette": "fastapi"}
+    third_party = top_level_imports(paths) - set(sys.stdlib_module_names) - {"embserve", "deployments"}
+    comes_with = {"starlette": "fastapi"}  # starlette comes with fastapi, which the ingress builds on
+    missing = []
     for module in sorted(third_party):
         dists = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
-        assert dists & declared or comes_with.get(module) in declared, f"{module} ({dists}) is not in pyproject"
+        if not (dists & declared or comes_with.get(module) in declared):
+            missing.append(f"{module} ({dists})")
+    return missing
+
+
+def test_every_package_that_serving_imports_is_a_dependency_and_embeds_are_in_the_bulk_extra():
+    base = distribution_names(PYPROJECT["project"]["dependencies"])
+    serving = [p for p in [*(ROOT / "embserve").glob("*.py"), *(ROOT / "deployments").glob("*.py")]
+               if p.name not in BULK_MODULES or p.parent.name != "embserve"]
+    assert undeclared(serving, base) == []
+    bulk = distribution_names(PYPROJECT["project"]["optional-dependencies"]["bulk"])
+    assert undeclared([ROOT / "embserve" / name for name in BULK_MODULES], base | bulk) == []
+    assert {"pyarrow", "ray"} <= bulk and "pyarrow" not in base  # `./run.sh serve` installs no Ray Data
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert "embserve[bulk]" in extras["test"] and "embserve[bulk]" in extras["bench"]
+
+
+def test_serving_and_the_console_command_import_without_the_bulk_extra_and_embed_says_what_to_install():
+    """As in a venv that `./run.sh serve` made: the bulk extra's packages cannot be imported."""
+    code = ("import sys\n"
+            "for m in ('pyarrow', 'ray.data', 'pandas'):\n"
+            "    sys.modules[m] = None\n"
+            "import deployments.app, embserve.cli\n"
+            "embserve.cli.parser().parse_args(['serve'])\n"
+            "sys.exit(embserve.cli.main(['embed', 'corpus.jsonl', '--output', 'out']))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'embserve[bulk]'" in done.stderr and "pyarrow is missing" in done.stderr
+
+
+def test_only_a_package_of_the_bulk_extra_is_blamed_on_it():
+    from embserve.bulk_options import missing_bulk_extra
+
+    assert "ray.data is missing" in missing_bulk_extra(ModuleNotFoundError("no ray.data", name="ray.data"))
+    assert "pyarrow.parquet is missing" in missing_bulk_extra(ModuleNotFoundError("x", name="pyarrow.parquet"))
+    assert missing_bulk_extra(ModuleNotFoundError("no torch", name="torch")) is None
+    assert missing_bulk_extra(ModuleNotFoundError("no ray", name="ray")) is None  # Ray itself: not the extra
 
 
 def test_the_lower_bounds_are_what_the_code_needs():
