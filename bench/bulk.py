@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.procs import cpu_snapshot, cpu_usage, descendants
+from bench.procs import cpu_snapshot, cpu_usage, descendants, process_stat
 from embserve.bulk_options import DEFAULT_SHARD_ROWS
 
 
@@ -49,16 +49,24 @@ def is_actor(pid: int) -> bool:
 
 @dataclass
 class MemoryPeaks:
-    """Peak RSS of this (driver) process, of the embedding actors together, and of the largest one."""
+    """Peak RSS of this (driver) process, of the embedding actors together, and of the largest one; and the
+    last CPU ticks seen of every process of the run (pid -> (role, ticks)), so that the CPU of one that exits
+    before the run's end (Ray Data's actors go when the dataset is done) is still counted."""
 
     driver: int = 0
     actors: int = 0
     one_actor: int = 0
     samples: int = 0
+    last_ticks: dict[int, tuple[str, int]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def sample(self) -> None:
-        actors = [rss_bytes(pid) for pid in descendants() if is_actor(pid)]
+        found = descendants()
+        actors = [rss_bytes(pid) for pid in found if is_actor(pid)]
+        for pid, role in found.items():
+            stat = process_stat(pid)
+            if stat is not None:
+                self.last_ticks[pid] = (role, stat[1])
         self.driver = max(self.driver, rss_bytes(os.getpid()))
         self.actors = max(self.actors, sum(actors))
         self.one_actor = max(self.one_actor, max(actors, default=0))
@@ -147,7 +155,9 @@ def bulk_run(texts: list[str], work: Path, args: argparse.Namespace) -> dict:
     finally:
         peaks.stop()
         sampler.join()
-    cores = cores_by_process(cpu_usage(before, cpu_snapshot()))
+    after = cpu_snapshot()
+    after.per_pid = {**peaks.last_ticks, **after.per_pid}  # and those that exited since the last sample
+    cores = cores_by_process(cpu_usage(before, after))
     shutil.rmtree(out, ignore_errors=True)
     src.unlink()
     actors = int(summary.layout.split()[0].split("-")[-1])

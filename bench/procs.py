@@ -34,7 +34,7 @@ ROLES = (
 )
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
+def process_stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, CPU ticks user+system) of a process, None when it is gone."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
@@ -57,7 +57,7 @@ def descendants(root: int | None = None) -> dict[int, str]:
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            st = _stat(int(entry))
+            st = process_stat(int(entry))
             if st is not None:
                 parents[int(entry)] = st[0]
     children: dict[int, list[int]] = {}
@@ -113,7 +113,7 @@ def cpu_snapshot() -> CpuSnapshot:
     per_pid = {}
     forward: dict[int, tuple[int, int]] = {}
     for pid, role in descendants().items():
-        st = _stat(pid)
+        st = process_stat(pid)
         if st is not None:
             per_pid[pid] = (role, st[1])
             if role == "replica":
