@@ -343,8 +343,10 @@ def end_run(run_dir: Path, members: Callable[[Mapping[int, Proc]], set[int]], re
     haproxies_ended: set[int] = set()
     for _ in range(END_ROUNDS):
         procs = processes()
-        haproxies = run_haproxies(procs, run_dir)
-        others = members(procs) - haproxies
+        found = run_haproxies(procs, run_dir)
+        # Each process is signalled in one round only: one that outlived SIGKILL must not hold HAProxy's turn up.
+        others = members(procs) - found - others_ended
+        haproxies = found - haproxies_ended
         now = others or haproxies
         if not now:
             break
