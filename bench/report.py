@@ -292,7 +292,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
              "offline limit may; without it Ray gives a replica one, its num_cpus), as one single-thread forward "
              "per thread (`forward_workers`, automatic on a CPU) unless a configuration sets `forward_workers`. "
              if results['settings'].get('torch_threads') else
-             "The replica runs torch on one thread: Ray sets OMP_NUM_THREADS to a worker's num_cpus (1). ")
+             f"The replica runs the shipped default: torch on every core it can run on ({m['cores']} here; "
+             "`torch_threads` auto, past Ray's one thread per reserved CPU), as one single-thread forward per "
+             "thread (`forward_workers` auto on a CPU) unless a configuration sets `forward_workers`. ")
           + "Closed loop: each client sends its next "
           f"request when the last one answers; {results['settings']['warmup_s']:g} s warm-up, then "
           f"{results['settings']['duration_s']:g} s measured per point (requests completing inside the window). "
