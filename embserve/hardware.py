@@ -222,7 +222,8 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
         memory = memory_fraction(settings.gpu_memory_fraction, gpu_share)
         enforce_memory_fraction(memory.value)
     threads = choose_threads(settings, device.value, cpu_cores())
-    model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value)
+    model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value,
+                           allow_tf32=settings.allow_tf32)
     # The replica's threads, split among forwards that run at once from one queue.
     layout = forward_layout(model.device, torch.get_num_threads(), settings.forward_workers)
     warnings = []

@@ -94,12 +94,13 @@ class DtypeChoice:
         return "bfloat16" if self.autocast else str(self.weights).removeprefix("torch.")
 
 
-def choose_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | None = None) -> DtypeChoice:
+def choose_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | None = None,
+                 allow_tf32: bool = False) -> DtypeChoice:
     """The dtype setting resolved for a device. On a CPU, bf16 runs as autocast over float32 weights, so
     layer norms, softmax and GELU stay float32: within 6% of bf16 weights' speed here, with half their
     error (bench/profile.md). `cpu_flags`: the CPU's flags, read from /proc/cpuinfo when not given."""
     if device == "cuda":
-        return cuda_dtype_choice(dtype, torch.cuda.get_device_capability(), cuda_bf16_native())
+        return cuda_dtype_choice(dtype, torch.cuda.get_device_capability(), cuda_bf16_native(), allow_tf32)
     if device != "cpu":
         weights = pick_dtype(dtype, device)
         return DtypeChoice(weights, False, "explicit setting" if dtype != "auto"
@@ -119,11 +120,12 @@ def cuda_bf16_native() -> bool:
     return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
-def cuda_dtype_choice(dtype: str, capability: tuple[int, int], bf16_native: bool | None = None) -> DtypeChoice:
+def cuda_dtype_choice(dtype: str, capability: tuple[int, int], bf16_native: bool | None = None,
+                      allow_tf32: bool = False) -> DtypeChoice:
     """The dtype setting resolved for a GPU of this compute capability. `bf16_native`: torch's own answer
-    (cuda_bf16_native); None: capability 8.0 and later (Ampere), which is what torch checks. TF32 where
-    float32 runs: on Ampere and later it keeps float32's range with a 10-bit mantissa in the matmuls,
-    several times faster, and pooling and normalization stay float32 anyway."""
+    (cuda_bf16_native); None: capability 8.0 and later (Ampere), which is what torch checks. TF32 only
+    where `allow_tf32` asks for it: its 10-bit mantissa in the matmuls is several times faster on Ampere
+    and later, but moves float32 vectors by ~1e-3, past the 1e-5 that `dtype: float32` promises."""
     native = capability >= (8, 0) if bf16_native is None else bf16_native
     sm = f"sm_{capability[0]}{capability[1]}"
     if dtype == "auto":
@@ -132,7 +134,9 @@ def cuda_dtype_choice(dtype: str, capability: tuple[int, int], bf16_native: bool
         return DtypeChoice(torch.float16, False, f"auto: {sm} has no native bf16, fp16 weights")
     weights = pick_dtype(dtype, "cuda")
     if weights == torch.float32:
-        return DtypeChoice(weights, False, "explicit setting, TF32 matmuls", tf32=True)
+        if allow_tf32:
+            return DtypeChoice(weights, False, "explicit setting, TF32 matmuls (allow_tf32)", tf32=True)
+        return DtypeChoice(weights, False, "explicit setting, full float32 matmuls (allow_tf32 false)")
     if weights == torch.bfloat16 and not native:
         return DtypeChoice(weights, False, f"explicit setting (bf16 is emulated on {sm}: slower than fp16)")
     return DtypeChoice(weights, False, "explicit setting")
@@ -202,7 +206,7 @@ class EmbeddingModel:
     """A transformer encoder with its pooling; `forward` embeds one padded group of token-id lists."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, allow_tf32: bool = False) -> None:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         if threads is not None:
@@ -214,7 +218,7 @@ class EmbeddingModel:
         self.heap = HeapTrimmer() if self.device == "cpu" else None
         if self.device == "cpu":
             bound_primitive_cache()
-        choice = choose_dtype(dtype, self.device)
+        choice = choose_dtype(dtype, self.device, allow_tf32=allow_tf32)
         if choice.tf32 and self.device == "cuda":
             enable_tf32()
         self.dtype = choice.weights

@@ -25,6 +25,7 @@ def test_defaults_serve_the_bundled_model_with_dynamic_batching():
     assert s.max_wait_time_ms == 0.0  # no timer: what queues during a forward shares the next run
     assert s.enable_dynamic_batching and s.enable_length_grouping
     assert s.truncate is False
+    assert s.allow_tf32 is False  # float32 on a GPU keeps its 1e-5 contract unless asked
     assert _keys(s) == []
     [spec] = s.model_specs()
     assert spec.name == BUNDLED_MODEL_NAME and spec.source == BUNDLED_MODEL
