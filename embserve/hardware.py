@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from embserve.layout import ALLOCATOR_DEFAULT, ALLOCATOR_ENV
 from embserve.settings import CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, USER_CONFIG_FIELD, Settings
 
 if TYPE_CHECKING:
@@ -45,6 +46,11 @@ def source(settings: Settings, name: str, otherwise: str) -> str:
 def choose_device(settings: Settings, cuda_available: bool, gpus_assigned: int | None = None) -> Choice:
     """`gpus_assigned`: the GPUs Ray gave this replica (its `num_gpus`), None outside Ray. Ray 2.60 no
     longer hides a GPU host's cards from a worker that asked for none, so `num_gpus: 0` means the CPU."""
+    if gpus_assigned and not cuda_available and settings.device != "cpu":
+        # Running on the CPU here would hold a card idle and serve at a fraction of its speed, silently.
+        raise ValueError(f"Ray assigned this replica {gpus_assigned} GPU(s) (num_gpus) but torch sees none: "
+                         f"{torch_cuda_build()}. Install a CUDA build of torch that the node's driver "
+                         "supports, or set num_gpus to 0 (or device to 'cpu') to serve on the CPU")
     if settings.device == "auto":
         if cuda_available and gpus_assigned == 0:
             return Choice("cpu", "auto: the replica has no GPU of its own (num_gpus: 0), though torch sees one")
@@ -53,6 +59,16 @@ def choose_device(settings: Settings, cuda_available: bool, gpus_assigned: int |
         raise ValueError(f"device 'cuda' is set ({settings.source_of('device')}) but torch sees no GPU on this "
                          "replica's node; set it to 'auto' or 'cpu', or give the replica a GPU (num_gpus)")
     return Choice(settings.device, _given(settings, "device"))
+
+
+def torch_cuda_build() -> str:
+    """Why torch may see no GPU, in words: its version and the CUDA it was built with, if any."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a build without CUDA"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, but finds no usable GPU "
+            "(no driver, a driver older than that CUDA, or CUDA_VISIBLE_DEVICES hides the card)")
 
 
 def assigned_gpus() -> int | None:
@@ -86,11 +102,25 @@ def memory_fraction(setting: float, gpu_share: float | None) -> Choice:
 
 def cuda_allocator_defaults(environ: dict[str, str] | None = None) -> None:
     """Expandable segments for torch's CUDA allocator unless the environment says otherwise: a group of a
-    new shape grows the segment it has instead of leaving holes that the next one cannot use. Read at
-    CUDA's first allocation, so it must be set before the model loads."""
+    new shape grows the segment it has instead of leaving holes that the next one cannot use. A Ray GPU
+    replica has it from its runtime_env (embserve.layout.with_allocator_env); elsewhere (a script, bench)
+    it is set here, and handed to torch's allocator-settings call too, since torch reads the variable once,
+    when its allocator config is first used, and may have done so already."""
     env = os.environ if environ is None else environ
-    if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:
-        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if not any(name in env for name in ALLOCATOR_ENV):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
+        if environ is None:
+            set_allocator_settings(ALLOCATOR_DEFAULT)
+
+
+def set_allocator_settings(conf: str) -> None:
+    """Applies allocator settings to this process's torch where it has the call (torch 2.1 and later)."""
+    import torch
+
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+        torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is not None:
+        setter(conf)
 
 
 def enforce_memory_fraction(fraction: float) -> None:
