@@ -158,17 +158,42 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
-def attention_choice(device: str, weights: torch.dtype, flash_attn_installed: bool) -> tuple[str | None, str]:
-    """The attention implementation to ask transformers for, and why. FlashAttention-2 only on a GPU, in
-    fp16 or bf16 (its kernels take nothing else), where the flash_attn package is installed; otherwise
-    None: transformers' default, sdpa where the model supports it, else eager."""
+# FlashAttention-2's kernels run on Ampere (sm_80) and later only; on a T4 or V100 the load would fail.
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)
+
+
+def attention_choice(device: str, weights: torch.dtype, flash_attn_installed: bool,
+                     capability: tuple[int, int] | None = None,
+                     model_supports_flash: bool = True) -> tuple[str | None, str]:
+    """The attention implementation to ask transformers for, and why. FlashAttention-2 only on a GPU of
+    compute capability 8.0 or later (`capability`, None: not known), in fp16 or bf16 (its kernels take
+    nothing else), where the flash_attn package is installed and the model's class has a FlashAttention-2
+    path (transformers refuses to load it otherwise); else None: transformers' default, sdpa where the
+    model supports it, else eager."""
     if device != "cuda":
         return None, f"{device}: transformers' default (sdpa where the model has it)"
     if not flash_attn_installed:
         return None, "cuda: flash_attn is not installed, transformers' default (sdpa where the model has it)"
     if weights not in (torch.float16, torch.bfloat16):
         return None, f"cuda: FlashAttention-2 takes fp16 or bf16, not {str(weights).removeprefix('torch.')}"
-    return "flash_attention_2", "cuda, fp16/bf16 and flash_attn installed"
+    if capability is not None and tuple(capability) < FLASH_ATTN_MIN_CAPABILITY:
+        return None, (f"cuda: FlashAttention-2 needs sm_80 or later, this card is sm_{capability[0]}{capability[1]}; "
+                      "transformers' default (sdpa where the model has it)")
+    if not model_supports_flash:
+        return None, "cuda: the model's class has no FlashAttention-2 path, transformers' default (sdpa where it has it)"
+    return "flash_attention_2", "cuda, sm_80+, fp16/bf16, flash_attn installed and supported by the model"
+
+
+def model_supports_flash_attention(config: object) -> bool:
+    """Whether the transformers class that AutoModel loads for `config` has a FlashAttention-2 path; False
+    for a class transformers does not know (remote code), which then keeps transformers' default."""
+    from transformers import AutoModel
+
+    try:
+        cls = AutoModel._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return False
+    return bool(getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False))
 
 
 def flash_attn_installed() -> bool:
@@ -230,7 +255,11 @@ class EmbeddingModel:
         pinned = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
         config = AutoConfig.from_pretrained(self.source, **pinned)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source, **pinned)
-        attention, self.attention_reason = attention_choice(self.device, self.dtype, flash_attn_installed())
+        flash = flash_attn_installed()
+        attention, self.attention_reason = attention_choice(
+            self.device, self.dtype, flash,
+            capability=torch.cuda.get_device_capability() if self.device == "cuda" else None,
+            model_supports_flash=flash and model_supports_flash_attention(config))
         extra = {"attn_implementation": attention} if attention else {}
         self.model = AutoModel.from_pretrained(self.source, dtype=self.dtype, **device_map_loading(self.device),
                                                **extra, **pinned).to(self.device).eval()

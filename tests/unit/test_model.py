@@ -415,6 +415,26 @@ def test_flash_attention_only_on_a_gpu_in_half_precision_with_flash_attn(device,
     assert chosen == want and reason in why
 
 
+@pytest.mark.parametrize(("capability", "want"), [((9, 0), "flash_attention_2"), ((8, 0), "flash_attention_2"),
+                                                 ((7, 5), None), ((7, 0), None)])
+def test_flash_attention_only_on_cards_of_sm_80_and_later(capability, want):
+    chosen, why = attention_choice("cuda", torch.float16, True, capability=capability)
+    assert chosen == want
+    if want is None:
+        assert f"sm_{capability[0]}{capability[1]}" in why and "sm_80" in why
+
+
+def test_flash_attention_only_where_the_models_class_has_it():
+    from transformers import BertConfig, MPNetConfig
+
+    from embserve.model import model_supports_flash_attention
+
+    assert model_supports_flash_attention(BertConfig())
+    assert not model_supports_flash_attention(MPNetConfig())  # all-mpnet-base-v2: transformers would refuse it
+    chosen, why = attention_choice("cuda", torch.bfloat16, True, capability=(9, 0), model_supports_flash=False)
+    assert chosen is None and "no FlashAttention-2 path" in why
+
+
 def test_the_attention_transformers_settled_on_is_recorded(float32_model):
     assert float32_model.attention == float32_model.model.config._attn_implementation == "sdpa"
     assert "default" in float32_model.attention_reason
