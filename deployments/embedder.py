@@ -33,7 +33,7 @@ def _settle(future: asyncio.Future, result: EmbedResult) -> None:
 
 
 def count_inputs(jobs: list[EmbedJob]) -> int:
-    """`max_batch_size` counts inputs, not requests (Ray's batch_size_fn)."""
+    """An admission's size counts inputs, not requests (Ray's batch_size_fn)."""
     return sum(job.weight for job in jobs)
 
 
@@ -74,7 +74,7 @@ class Embedder:
         serve_env.flush_warnings_at_once()
 
     def _apply_batching(self) -> None:
-        self._admit.set_max_batch_size(self.batching.effective_max_batch_size)
+        self._admit.set_max_batch_size(self.batching.effective_admit_batch_size)
         self._admit.set_batch_wait_timeout_s(self.batching.effective_wait_s)
 
     def info(self) -> ModelInfo:
@@ -86,7 +86,7 @@ class Embedder:
         return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
                 "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
-                "effective_max_batch_size": self.batching.effective_max_batch_size,
+                "effective_admit_batch_size": self.batching.effective_admit_batch_size,
                 "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
                 "threads_per_forward": sorted(self.scheduler.threads_seen),
                 "pending_inputs": self.scheduler.pending, "profile": self.profile.as_dict()}
@@ -98,7 +98,7 @@ class Embedder:
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         # A request larger than a batch still fits one: it counts as a full batch.
-        job.weight = max(1, min(len(job), self.batching.effective_max_batch_size))
+        job.weight = max(1, min(len(job), self.batching.effective_admit_batch_size))
         job.received = time.perf_counter()
         self._ongoing += 1
         try:
@@ -109,7 +109,7 @@ class Embedder:
         finally:
             self._ongoing -= 1
 
-    # Ray forms batches (max_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
+    # Ray forms admissions (admit_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
     # at once, so a batch never holds its requests back and Ray forms the next batch while these compute.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=count_inputs)
     async def _admit(self, jobs: list[EmbedJob]) -> list[asyncio.Future]:

@@ -200,6 +200,8 @@ def replica_profile(settings: Settings, *, device: Choice, dtype: Choice, thread
         settings, "forward_workers", "auto: one forward on a GPU" if device.value == "cuda" else
         "auto: one single-thread forward per thread"))
     profile.set("max_batch_size", batch_size.value, batch_size.source)
+    profile.set("admit_batch_size", settings.admit_batch_size or batch_size.value,
+                source(settings, "admit_batch_size", "auto: max_batch_size"))
     profile.set("max_batch_tokens", batch_tokens.value, batch_tokens.source)
     for name in BATCHING_KNOBS:
         profile.set(name, getattr(settings, name), source(settings, name, "default"))

@@ -35,11 +35,12 @@ def embedder_options(settings: Settings, spec: ModelSpec, cpu_models: int) -> di
     forward on every core it sees (embserve.hardware); the models of one app share the cores, so each
     reserves its share of one CPU and all of them fit beside the ingress on a 2-core machine.
     """
-    bound = settings.max_batch_size or (GPU_MAX_BATCH_SIZE if settings.num_gpus else CPU_MAX_BATCH_SIZE)
+    bound = settings.admit_batch_size or settings.max_batch_size or (
+        GPU_MAX_BATCH_SIZE if settings.num_gpus else CPU_MAX_BATCH_SIZE)
     options: dict[str, Any] = {
         "name": spec.deployment_name,
-        # Requests one replica holds; a batch can never hold more, so twice the largest batch lets one
-        # batch compute while the next fills.
+        # Requests one replica holds; an admission can never hold more, so twice the largest lets one
+        # compute while the next fills.
         "max_ongoing_requests": max(64, 2 * bound),
         "max_queued_requests": settings.max_queued_requests,
     }

@@ -42,7 +42,7 @@ class EmbedJob:
     token_ids: list[list[int]] | None = None
     truncate: bool = False
     prompt_name: str | None = None  # a prompt of the model's; None: its default prompt, if it has one
-    weight: int = 1  # what it counts for in max_batch_size; set by the replica
+    weight: int = 1  # what it counts for in an admission (admit_batch_size); set by the replica
     received: float = 0.0  # time.perf_counter() when the replica got it (its wait for a batch counts)
     cancelled: bool = False  # the caller went away: its inputs still pending are dropped, never computed
 
@@ -240,6 +240,7 @@ class Scheduler:
         if self.memory_cap is not None:
             budget = min(budget, self.memory_cap)
         group = next_group([len(r.seqs[i]) for r, i in window], max_batch_tokens=budget,
+                           max_inputs=cfg.max_batch_size,
                            group_by_length=cfg.enable_length_grouping,
                            tolerance=cfg.length_group_tolerance, min_group_size=cfg.min_batch_size,
                            group_cost_tokens=self.group_cost_tokens if cfg.group_cost_tokens is None

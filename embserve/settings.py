@@ -30,7 +30,12 @@ class BatchingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(CPU_MAX_BATCH_SIZE, ge=1, description="Most inputs (texts) one @serve.batch call holds.")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Most inputs (texts) in one forward. None: as many as the token budget "
+        f"allows, and admissions of {CPU_MAX_BATCH_SIZE}; a replica always sets it (Settings.batching).")
+    admit_batch_size: int | None = Field(
+        None, ge=1, description="Most inputs one @serve.batch admission gathers before it hands them to the "
+        "replica's queue. None: max_batch_size.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, le=10, description="How long a batch waits to fill after its first request. 0: none; "
         "what queues while the model is busy shares the next run anyway."
@@ -75,9 +80,11 @@ class BatchingConfig(BaseModel):
         return self.batch_wait_timeout_s if self.enable_dynamic_batching else 0.0
 
     @property
-    def effective_max_batch_size(self) -> int:
-        """Inputs one run may hold; 1 without dynamic batching, so every request runs on its own."""
-        return self.max_batch_size if self.enable_dynamic_batching else 1
+    def effective_admit_batch_size(self) -> int:
+        """Inputs one admission may gather; 1 without dynamic batching, so every request runs on its own."""
+        if not self.enable_dynamic_batching:
+            return 1
+        return self.admit_batch_size or self.max_batch_size or CPU_MAX_BATCH_SIZE
 
     def updated(self, user_config: dict[str, Any] | None) -> "BatchingConfig":
         """This config with a Serve user_config applied; keys it does not name keep their value."""
@@ -244,7 +251,10 @@ class Settings(BaseSettings):
 
     # Batching (the replica's user_config can change these at run time). Defaults: BatchingConfig's.
     max_batch_size: int | None = Field(
-        None, ge=1, description=f"None: {CPU_MAX_BATCH_SIZE} on a CPU; on a GPU by the card's size.")
+        None, ge=1, description=f"Most inputs in one forward. None: {CPU_MAX_BATCH_SIZE} on a CPU; on a GPU by "
+        "the card's size.")
+    admit_batch_size: int | None = Field(
+        None, ge=1, description="Most inputs one @serve.batch admission gathers. None: max_batch_size.")
     max_wait_time_ms: float = Field(_BATCHING["batch_wait_timeout_s"].default * 1000.0, ge=0, le=10_000)
     min_batch_size: int = Field(_BATCHING["min_batch_size"].default, ge=1)
     enable_dynamic_batching: bool = _BATCHING["enable_dynamic_batching"].default
@@ -308,6 +318,7 @@ class Settings(BaseSettings):
         """The batching knobs, with the replica's own choices where the settings leave a size open."""
         return BatchingConfig(
             max_batch_size=self.max_batch_size or max_batch_size or CPU_MAX_BATCH_SIZE,
+            admit_batch_size=self.admit_batch_size,
             batch_wait_timeout_s=self.max_wait_time_ms / 1000.0,
             min_batch_size=self.min_batch_size,
             enable_dynamic_batching=self.enable_dynamic_batching,

@@ -95,6 +95,7 @@ def _histograms() -> dict[str, Histogram]:
         "tokenize_s": Histogram(SECONDS_BUCKETS),
         "forward_s": Histogram(SECONDS_BUCKETS),
         "batch_inputs": Histogram(INPUT_BUCKETS),
+        "forward_inputs": Histogram(INPUT_BUCKETS),
         "batch_tokens": Histogram(TOKEN_BUCKETS),
     }
 
@@ -210,6 +211,7 @@ class SourceState:
             c["tokens"] += report.tokens
             c["padded_tokens"] += report.padded_tokens
             self.histograms["forward_s"].observe(report.seconds)
+            self.histograms["forward_inputs"].observe(report.inputs)
             self.histograms["batch_tokens"].observe(report.padded_tokens)
             self.window.append((event.at, 0, report.inputs, report.tokens))
         elif event.kind == "answered":
@@ -255,6 +257,7 @@ def _summary(counters: dict[str, int], errors: dict[str, int], hists: dict[str, 
         "latency_ms": {"request": hists["request_s"].percentiles(1000), "queue": hists["queue_s"].percentiles(1000),
                        "tokenize": hists["tokenize_s"].percentiles(1000), "forward": hists["forward_s"].percentiles(1000)},
         "batch_inputs": hists["batch_inputs"].percentiles(),
+        "forward_inputs": hists["forward_inputs"].percentiles(),
         "batch_tokens": hists["batch_tokens"].percentiles(),
         "errors": dict(errors),
     }

@@ -180,6 +180,22 @@ def test_requests_run_in_arrival_order_and_are_answered_when_their_own_inputs_ar
     assert all(f.padded_tokens <= 1024 for f in seen.of(Forward))
 
 
+def test_no_forward_holds_more_than_max_batch_size_inputs_whatever_the_token_budget(float32_model):
+    s, seen = make(float32_model, cfg=BatchingConfig(max_batch_size=4), budget=8192)
+    try:
+        [one] = embed_jobs(s, [EmbedJob(texts=["the same short text"] * 10)])
+    finally:
+        s.close()
+    assert one.error is None and one.vectors.shape[0] == 10
+    assert sorted(f.inputs for f in seen.of(Forward)) == [2, 4, 4]
+
+
+def test_next_group_caps_its_inputs_at_max_inputs():
+    assert len(next_group([7] * 20, max_batch_tokens=8192)) == 20  # the token budget alone allows all
+    group = next_group([7] * 20, max_batch_tokens=8192, max_inputs=6)
+    assert 0 in group and 1 <= len(group) <= 6
+
+
 def test_without_dynamic_batching_no_forward_mixes_requests(float32_model):
     s, seen = make(float32_model, cfg=BatchingConfig(enable_dynamic_batching=False))
     try:

@@ -301,11 +301,19 @@ def test_effective_wait_is_zero_when_dynamic_batching_is_off():
 
 def test_without_dynamic_batching_every_request_runs_alone():
     cfg = BatchingConfig(max_batch_size=32)
-    assert cfg.effective_max_batch_size == 32
+    assert cfg.effective_admit_batch_size == 32
     off = cfg.updated({"enable_dynamic_batching": False})
-    assert off.effective_max_batch_size == 1
+    assert off.effective_admit_batch_size == 1
     assert off.max_batch_size == 32, "turning it back on restores the configured size"
-    assert off.updated({"enable_dynamic_batching": True}).effective_max_batch_size == 32
+    assert off.updated({"enable_dynamic_batching": True}).effective_admit_batch_size == 32
+
+
+def test_an_admission_gathers_max_batch_size_inputs_unless_admit_batch_size_is_set(monkeypatch):
+    assert Settings().batching(max_batch_size=256).effective_admit_batch_size == 256
+    monkeypatch.setenv("EMB_PROVIDER_ADMIT_BATCH_SIZE", "16")
+    cfg = Settings(max_batch_size=64).batching()
+    assert (cfg.max_batch_size, cfg.effective_admit_batch_size) == (64, 16)
+    assert cfg.updated({"admit_batch_size": 8}).effective_admit_batch_size == 8  # user_config re-tunes it
 
 
 @pytest.mark.parametrize("bad", [None, "abc", [1], True])

@@ -260,6 +260,7 @@ def test_totals_are_the_sum_of_two_replicas(agg):
     for key in ("requests", "inputs", "tokens", "padded_tokens", "batches", "forwards"):
         assert snap["totals"][key] == per_replica["r1"][key] + per_replica["r2"][key]
     assert snap["batch_inputs"]["count"] == 3  # one per admission (@serve.batch call)
+    assert snap["forward_inputs"]["count"] == 4  # inputs per forward, beside the admissions' sizes
     assert snap["latency_ms"]["queue"]["count"] == 4  # one per answer, the failed one included
     assert snap["latency_ms"]["forward"]["count"] == 4  # one per forward
 
