@@ -48,7 +48,8 @@ class Embedder:
         self.ray_metrics = ReplicaRayMetrics(spec.name)
         self.scheduler = Scheduler(self.model, self.layout, config=lambda: self.batching,
                                    max_batch_tokens=start.batch_tokens, report=self._report,
-                                   group_cost_tokens=settings.group_cost_tokens)
+                                   group_cost_tokens=settings.group_cost_tokens if settings.group_cost_tokens
+                                   is not None else start.group_cost_tokens, tolerance_wall=start.tolerance_wall)
         self._apply_batching()
         self._ongoing = 0
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
@@ -65,6 +66,8 @@ class Embedder:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this at start and whenever serve_config.yaml's user_config changes."""
         self.batching = self.batching.updated(user_config)
+        if "length_group_tolerance" in (user_config or {}):  # named: a wall again, as on a CPU
+            self.scheduler.tolerance_wall = True
         self._apply_batching()
         live = self.batching.model_dump()
         live["max_wait_time_ms"] = live.pop("batch_wait_timeout_s") * 1000.0

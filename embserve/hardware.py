@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from embserve.layout import ALLOCATOR_DEFAULT, ALLOCATOR_ENV
-from embserve.settings import CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, USER_CONFIG_FIELD, Settings
+from embserve.settings import (CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, GPU_MAX_FORWARD_MS, USER_CONFIG_FIELD,
+                               Settings)
 
 if TYPE_CHECKING:
     from embserve.model import EmbeddingModel
@@ -235,6 +236,8 @@ class ReplicaStart:
     profile: Profile
     warnings: list[str]
     warm_up: "WarmUp | None" = None
+    group_cost_tokens: int | None = None  # a forward's fixed cost in tokens, where the warm-up measured it
+    tolerance_wall: bool = True  # False: length_group_tolerance is a preference (the cost decides)
 
 
 def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
@@ -272,8 +275,50 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
                               batch_size=batch_size, batch_tokens=batch_tokens, attention=attention, memory=memory)
     warnings += [f"setting {name}={getattr(settings, name)!r} from {settings.source_of(name)} shadows {what}"
                  for name, what in settings.shadowed().items()]
-    warmed = warm_up(model, warm_up_shapes(batch_tokens.value, batch_size.value, model.max_length, model.device))
+    limit_ms = settings.max_forward_ms if settings.max_forward_ms is not None else (
+        GPU_MAX_FORWARD_MS if model.device == "cuda" else None)
+    warmed = warm_up(model, warm_up_shapes(batch_tokens.value, batch_size.value, model.max_length, model.device),
+                     timed=limit_ms is not None)
     if warmed.out_of_memory:
         warnings.append(f"warm-up ran out of GPU memory at one of {list(warmed.shapes)}: the replica will lower "
                         "its token budget on its first large groups")
-    return ReplicaStart(model, layout, batch_size.value, batch_tokens.value, profile, warnings, warmed)
+    timing = forward_timing(settings, profile, batch_tokens, warmed.cost, limit_ms, model.max_length,
+                            model.device == "cuda")
+    return ReplicaStart(model, layout, batch_size.value, timing.budget, profile, warnings, warmed,
+                        timing.group_cost_tokens, timing.tolerance_wall)
+
+
+@dataclass(frozen=True)
+class ForwardTiming:
+    budget: int
+    group_cost_tokens: int | None
+    tolerance_wall: bool
+
+
+def forward_timing(settings: Settings, profile: Profile, batch_tokens: Choice, cost: Any, limit_ms: float | None,
+                   max_length: int, gpu: bool) -> ForwardTiming:
+    """What the warm-up's cost line (`cost`, an embserve.forward_cost.ForwardCost or None) changes, each
+    shown in the profile: the automatic token budget bounded by `limit_ms` (max_forward_ms); on a GPU, a
+    forward's fixed cost as the planner's group cost, and the length tolerance a preference. A setting
+    given explicitly keeps its value."""
+    from embserve.forward_cost import capped_budget
+
+    budget = batch_tokens.value
+    if cost is not None:
+        profile.set("forward_cost", cost.describe(), "measured at warm-up")
+    if limit_ms is not None:
+        profile.set("max_forward_ms", limit_ms, source(settings, "max_forward_ms", "auto: GPU default"))
+        if settings.max_batch_tokens is None:
+            budget, why = capped_budget(budget, cost, limit_ms, max_length)
+            if why:
+                profile.set("max_batch_tokens", budget, f"{batch_tokens.source}; {why}")
+    if not gpu or cost is None:
+        return ForwardTiming(budget, None, True)
+    group_cost = cost.fixed_tokens
+    if settings.group_cost_tokens is None:
+        profile.set("group_cost_tokens", group_cost, "auto: a forward's fixed cost in tokens, from the warm-up")
+    wall = settings.explicit("length_group_tolerance")
+    if not wall:
+        profile.set("length_group_tolerance", settings.length_group_tolerance,
+                    "default; a preference on a GPU: the group cost weighs padding against a forward")
+    return ForwardTiming(budget, group_cost, wall)

@@ -138,7 +138,7 @@ class Scheduler:
 
     def __init__(self, model: EmbeddingModel, layout: ForwardLayout, config: Callable[[], BatchingConfig],
                  max_batch_tokens: int, report: Callable[[object], None] = lambda _: None,
-                 group_cost_tokens: int | None = None) -> None:
+                 group_cost_tokens: int | None = None, tolerance_wall: bool = True) -> None:
         self.model = model
         self.tokenizer = model.request_tokenizer()
         self.config = config
@@ -149,6 +149,9 @@ class Scheduler:
         # A forward's fixed cost dwarfs per-token cost on a GPU; on a CPU it is a few dozen tokens.
         self.group_cost_tokens = group_cost_tokens if group_cost_tokens is not None else (
             512 if model.device == "cuda" else 32)
+        # False: the length tolerance is a preference, not a wall; the group cost alone weighs padding
+        # against one more forward (a GPU replica whose warm-up measured what a forward costs).
+        self.tolerance_wall = tolerance_wall
         self.report = report
         self._pending: list[tuple[Request, int]] = []  # (request, input index), in admission order
         self._wake = threading.Condition()
@@ -242,7 +245,8 @@ class Scheduler:
         group = next_group([len(r.seqs[i]) for r, i in window], max_batch_tokens=budget,
                            max_inputs=cfg.max_batch_size,
                            group_by_length=cfg.enable_length_grouping,
-                           tolerance=cfg.length_group_tolerance, min_group_size=cfg.min_batch_size,
+                           tolerance=cfg.length_group_tolerance if self.tolerance_wall else 1.0,
+                           min_group_size=cfg.min_batch_size,
                            group_cost_tokens=self.group_cost_tokens if cfg.group_cost_tokens is None
                            else cfg.group_cost_tokens)
         taken = [window[k] for k in group]

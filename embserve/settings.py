@@ -21,6 +21,9 @@ ENV_PREFIX = "EMB_PROVIDER_"
 # What a CPU replica batches when nothing is set; a GPU replica sizes both from its card (embserve.hardware).
 CPU_MAX_BATCH_SIZE = 32
 CPU_MAX_BATCH_TOKENS = 8192
+# On a GPU, the longest one forward may take unless max_forward_ms says otherwise: a lone query waits at
+# most this long behind a large group, and the fixed cost of a forward (a few ms) is still amortised.
+GPU_MAX_FORWARD_MS = 250.0
 
 Pooling = Literal["auto", "mean", "cls", "max", "last"]
 
@@ -264,6 +267,9 @@ class Settings(BaseSettings):
         None, ge=16, description=f"None: {CPU_MAX_BATCH_TOKENS} on a CPU; on a GPU from the card's memory "
         "and the model's config.")
     group_cost_tokens: int | None = Field(_BATCHING["group_cost_tokens"].default, ge=0)
+    max_forward_ms: float | None = Field(
+        None, gt=0, description=f"Longest one forward may take, by the warm-up's timings: the automatic "
+        f"max_batch_tokens is lowered to fit. None: {GPU_MAX_FORWARD_MS:g} on a GPU, no bound on a CPU.")
 
     # Requests.
     truncate: bool = Field(False, description="Cut over-long inputs instead of answering 400.")

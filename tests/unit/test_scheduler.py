@@ -196,6 +196,22 @@ def test_next_group_caps_its_inputs_at_max_inputs():
     assert 0 in group and 1 <= len(group) <= 6
 
 
+def test_without_the_tolerance_wall_a_large_group_cost_puts_far_lengths_in_one_forward(float32_model):
+    texts = ["short", " ".join(["a much longer text"] * 12)]  # lengths far outside a 20% tolerance
+    cfg = BatchingConfig(group_cost_tokens=4096)
+    for wall, forwards in ((True, 2), (False, 1)):
+        config = cfg
+        seen = []
+        s = Scheduler(float32_model, ForwardLayout(1, 1), config=lambda: config, max_batch_tokens=8192,
+                      report=seen.append, tolerance_wall=wall)
+        try:
+            [one] = embed_jobs(s, [EmbedJob(texts=texts)])
+        finally:
+            s.close()
+        assert one.error is None
+        assert len([e for e in seen if isinstance(e, Forward)]) == forwards
+
+
 def test_without_dynamic_batching_no_forward_mixes_requests(float32_model):
     s, seen = make(float32_model, cfg=BatchingConfig(enable_dynamic_batching=False))
     try:
@@ -374,3 +390,4 @@ def test_forward_workers_carry_their_name_where_the_os_shows_threads(scheduler):
     """`top -H`, py-spy and bench.procs tell a replica's forward workers from Ray's threads by it."""
     names = {(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()}
     assert {"forward-0", "forward-1"} <= names
+
