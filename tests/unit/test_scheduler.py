@@ -391,3 +391,100 @@ def test_forward_workers_carry_their_name_where_the_os_shows_threads(scheduler):
     names = {(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()}
     assert {"forward-0", "forward-1"} <= names
 
+
+# The pipelined worker (one forward worker on a GPU): a simulated device whose forwards run on a thread of
+# their own, as on a CUDA stream, and the real model on the CPU, where the same code runs without streams.
+
+@pytest.fixture(scope="module")
+def simulated():
+    from bench.simulated_gpu import SimulatedGpu
+
+    device = SimulatedGpu(fixed_s=0.001, per_token_s=0.0)
+    yield device
+    device.close()
+
+
+def pipelined(model, cfg: BatchingConfig | None = None) -> tuple[Scheduler, Recorder]:
+    config = cfg or BatchingConfig()
+    recorder = Recorder()
+    return Scheduler(model, ForwardLayout(1, 1), config=lambda: config, max_batch_tokens=8192, report=recorder,
+                     pipelined=True), recorder
+
+
+def test_the_next_group_is_launched_while_the_first_still_computes():
+    from bench.simulated_gpu import SimulatedGpu
+
+    gate = threading.Event()
+    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)  # every forward waits for the gate
+    s, seen = pipelined(device, BatchingConfig(max_batch_size=2))
+    futures = [cf.Future() for _ in range(3)]
+    try:
+        s.admit([EmbedJob(texts=["one two", "three four", "five six"])], [futures[0].set_result])
+        # Two groups launched (the second planned, padded and queued) while the first cannot end.
+        deadline = threading.Event()
+        for _ in range(200):
+            if len(device.launches) >= 2:
+                break
+            deadline.wait(0.01)
+        assert len(device.launches) == 2 and not device.runs and not futures[0].done()
+        gate.set()
+        result = futures[0].result(10)
+    finally:
+        gate.set()
+        s.close()
+        device.close()
+    assert result.error is None and result.vectors.shape == (3, 4)
+    assert sorted(n for _, n in device.launches) == [1, 2] and len(seen.of(Forward)) == 2
+
+
+def test_pipelined_groups_end_in_order_and_each_request_gets_its_own_vectors(simulated):
+    s, seen = pipelined(simulated, BatchingConfig(max_batch_size=3))
+    texts = [f"text number {k} " + "word " * (k % 7) for k in range(20)]
+    order: list[int] = []
+    try:
+        futures = [cf.Future() for _ in texts]
+        s.admit([EmbedJob(texts=[t]) for t in texts],
+                [lambda r, k=k, f=f: (order.append(k), f.set_result(r)) for k, f in enumerate(futures)])
+        results = [f.result(10) for f in futures]
+    finally:
+        s.close()
+    ids = s.tokenizer.content_ids(texts)
+    for k, result in enumerate(results):
+        finished = s.tokenizer.finish(ids[k], 0, False, s.tokenizer.prompt(None))
+        assert result.error is None
+        assert result.vectors[0].tolist() == [len(finished), finished[0], finished[-1], 1.0]
+    assert all(f.inputs <= 3 for f in seen.of(Forward)) and sum(f.inputs for f in seen.of(Forward)) == 20
+    # The first-admitted input's group runs first: arrival order holds across launched groups.
+    assert order[0] == 0
+
+
+def test_closing_a_pipelined_scheduler_lets_launched_groups_end_and_answers_the_rest():
+    from bench.simulated_gpu import SimulatedGpu
+
+    gate = threading.Event()
+    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
+    s, _ = pipelined(device, BatchingConfig(max_batch_size=1))
+    futures = [cf.Future() for _ in range(5)]
+    s.admit([EmbedJob(texts=[f"t{k}"]) for k in range(5)], [f.set_result for f in futures])
+    for _ in range(200):
+        if len(device.launches) >= 2:
+            break
+        threading.Event().wait(0.01)
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    gate.set()
+    closer.join(10)
+    device.close()
+    results = [f.result(1) for f in futures]
+    assert sum(r.error is None for r in results) == len(device.launches)  # launched groups finished
+    assert all(isinstance(r.error, Unavailable) for r in results if r.error is not None)
+
+
+def test_the_pipelined_worker_on_a_cpu_gives_the_models_own_vectors(float32_model, reference, texts):
+    s, seen = pipelined(float32_model, BatchingConfig(max_batch_size=4))
+    try:
+        results = embed_jobs(s, [EmbedJob(texts=texts[:6]), EmbedJob(texts=texts[6:9])])
+    finally:
+        s.close()
+    assert_close(np.concatenate([r.vectors for r in results]), reference(texts[:9]))
+    assert all(f.inputs <= 4 for f in seen.of(Forward))
