@@ -38,7 +38,10 @@ class Done:
 
     def result(self) -> np.ndarray:
         if self.error is not None:
-            raise self.error
+            # Not kept: an out-of-memory error's traceback holds the failed launch's tensors, which must
+            # be freed before the group is split and retried.
+            error, self.error = self.error, None
+            raise error
         assert self.vectors is not None
         return self.vectors
 
@@ -52,7 +55,9 @@ class CudaPending:
     def result(self) -> np.ndarray:
         self.done.synchronize()  # this group's end only: the next group may already be running
         self.keep = ()
-        return finite(self.host.numpy())
+        # A copy, so that the pinned buffer goes back to torch's host allocator now, not when the last
+        # request of the group has been answered.
+        return finite(self.host.numpy().copy())
 
 
 class StreamLauncher:

@@ -488,3 +488,24 @@ def test_the_pipelined_worker_on_a_cpu_gives_the_models_own_vectors(float32_mode
         s.close()
     assert_close(np.concatenate([r.vectors for r in results]), reference(texts[:9]))
     assert all(f.inputs <= 4 for f in seen.of(Forward))
+
+
+def test_a_pipelined_group_out_of_memory_at_launch_is_split_and_every_input_answered():
+    from bench.simulated_gpu import SimulatedGpu
+
+    class SmallCard(SimulatedGpu):
+        def launch(self, sequences):
+            if len(sequences) > 1:  # as a card too small for more than one input at a time
+                raise torch.cuda.OutOfMemoryError("simulated: out of memory")
+            return super().launch(sequences)
+
+    device = SmallCard(fixed_s=0.0, per_token_s=0.0)
+    s, seen = pipelined(device)
+    try:
+        [result] = embed_jobs(s, [EmbedJob(texts=["alpha beta", "gamma", "delta epsilon zeta"])])
+    finally:
+        s.close()
+        device.close()
+    assert result.error is None and result.vectors.shape == (3, 4)
+    assert [int(v[0]) for v in result.vectors] == [4, 3, 5]  # each input's own vector: length with [CLS]/[SEP]
+    assert s.memory_cap is not None  # the budget was lowered, as after any out-of-memory forward
