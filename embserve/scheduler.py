@@ -3,7 +3,8 @@ forward worker takes the next group from one plan over everything pending (the g
 oldest input), and each request is answered as soon as its own inputs are done.
 
 One lock guards the queue; forward workers are plain threads that take a group, run it, and hand its
-vectors back. Nothing else decides what runs next. A group that runs out of GPU memory is split and run
+vectors back. On a GPU the one worker is pipelined (`_pipeline`): it keeps two groups launched, and plans
+and answers while the card computes. Nothing else decides what runs next. A group that runs out of GPU memory is split and run
 again here, and the budget that plans later groups lowered (`_run`).
 """
 
