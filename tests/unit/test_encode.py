@@ -104,3 +104,11 @@ def test_model_card_lists_dimensions_limit_and_aliases():
         "id": "mini", "object": "model", "created": 123, "owned_by": "embserve", "dimensions": 384,
         "max_input_tokens": 256, "aliases": ["small", "m"],
     }
+
+
+def test_embeddings_body_takes_any_float_rows_and_keeps_their_float32_values():
+    """A strided view and float64 rows: the body holds each value as the float32 it is served as."""
+    wide = np.random.default_rng(3).standard_normal((3, 8))
+    body = json.loads(embeddings_body(wide[:, ::2], "mini", 3, "float"))
+    got = np.asarray([d["embedding"] for d in body["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, wide[:, ::2].astype(np.float32))
