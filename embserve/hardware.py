@@ -212,6 +212,7 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
     import torch
 
     from embserve.model import EmbeddingModel
+    from embserve.rerank import CrossEncoderModel
     from embserve.scheduler import forward_layout
     from embserve.warmup import warm_up, warm_up_shapes
 
@@ -222,7 +223,8 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
         memory = memory_fraction(settings.gpu_memory_fraction, gpu_share)
         enforce_memory_fraction(memory.value)
     threads = choose_threads(settings, device.value, cpu_cores())
-    model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value)
+    loader = CrossEncoderModel if spec.task == "rerank" else EmbeddingModel
+    model = loader(spec, device=device.value, dtype=settings.dtype, threads=threads.value)
     # The replica's threads, split among forwards that run at once from one queue.
     layout = forward_layout(model.device, torch.get_num_threads(), settings.forward_workers)
     warnings = []
