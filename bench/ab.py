@@ -33,7 +33,9 @@ from bench.run import FULL
 from bench import procs
 name, settings, seconds, port = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 corpus = load_or_build(None, 0)
-workloads = {"mixed": Workload("mixed", corpus.mixed(2000, 0)), "queries": Workload("queries", corpus.queries)}
+# The loaded texts come from the checkout that runs bench.ab (argv[5]), so that every arm gets the same ones.
+loaded = json.loads(open(sys.argv[5]).read())
+workloads = {"mixed": Workload("mixed", loaded), "queries": Workload("queries", corpus.queries)}
 mode = FULL.__class__(**{**FULL.__dict__, "duration_s": seconds})
 bench_args = {"mode": mode, "progress": False, "gate": procs.QuietGate(30)}
 out = run_round((Variant(name, env=dict(HAPROXY_THROUGHPUT), settings=settings),), bench_args, workloads, port)
@@ -53,9 +55,11 @@ def checkout_dir(rev: str) -> Path:
     return path
 
 
-def measure(where: Path, name: str, settings: dict[str, Any], seconds: float, port: int) -> dict[str, Any]:
+def measure(where: Path, name: str, settings: dict[str, Any], seconds: float, port: int,
+            texts: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(where), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", _ONE, name, json.dumps(settings), str(seconds), str(port)],
+    done = subprocess.run([sys.executable, "-c", _ONE, name, json.dumps(settings), str(seconds), str(port),
+                           str(texts)],
                           cwd=where, env=env, capture_output=True, text=True, timeout=900)
     line = next((x for x in done.stdout.splitlines() if x.startswith("AB-RESULT ")), None)
     if line is None:
@@ -75,6 +79,9 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "replica_cores": [round(cores(r, "replica"), 3) for r in runs],
         "replica_cpu_ms_per_text": [round(cores(r, "replica") * 1000 / r["c32"]["texts_per_s"], 2) for r in runs],
         "ingress_cores": [round(cores(r, "ingress"), 3) for r in runs],
+        # Every process's CPU per served text, by role: what a request costs around its forward.
+        "cpu_ms_per_text_by_role": [{role: round(c * 1000 / r["c32"]["texts_per_s"], 2) for role, c in
+                                     ((r["c32"].get("cpu") or {}).get("by_role") or {}).items()} for r in runs],
         "other_load": [round((r["c32"].get("cpu") or {}).get("foreign", 0.0), 3) for r in runs],
         "idle_cores": [(r["c32"].get("cpu") or {}).get("idle") for r in runs],
         # Each forward worker's share of the window running / runnable without a CPU / asleep.
@@ -91,7 +98,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", default=[], help='NAME or NAME={settings as JSON}')
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "ab.json")
+    parser.add_argument("--workload", choices=("mixed", "short"), default="mixed",
+                        help="what the 32 clients send: the corpus's queries and passages, or queries of 10-20 "
+                        "tokens and ~50-token passage heads")
     args = parser.parse_args(argv)
+    from bench.corpus import load_or_build
+
+    corpus = load_or_build(None, 0)
+    texts = ROOT / "build" / f"ab-{args.workload}.json"
+    texts.parent.mkdir(parents=True, exist_ok=True)
+    texts.write_text(json.dumps(corpus.short(2000, 0) if args.workload == "short" else corpus.mixed(2000, 0)))
     variants = []
     for spec in args.variant or ["shipped defaults"]:
         name, _, settings = spec.partition("=")
@@ -101,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict[str, Any]]] = {f"{rev}: {name}": [] for rev, name, _ in arms}
     for k in range(args.rounds):
         for rev, name, settings in arms if k % 2 == 0 else arms[::-1]:
-            run = measure(where[rev], name, settings, args.seconds, args.port)
+            run = measure(where[rev], name, settings, args.seconds, args.port, texts)
             results[f"{rev}: {name}"].append(run)
             print(f"round {k + 1} {rev}: {name}: {run['c32']['texts_per_s']:.1f} texts/s, lone query p50 "
                   f"{run['single_query']['latency_ms'].get('p50')} ms", flush=True)

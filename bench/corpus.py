@@ -36,6 +36,7 @@ MODULES = (
 
 QUERY_WORDS = (3, 15)
 PASSAGE_WORDS = (30, 180)
+SHORT_PASSAGE_WORDS = 34  # about 50 tokens of this corpus's prose
 DOCUMENT_WORDS = (260, 600)
 LONG_TOKENS = 256  # documents must be longer than this many tokens (the bundled model's maximum)
 
@@ -111,6 +112,14 @@ class Corpus:
         rng = random.Random(self.seed if seed is None else seed)
         return [rng.choice(self.queries) if rng.random() < query_share else rng.choice(self.passages)
                 for _ in range(n)]
+
+    def short(self, n: int, seed: int | None = None, query_share: float = 0.5) -> list[str]:
+        """Queries and passage heads (their first SHORT_PASSAGE_WORDS words, about 50 tokens), shuffled: the short
+        texts a search service mostly sees, where the cost of a request around its forward shows most."""
+        rng = random.Random(self.seed if seed is None else seed)
+        heads = [" ".join(p.split()[:SHORT_PASSAGE_WORDS]) for p in self.passages]
+        queries = [q for q, tokens in zip(self.queries, self.query_tokens) if 10 <= tokens <= 20]
+        return [rng.choice(queries) if rng.random() < query_share else rng.choice(heads) for _ in range(n)]
 
     def stats(self) -> dict[str, dict[str, float]]:
         out = {}

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=45.0)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--runtime", default="torch", choices=("torch", "openvino", "auto"))
     parser.add_argument("--no-bounds", action="store_true", help="no heap trims, oneDNN's default cache")
     parser.add_argument("--cache-entries", type=int, default=None, help="LRU_CACHE_CAPACITY to set")
     parser.add_argument("--mmap-threshold", type=int, default=None, help="a fixed glibc mmap threshold (bytes)")
@@ -46,7 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.mmap_threshold is not None:
         ctypes.CDLL(None).mallopt(-3, args.mmap_threshold)  # M_MMAP_THRESHOLD
     torch.set_num_threads(1)
-    model = model_module.EmbeddingModel(ModelSpec(name="m"), device="cpu", dtype=args.dtype, threads=1)
+    model = model_module.EmbeddingModel(ModelSpec(name="m"), device="cpu", dtype=args.dtype, threads=2,
+                                        runtime=args.runtime, streams=2)
+    torch.set_num_threads(1)
     if args.no_bounds and model.heap is not None:
         model.heap.trim = None
     tokens = [0, 0]
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         time.sleep(5)
         samples.append(round(rss_mib()))
     bounds = "none" if args.no_bounds else f"heap trims every {model.heap.interval_s:g} s, {os.environ.get('LRU_CACHE_CAPACITY', ONEDNN_CACHE_ENTRIES)} cache entries"
+    print(f"{model.runtime} ({model.runtime_reason})")
     print(f"{sum(tokens) / args.seconds:.0f} tokens/s; bounds: {bounds}; mmap threshold: {args.mmap_threshold or 'glibc dynamic'}")
     print("RSS MiB every 5 s:", samples)
 

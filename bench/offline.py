@@ -58,8 +58,12 @@ class OfflineResult:
 class OfflineModel:
     """The bundled model and its tokenizer, loaded the way a replica loads them."""
 
-    def __init__(self, source: str = "bundled", dtype: str = "auto") -> None:
-        self.model = EmbeddingModel(ModelSpec(name="offline", source=source), device="cpu", dtype=dtype)
+    def __init__(self, source: str = "bundled", dtype: str = "auto", runtime: str = "torch") -> None:
+        # OpenVINO's streams are fixed when it compiles: one per core, as a replica's forward workers.
+        cores = os.cpu_count() or 1
+        self.model = EmbeddingModel(ModelSpec(name="offline", source=source), device="cpu", dtype=dtype,
+                                    runtime=runtime, streams=cores, threads=cores)
+        self.runtime = self.model.runtime
         self.tokenizer = Tokenizer(self.model.tokenizer, self.model.max_length, self.model.vocab_size)
 
     def ids(self, texts: list[str], truncate: bool = True) -> list[list[int]]:

@@ -51,7 +51,12 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
                                "ratio": point["texts_per_s"] / limit})
     by_dtype = {d: full["texts_per_s"] / r["texts_per_s"]
                 for d, r in results["offline"].get("mixed_by_dtype", {}).items() if r["texts_per_s"]}
+    short = configs[FULL_ENGINE].get("short")
+    short_limit = results["offline"].get("short", {}).get("texts_per_s")
     return {
+        "short_texts_per_s": short["texts_per_s"] if short else None,
+        "short_offline_texts_per_s": short_limit,
+        "short_ratio": short["texts_per_s"] / short_limit if short and short_limit else None,
         "alternates": alternates,
         "ratio_by_dtype": by_dtype, "served_dtype": results["offline"].get("served_dtype"),
         "concurrency": full["concurrency"],
@@ -108,6 +113,24 @@ def _cpu_table(results: dict[str, Any]) -> list[str]:
         per_text = cpu["ours"] * 1000 / p["texts_per_s"] if p["texts_per_s"] else None
         rows.append(f"| {name} | " + " | ".join(_fmt(cpu["by_role"].get(r, 0.0), ".2f") for r in roles)
                     + f" | {cpu['ours']:.2f} | {cpu['foreign']:.2f} | {p['texts_per_s']:.1f} | {_fmt(per_text)} |")
+    return rows
+
+
+def cpu_per_request_table(points: dict[str, dict[str, Any]]) -> list[str]:
+    """CPU milliseconds each process spent per served text (one text per request), by process: what a request
+    costs around its forward, and how much of the replica's share is the forward itself."""
+    roles = ("load generator", "proxy", "ingress", "replica", "metrics actor", "controller", "raylet", "gcs",
+             "other ray")
+    rows = ["| point | texts/s | " + " | ".join(roles) + " | all but the replica | all ours |",
+            "|---|" + "---:|" * (len(roles) + 3)]
+    for name, p in points.items():
+        cpu = p.get("cpu")
+        if not cpu or not p["texts_per_s"]:
+            continue
+        ms = {r: cpu["by_role"].get(r, 0.0) * 1000 / p["texts_per_s"] for r in roles}
+        outside = cpu["ours"] * 1000 / p["texts_per_s"] - ms["replica"]
+        rows.append(f"| {name} | {p['texts_per_s']:.1f} | " + " | ".join(f"{ms[r]:.2f}" for r in roles)
+                    + f" | {outside:.2f} | {cpu['ours'] * 1000 / p['texts_per_s']:.2f} |")
     return rows
 
 
@@ -327,6 +350,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
           *([f"| the same (replicas in {h['served_dtype']}) ÷ the offline limit in each dtype | "
              + ", ".join(f"{r:.2f}× {d}" for d, r in h["ratio_by_dtype"].items()) + " | – | – |"]
             if h["ratio_by_dtype"] else []),
+          *([f"| short texts (queries of 10–20 tokens, ~50-token passage heads), {h['concurrency']} clients ÷ "
+             f"the offline limit on them | {h['short_ratio']:.2f}× ({h['short_texts_per_s']:.1f} ÷ "
+             f"{h['short_offline_texts_per_s']:.1f} texts/s) | – | – |"] if h.get("short_ratio") else []),
           f"| batching gain at {h['concurrency']} clients: full engine ÷ batching off | {_fmt(h['gain_vs_off'], '.2f')}× | > 1× "
           f"| {_yes(None if h['gain_vs_off'] is None else h['gain_vs_off'] > 1)} |",
           f"| batching gain: full engine ÷ one input per batch (max_batch_size=1) | {_fmt(h['gain_vs_per_request'], '.2f')}× "
@@ -424,6 +450,13 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
           "Cores used by each process of this benchmark during the 32-client window (from /proc; 2.00 = both "
           "cores busy for the whole window):", ""]
     L += _cpu_table(results)
+    full = results["configs"][FULL_ENGINE]
+    per_request = {f"{FULL_ENGINE}, mixed, {HEADLINE_C} clients": _at(full["points"], HEADLINE_C) or {},
+                   **({f"{FULL_ENGINE}, short texts, {HEADLINE_C} clients": full["short"]} if full.get("short") else {})}
+    L += ["", "### CPU per request by process", "",
+          "CPU milliseconds per served text (one text per request) of each process, from /proc over the window. "
+          "*All but the replica* is what a request costs around its forward: HTTP, the proxy, the handle call, "
+          "metrics, Ray's own processes and the load generator.", ""] + cpu_per_request_table(per_request)
     L.append("")
     if results.get("profile"):
         L += _profile_section(results["profile"])

@@ -206,20 +206,31 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
     # The replicas run `dtype: auto`; the limit is measured in both dtypes, and the served default's is the
     # one every ratio below is to (the others are set against both in the report).
     served = choose_dtype("auto", "cpu")
-    models = {d: OfflineModel(dtype=d) for d in DTYPES}
-    model = models[served.name]
+    models = offline_arms(served.autocast)
+    served_label = next(label for label, m in models.items()
+                        if m.model.info.dtype == served.name and m.runtime == served_runtime())
+    model = models[served_label]
     threads = tuple(sorted({1, os.cpu_count() or 1}))
     # One forward at a time on 1 or all threads, and one single-thread forward per core at once (what a
     # replica's forward_workers do): the limit is the best of them.
     layouts = tuple(sorted({(t, 1) for t in threads} | {(1, max(threads))}))
     limits = best_by_dtype(models, mixed[: mode.offline_texts], mode.offline_batch_sizes, layouts, mode.offline_rounds)
-    best, tried = limits[served.name]
+    best, tried = limits[served_label]
     out: dict[str, Any] = {"mixed": best.to_dict(), "mixed_tried": [r.to_dict() for r in tried],
-                           "served_dtype": served.name, "served_dtype_reason": served.reason,
+                           "served_dtype": served_label, "served_dtype_reason": served.reason,
                            "mixed_by_dtype": {d: b.to_dict() for d, (b, _) in limits.items()}}
     for d, (b, _) in limits.items():
-        print(f"  mixed, {d}{' (served default)' if d == served.name else ''}: {b.texts_per_s:.1f} texts/s, "
+        print(f"  mixed, {d}{' (served default)' if d == served_label else ''}: {b.texts_per_s:.1f} texts/s, "
               f"{b.tokens_per_s:.0f} tokens/s (batch {b.batch_size}, {b.streams} x {b.threads} threads)", flush=True)
+    # The short-text mix (queries of 10-20 tokens, ~50-token passage heads): where a request's cost around
+    # its forward shows most.
+    short = best_by_dtype(models, corpus.short(mode.offline_texts, 0), mode.offline_batch_sizes, layouts,
+                          mode.offline_rounds)
+    out["short"] = short[served_label][0].to_dict()
+    out["short_by_dtype"] = {d: b.to_dict() for d, (b, _) in short.items()}
+    for d, (b, _) in short.items():
+        print(f"  short, {d}{' (served default)' if d == served_label else ''}: {b.texts_per_s:.1f} texts/s",
+              flush=True)
     if mode.extras:
         docs, _ = model.best(corpus.documents[:48], (8, 32), ((best.threads, best.streams),))
         out["documents"] = docs.to_dict()
@@ -245,6 +256,25 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
     return out
 
 
+def served_runtime() -> str:
+    """The runtime `runtime: auto` gives a CPU replica here (embserve.openvino_runtime.choose_runtime)."""
+    from embserve.openvino_runtime import choose_runtime, openvino_installed
+
+    return choose_runtime("auto", "cpu", True, openvino_installed())[0]
+
+
+def offline_arms(native_bf16: bool) -> dict[str, OfflineModel]:
+    """The offline limit's models: torch in float32 and bf16, OpenVINO in float32, and OpenVINO in bf16 where
+    the CPU multiplies bf16 natively (elsewhere OpenVINO emulates it at a tenth of float32's speed, which
+    no replica runs: `dtype: auto` is float32 there)."""
+    arms = {f"torch {d}": OfflineModel(dtype=d, runtime="torch") for d in DTYPES}
+    if served_runtime() == "openvino":
+        for d in DTYPES:
+            if d == "float32" or native_bf16:
+                arms[f"openvino {d}"] = OfflineModel(dtype=d, runtime="openvino")
+    return arms
+
+
 def run_served(base_url: str, corpus: Corpus, mixed: list[str], mode: Mode, offline: dict[str, Any],
                progress: bool, profile_dir: Path, gate: procs.QuietGate) -> dict[str, Any]:
     bench = Bench(base_url, mode, progress, gate)
@@ -266,6 +296,11 @@ def run_served(base_url: str, corpus: Corpus, mixed: list[str], mode: Mode, offl
         lone = bench.point(queries, concurrency=1, label=f"{name} queries c=1")
         print(describe_point(name, lone, None), flush=True)
         out["configs"][name] = {"settings": overrides, "points": points, "single_query": lone}
+        if name == FULL_ENGINE:  # the short-text headline: 32 clients of queries and passage heads
+            short = bench.point(Workload("short", corpus.short(2000, 0)), concurrency=HEADLINE_CONCURRENCY,
+                                label=f"{name} short c={HEADLINE_CONCURRENCY}")
+            print(describe_point(name, short, offline.get("short", {}).get("texts_per_s")), flush=True)
+            out["configs"][name]["short"] = short
         if name == FULL_ENGINE and mode.extras:
             out["extras"] = run_extras(bench, corpus, mixed, points, limit, offline)
 

@@ -154,7 +154,9 @@ class ShardEmbedder:
         from embserve.model import EmbeddingModel
 
         device = choose_device(settings, torch.cuda.is_available(), assigned_gpus()).value
-        self.model = EmbeddingModel(spec, device=device, dtype=settings.dtype, threads=threads)
+        # One forward at a time per actor: one OpenVINO stream on all of the actor's threads.
+        self.model = EmbeddingModel(spec, device=device, dtype=settings.dtype, threads=threads, runtime=settings.runtime,
+                                    streams=1, cache_dir=settings.openvino_cache_dir)
         self.tokenizer = self.model.request_tokenizer()
         gpu = gpu_limits(self.model, settings.gpu_memory_fraction, 1) if device == "cuda" else None
         _, budget = choose_batch_sizes(settings, gpu)
@@ -183,7 +185,8 @@ class ShardEmbedder:
         rows = read_shard(self.in_fs, shard, self.column, self.id_column, self.settings.max_input_chars)
         report = ShardReport(index=shard.index, rows=len(rows.texts), pid=os.getpid())
         schema = pa.schema([(self.id_column or "id", rows.ids.type), ("embedding", pa.list_(pa.float32(), self.dim))],
-                           metadata={"embserve.model": self.model.info.name, "embserve.dtype": self.model.info.dtype})
+                           metadata={"embserve.model": self.model.info.name, "embserve.dtype": self.model.info.dtype,
+                                     "embserve.runtime": self.model.runtime})
         todo = [k for k, text in enumerate(rows.texts) if text is not None]
         tmp = tmp_path(self.out, shard.part)
         with pq.ParquetWriter(tmp, schema, filesystem=self.out_fs) as writer:

@@ -157,9 +157,11 @@ class Profile:
 
 def replica_profile(settings: Settings, *, device: Choice, dtype: Choice, threads: Choice, layout: "ForwardLayout",
                     batch_size: Choice, batch_tokens: Choice, attention: Choice | None = None,
-                    memory: Choice | None = None) -> Profile:
+                    memory: Choice | None = None, runtime: Choice | None = None) -> Profile:
     profile = Profile()
     profile.set("device", device.value, device.source)
+    if runtime is not None:
+        profile.set("runtime", runtime.value, runtime.source)
     profile.set("dtype", dtype.value, dtype.source)
     if attention is not None:
         profile.set("attention", attention.value, attention.source)
@@ -223,9 +225,14 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
         memory = memory_fraction(settings.gpu_memory_fraction, gpu_share)
         enforce_memory_fraction(memory.value)
     threads = choose_threads(settings, device.value, cpu_cores())
-    loader = CrossEncoderModel if spec.task == "rerank" else EmbeddingModel
-    model = loader(spec, device=device.value, dtype=settings.dtype, threads=threads.value)
-    # The replica's threads, split among forwards that run at once from one queue.
+    # The replica's threads, split among forwards that run at once from one queue (OpenVINO's streams too).
+    planned = forward_layout(device.value, threads.value or torch.get_num_threads(), settings.forward_workers)
+    if spec.task == "rerank":
+        model = CrossEncoderModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value,
+                                  runtime=settings.runtime)
+    else:
+        model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value,
+                               runtime=settings.runtime, streams=planned.workers, cache_dir=settings.openvino_cache_dir)
     layout = forward_layout(model.device, torch.get_num_threads(), settings.forward_workers)
     warnings = []
     if layout.threads != torch.get_num_threads():
@@ -237,8 +244,11 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
     batch_size, batch_tokens = choose_batch_sizes(settings, gpu)
     dtype = Choice(model.info.dtype, model.dtype_reason)
     attention = Choice(model.attention, model.attention_reason)
+    runtime = Choice(model.runtime, source(settings, "runtime", model.runtime_reason) if model.runtime_reason == "set"
+                     else model.runtime_reason)
     profile = replica_profile(settings, device=device, dtype=dtype, threads=threads, layout=layout,
-                              batch_size=batch_size, batch_tokens=batch_tokens, attention=attention, memory=memory)
+                              batch_size=batch_size, batch_tokens=batch_tokens, attention=attention, memory=memory,
+                              runtime=runtime)
     warnings += [f"setting {name}={getattr(settings, name)!r} from {settings.source_of(name)} shadows {what}"
                  for name, what in settings.shadowed().items()]
     warmed = warm_up(model, warm_up_shapes(batch_tokens.value, batch_size.value, model.max_length, model.device))

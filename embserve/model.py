@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -202,8 +204,14 @@ class EmbeddingModel:
     """A transformer encoder with its pooling; `forward` embeds one padded group of token-id lists."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, runtime: str = "torch", streams: int = 1,
+                 cache_dir: str | None = None) -> None:
+        """`runtime`: the setting (auto, torch, openvino), resolved here once the device and dtype are known;
+        `streams`: forwards that may run at once (the replica's forward workers), for OpenVINO's streams;
+        `cache_dir`: where converted OpenVINO models are kept (None: ~/.cache/embserve/openvino; '': nowhere)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        from embserve import openvino_runtime
 
         if threads is not None:
             torch.set_num_threads(threads)  # per process: this replica's forwards
@@ -228,11 +236,32 @@ class EmbeddingModel:
         self.tokenizer = AutoTokenizer.from_pretrained(self.source, **pinned)
         attention, self.attention_reason = attention_choice(self.device, self.dtype, flash_attn_installed())
         extra = {"attn_implementation": attention} if attention else {}
-        self.model = AutoModel.from_pretrained(self.source, dtype=self.dtype, **device_map_loading(self.device),
-                                               **extra, **pinned).to(self.device).eval()
-        # What transformers settled on (it falls back to eager where a model has no sdpa).
-        self.attention = str(getattr(self.model.config, "_attn_implementation", None) or "eager")
-        log.info("attention: %s (%s)", self.attention, self.attention_reason)
+
+        def load_transformer() -> torch.nn.Module:
+            return AutoModel.from_pretrained(self.source, dtype=self.dtype, **device_map_loading(self.device),
+                                             **extra, **pinned).to(self.device).eval()
+
+        # Before the model: where OpenVINO runs it from the cache, the torch weights are never loaded.
+        self.runtime, self.runtime_reason = openvino_runtime.choose_runtime(
+            runtime, self.device, self.dtype == torch.float32,
+            openvino_runtime.openvino_installed())
+        # The torch module: None where OpenVINO runs the forwards (its converted copy holds the weights).
+        self.model: torch.nn.Module | None = None
+        self.encoder: openvino_runtime.OpenVinoEncoder | None = None
+        if self.runtime == "openvino":
+            self._start_openvino(spec, load_transformer, cache_dir, streams, threads or torch.get_num_threads(),
+                                 example=lambda: openvino_runtime.example_inputs(
+                                     int(getattr(config, "vocab_size", None) or len(self.tokenizer)),
+                                     self.tokenizer.pad_token_id or 0))
+        if self.model is None and self.encoder is None:
+            self.model = load_transformer()
+        if self.encoder is not None:
+            self.attention, self.attention_reason = "openvino", "OpenVINO's own kernels"
+        else:
+            # What transformers settled on (it falls back to eager where a model has no sdpa).
+            self.attention = str(getattr(self.model.config, "_attn_implementation", None) or "eager")
+        log.info("runtime: %s (%s); attention: %s (%s)", self.runtime, self.runtime_reason, self.attention,
+                 self.attention_reason)
         self.pooling = spec.pooling if spec.pooling != "auto" else (self.pipeline.pooling or "mean")
         self.prompts: Prompts = self.pipeline.prompts
         position_limit = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
@@ -258,6 +287,35 @@ class EmbeddingModel:
             default_prompt_name=self.prompts.default_name,
         )
 
+    def _start_openvino(self, spec: ModelSpec, load_transformer: Callable[[], torch.nn.Module],
+                        cache_dir: str | None, streams: int, threads: int,
+                        example: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """The OpenVINO encoder, from the cache or converted now; where that fails, torch runs the model and the
+        reason is kept in the profile: a model that does not convert is served all the same."""
+        from embserve import openvino_runtime as ovr
+
+        def convert_now() -> object:
+            self.model = load_transformer()
+            return ovr.convert(self.model, example())
+
+        entry = None
+        if cache_dir != "":
+            versions = {"openvino": ovr.openvino_version(), "torch": torch.__version__,
+                        "transformers": ovr.transformers_version()}
+            entry = Path(cache_dir or ovr.default_cache_dir()) / ovr.cache_key(self.source, spec.revision, versions)
+        precision = ovr.precision_hint(self.autocast)
+        try:
+            converted, loaded = ovr.load_model(entry, convert_now)
+            self.encoder = ovr.OpenVinoEncoder(converted, precision, streams, threads)
+        except Exception as exc:  # noqa: BLE001 - any failure to convert or compile keeps the model on torch
+            log.warning("OpenVINO could not run %s (%s: %s); the model runs on torch", spec.name,
+                        type(exc).__name__, exc)
+            self.runtime = "torch"
+            self.runtime_reason = f"OpenVINO failed ({type(exc).__name__}: {str(exc)[:200]}), torch instead"
+            return
+        self.model = None  # the compiled model holds the weights now
+        self.runtime_reason += f"; {loaded.how}, {self.encoder.precision} precision, {self.encoder.streams} streams"
+
     def request_tokenizer(self) -> Tokenizer:
         """A tokenizer for this model's inputs: its length limit, vocabulary, prompts and lowercasing."""
         return Tokenizer(self.tokenizer, self.max_length, self.vocab_size, prompts=self.prompts,
@@ -275,14 +333,10 @@ class EmbeddingModel:
     @torch.inference_mode()
     def _embed(self, sequences: list[list[int]]) -> np.ndarray:
         ids, mask = padded_inputs(sequences, self.pad_id)
-        uniform = bool(mask.all())
-        ids = to_device(ids, self.device)
-        # A group of equal lengths needs no mask: attention runs unmasked (sdpa and FlashAttention take
-        # their fastest path), which is what a mask of ones means. Pooling still gets that mask of ones.
-        mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device) if uniform else to_device(mask, self.device)
-        # Autocast is per thread, so it is entered here, on whichever forward worker runs this group.
-        with torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
-            hidden = self.model(input_ids=ids, attention_mask=None if uniform else mask).last_hidden_state
+        if self.encoder is not None:
+            hidden = torch.from_numpy(self.encoder.hidden(ids.numpy(), mask.numpy()))
+        else:
+            hidden, mask = self._torch_hidden(ids, mask)
         pooled = pool(hidden.float(), mask, self.pooling)  # pooling, Dense and normalization in float32
         pooled = self.dense(pooled)
         if self.normalize:
@@ -293,6 +347,19 @@ class EmbeddingModel:
             raise NonFiniteOutput(NonFiniteOutput.HINT.format(what=f"{bad.size} of {len(sequences)} inputs"),
                                   rows=tuple(int(r) for r in bad), vectors=vectors)
         return vectors
+
+
+    def _torch_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last hidden state by torch, and the mask on the device for pooling."""
+        uniform = bool(mask.all())
+        ids = to_device(ids, self.device)
+        # A group of equal lengths needs no mask: attention runs unmasked (sdpa and FlashAttention take
+        # their fastest path), which is what a mask of ones means. Pooling still gets that mask of ones.
+        mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device) if uniform else to_device(mask, self.device)
+        # Autocast is per thread, so it is entered here, on whichever forward worker runs this group.
+        with torch.autocast("cpu", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext():
+            hidden = self.model(input_ids=ids, attention_mask=None if uniform else mask).last_hidden_state
+        return hidden, mask
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -232,7 +232,8 @@ class PairTokenizer:
 class CrossEncoderModel:
     """A *ForSequenceClassification cross-encoder; `forward` scores one padded group of pairs (its logits)."""
 
-    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", threads: int | None = None,
+                 runtime: str = "torch") -> None:
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -260,6 +261,9 @@ class CrossEncoderModel:
         self.model = AutoModelForSequenceClassification.from_pretrained(
             self.source, dtype=self.dtype, **device_map_loading(self.device), **extra, **pinned).to(self.device).eval()
         self.attention = str(getattr(self.model.config, "_attn_implementation", None) or "eager")
+        # OpenVINO (the runtime setting) is embserve's for embedding models; a cross-encoder runs on torch.
+        self.runtime = "torch"
+        self.runtime_reason = ("torch: cross-encoders run on torch only" if runtime != "torch" else "set")
         # As sentence-transformers' Transformer: the tokenizer's model_max_length, capped at the position limit.
         position_limit = getattr(config, "max_position_embeddings", None)
         st_limit = int(self.tokenizer.model_max_length)

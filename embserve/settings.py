@@ -244,6 +244,12 @@ class Settings(BaseSettings):
         "torch_threads are split among them. None: one per thread on a CPU, one on a GPU.")
     gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="Peak share of the card the "
                                        "token budget is sized for.")
+    runtime: Literal["auto", "torch", "openvino"] = Field(
+        "auto", description="What runs a replica's forwards. auto: OpenVINO on a CPU where it is installed "
+        "and the model converts, torch otherwise (and on a GPU).")
+    openvino_cache_dir: str | None = Field(
+        None, description="Where models converted for OpenVINO are kept, so that a restart skips the "
+        "conversion. None: ~/.cache/embserve/openvino ($XDG_CACHE_HOME); '': no cache.")
 
     # Batching (the replica's user_config can change these at run time). Defaults: BatchingConfig's.
     max_batch_size: int | None = Field(

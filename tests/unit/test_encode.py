@@ -108,3 +108,11 @@ def test_model_card_lists_task_dimensions_limit_and_aliases():
                          device="cpu", dtype="float32", task="rerank", activation="sigmoid")
     assert model_card(reranker, created=1)["task"] == "rerank"
     assert model_card(reranker, created=1)["dimensions"] is None  # a score, not a vector
+
+
+def test_embeddings_body_takes_any_float_rows_and_keeps_their_float32_values():
+    """A strided view and float64 rows: the body holds each value as the float32 it is served as."""
+    wide = np.random.default_rng(3).standard_normal((3, 8))
+    body = json.loads(embeddings_body(wide[:, ::2], "mini", 3, "float"))
+    got = np.asarray([d["embedding"] for d in body["data"]], dtype=np.float32)
+    np.testing.assert_array_equal(got, wide[:, ::2].astype(np.float32))
