@@ -45,9 +45,13 @@ class SimulatedGpu:
 
         from embserve.model import resolve_source
 
+        from embserve.pipeline import ModelInfo
+
         self.fixed_s, self.per_token_s, self.gate = fixed_s, per_token_s, gate
         self.max_length = max_length
         self._hf = AutoTokenizer.from_pretrained(resolve_source("bundled"))
+        self.info = ModelInfo(name="simulated", aliases=(), dimensions=4, max_length=max_length,
+                              vocab_size=len(self._hf), pooling="none", device=self.device, dtype="float32")
         self._device = ThreadPoolExecutor(1, thread_name_prefix="simulated-gpu")
         self._lock = threading.Lock()
         self.launches: list[tuple[float, int]] = []  # (when, inputs), in launch order

@@ -1,4 +1,5 @@
-"""The embedding replica: owns one model and its scheduler; @serve.batch admits requests into it."""
+"""The model replica (an embedding model, or a reranker's cross-encoder): owns one model and its scheduler;
+@serve.batch admits requests into it."""
 
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ class Embedder:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in jobs]
         replies = [lambda result, f=f: loop.call_soon_threadsafe(_settle, f, result) for f in futures]
-        if sum(len(t) for job in jobs for t in job.texts or ()) > INLINE_CHARS:
+        if sum(job.chars for job in jobs) > INLINE_CHARS:
             await asyncio.to_thread(self.scheduler.admit, jobs, replies)
         else:
             self.scheduler.admit(jobs, replies)

@@ -1,4 +1,4 @@
-"""The FastAPI ingress: validates and normalizes requests, routes by `model`, maps every error once."""
+"""The FastAPI ingress: validates and normalizes requests, routes by `model` and its task, maps every error once."""
 
 
 import asyncio
@@ -24,10 +24,12 @@ from embserve.scheduler import EmbedJob, EmbedResult
 from embserve.encode import apply_dimensions
 from embserve.errors import (EmbservError, InvalidRequest, ModelNotFound, Overloaded, PayloadTooLarge,
                              RequestTimeout, Unauthorized, Unavailable)
-from embserve.inputs import Limits, check_prompt_name, normalize_input
+from embserve.inputs import Limits, check_prompt_name, check_rerank_input, normalize_input
 from embserve.pipeline import ModelInfo
-from embserve.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList
-from embserve.responses import embeddings_body, model_card
+from embserve.protocol import (EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest,
+                               RerankResponse, TEIRank, TEIRerankRequest)
+from embserve.rerank import RerankJob, activate
+from embserve.responses import embeddings_body, model_card, rerank_body, tei_rerank_body
 from embserve.settings import Settings
 from embserve.stats import IngressReporter
 from deployments import serve_env
@@ -39,7 +41,10 @@ ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"m
           413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
 
 app = FastAPI(title="embserve", version="0.1.0",
-              description="OpenAI-compatible text embeddings on Ray Serve.")
+              description="OpenAI-compatible text embeddings, and cross-encoder reranking, on Ray Serve.")
+# The routes that serve a model: Accounting checks their key and body size and counts them.
+SERVING_PATHS = frozenset({"/v1/embeddings", "/v1/rerank", "/v2/rerank", "/rerank"})
+ROUTE_OF_TASK = {"embed": "POST /v1/embeddings", "rerank": "POST /v1/rerank (or TEI's POST /rerank)"}
 
 
 def error_response(err: EmbservError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -100,7 +105,7 @@ class Accounting:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/embeddings":
+        if scope["type"] != "http" or scope["path"] not in SERVING_PATHS:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         owner = scope["app"].state
@@ -132,6 +137,15 @@ class Accounting:
         finally:
             kind = state.get("error_kind") if status >= 400 else None
             owner.reporter.record_request(status, time.perf_counter() - started, kind)
+
+
+def timing_headers(result: EmbedResult) -> dict[str, str]:
+    return {
+        "x-embserve-queue-ms": f"{result.queue_s * 1000:.2f}",
+        "x-embserve-tokenize-ms": f"{result.tokenize_s * 1000:.2f}",
+        "x-embserve-inference-ms": f"{result.forward_s * 1000:.2f}",
+        "x-embserve-prompt-tokens": str(result.prompt_tokens),
+    }
 
 
 async def _read_limited(headers: Headers, receive: Receive, limit: int) -> tuple[bytes, EmbservError | None]:
@@ -210,9 +224,10 @@ KEYED = [Depends(require_key)]
 class ModelRoute:
     """One model's replicas, as the ingress calls them."""
 
-    def __init__(self, name: str, handle: DeploymentHandle) -> None:
+    def __init__(self, name: str, handle: DeploymentHandle, task: str = "embed") -> None:
         self.name = name
         self.handle = handle
+        self.task = task
         self.info: ModelInfo | None = None
 
     async def model_info(self) -> ModelInfo:
@@ -235,7 +250,7 @@ class Ingress:
         self.routes: dict[str, ModelRoute] = {}
         self.models: list[ModelRoute] = []
         for spec, handle in zip(settings.model_specs(), embedders):
-            route = ModelRoute(spec.name, handle)
+            route = ModelRoute(spec.name, handle, spec.task)
             self.models.append(route)
             for name in (spec.name, *spec.aliases):
                 self.routes[name] = route
@@ -252,19 +267,33 @@ class Ingress:
         self.shipper.start()
         serve_env.flush_warnings_at_once()
 
-    def _route(self, model: str) -> ModelRoute:
+    def _route(self, model: str, task: str | None = None) -> ModelRoute:
+        """The model's route; a model of another task than the route's `task` is a 400 saying where it is served."""
         route = self.routes.get(model)
         if route is None:
             raise ModelNotFound(f"the model '{model}' does not exist; GET /v1/models lists the served models",
                                 param="model")
+        if task is not None and route.task != task:
+            raise InvalidRequest(f"the model '{model}' is a {route.task} model, served at {ROUTE_OF_TASK[route.task]}; "
+                                 f"this route serves {task} models", param="model", code="wrong_model_task")
         return route
+
+    def _only_reranker(self) -> ModelRoute:
+        """TEI's /rerank names no model: the one rerank model served, if there is exactly one."""
+        rerankers = [r for r in self.models if r.task == "rerank"]
+        if len(rerankers) != 1:
+            raise (ModelNotFound("no rerank model is served; GET /v1/models lists the served models", param="model")
+                   if not rerankers else
+                   InvalidRequest("several rerank models are served (" + ", ".join(r.name for r in rerankers)
+                                  + "): name one in 'model'", param="model"))
+        return rerankers[0]
 
     # The key is checked in Accounting, before the body is read; the route only declares the scheme, in
     # its OpenAPI description, and adds no dependency to the hot path.
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS,
               openapi_extra={"security": [{bearer.scheme_name: []}]})
     async def embeddings(self, body: EmbeddingRequest) -> Response:
-        route = self._route(body.model)
+        route = self._route(body.model, "embed")
         normalized = normalize_input(body, self.limits)
         info = await route.model_info()
         if body.dimensions is not None and not 1 <= body.dimensions <= info.dimensions:
@@ -279,13 +308,42 @@ class Ingress:
             raise result.error
         vectors = apply_dimensions(result.vectors, body.dimensions)
         content = embeddings_body(vectors, route.name, result.prompt_tokens, body.encoding_format)
-        headers = {
-            "x-embserve-queue-ms": f"{result.queue_s * 1000:.2f}",
-            "x-embserve-tokenize-ms": f"{result.tokenize_s * 1000:.2f}",
-            "x-embserve-inference-ms": f"{result.forward_s * 1000:.2f}",
-            "x-embserve-prompt-tokens": str(result.prompt_tokens),
-        }
-        return Response(content=content, media_type="application/json", headers=headers)
+        return Response(content=content, media_type="application/json", headers=timing_headers(result))
+
+    @app.post("/v1/rerank", response_model=RerankResponse, responses=ERRORS,
+              openapi_extra={"security": [{bearer.scheme_name: []}]})
+    @app.post("/v2/rerank", response_model=RerankResponse, responses=ERRORS, include_in_schema=False)
+    async def rerank(self, body: RerankRequest) -> Response:
+        """Cohere's (v1 and v2), Jina's and vLLM's rerank: results sorted by relevance_score, highest first."""
+        route = self._route(body.model, "rerank")
+        if body.top_n is not None and body.top_n < 1:
+            raise InvalidRequest(f"top_n must be at least 1, got {body.top_n}", param="top_n")
+        result, info = await self._rerank(route, body.query, body.documents, body.truncate, "documents")
+        scores = activate(result.vectors, info.activation or "identity")
+        content = rerank_body(scores, body.documents, route.name, result.prompt_tokens, body.top_n,
+                              body.return_documents)
+        return Response(content=content, media_type="application/json", headers=timing_headers(result))
+
+    @app.post("/rerank", response_model=list[TEIRank], responses=ERRORS,
+              openapi_extra={"security": [{bearer.scheme_name: []}]})
+    async def tei_rerank(self, body: TEIRerankRequest) -> Response:
+        """text-embeddings-inference's rerank: `raw_scores` gives the logits, without the model's activation."""
+        route = self._route(body.model, "rerank") if body.model is not None else self._only_reranker()
+        result, info = await self._rerank(route, body.query, body.texts, body.truncate, "texts")
+        scores = result.vectors if body.raw_scores else activate(result.vectors, info.activation or "identity")
+        content = tei_rerank_body(scores, body.texts, body.return_text)
+        return Response(content=content, media_type="application/json", headers=timing_headers(result))
+
+    async def _rerank(self, route: ModelRoute, query: str, documents: list[str], truncate: bool | None,
+                      field: str) -> tuple[EmbedResult, ModelInfo]:
+        """Each (query, document) pair's logit, from the reranker's replicas, with the model's card."""
+        check_rerank_input(query, documents, self.limits, field)
+        info = await route.model_info()
+        job = RerankJob(query, list(documents), self.settings.truncate if truncate is None else truncate, field)
+        result = await self._call(route, job)
+        if result.error is not None:
+            raise result.error
+        return result, info
 
     async def _call(self, route: ModelRoute, job: EmbedJob) -> Any:
         """One call to the model's replicas; a replica that dies under it gets one retry elsewhere."""

@@ -60,11 +60,13 @@ def pick_spec(settings: Settings, model: str | None = None) -> ModelSpec:
     """The model to embed with: the settings' first model, the one named (or aliased) `model`, or else
     `model` read as a source (a folder or hub id), named after its last path part."""
     specs = settings.model_specs()
-    if model is None:
-        return specs[0]
-    for spec in specs:
-        if model == spec.name or model in spec.aliases:
-            return spec
+    found = specs[0] if model is None else next(
+        (s for s in specs if model == s.name or model in s.aliases), None)
+    if found is not None and found.task != "embed":
+        raise BulkInputError(f"model {found.name!r} is a {found.task} model: embserve embed runs embedding "
+                             "models only (bulk reranking is not supported)")
+    if found is not None:
+        return found
     return ModelSpec(name=posixpath.basename(model.rstrip("/")) or model, source=model)
 
 

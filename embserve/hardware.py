@@ -249,6 +249,7 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
     import torch
 
     from embserve.model import EmbeddingModel
+    from embserve.rerank import CrossEncoderModel
     from embserve.scheduler import forward_layout
     from embserve.warmup import warm_up, warm_up_shapes
 
@@ -261,9 +262,13 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
     threads = choose_threads(settings, device.value, cpu_cores())
     # The replica's threads, split among forwards that run at once from one queue (OpenVINO's streams too).
     planned = forward_layout(device.value, threads.value or torch.get_num_threads(), settings.forward_workers)
-    model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value,
-                           runtime=settings.runtime, streams=planned.workers, cache_dir=settings.openvino_cache_dir,
-                           allow_tf32=settings.allow_tf32)
+    if spec.task == "rerank":
+        model = CrossEncoderModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value,
+                                  runtime=settings.runtime)
+    else:
+        model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value,
+                               runtime=settings.runtime, streams=planned.workers,
+                               cache_dir=settings.openvino_cache_dir, allow_tf32=settings.allow_tf32)
     layout = forward_layout(model.device, torch.get_num_threads(), settings.forward_workers)
     warnings = []
     if layout.threads != torch.get_num_threads():

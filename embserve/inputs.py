@@ -58,19 +58,36 @@ def check_prompt_name(name: str | None, available: tuple[str, ...] | list[str]) 
     raise InvalidRequest(message, param="prompt_name", code="unknown_prompt_name")
 
 
-def check_text(text: str, index: int, max_chars: int) -> None:
+def check_rerank_input(query: str, documents: list[str], limits: Limits, field: str = "documents") -> None:
+    """A rerank request's query and documents (`field` names them as the route does: `documents`, or TEI's
+    `texts`): every check that can happen before tokenization, in the embeddings' terms."""
+    check_text(query, None, limits.max_chars, field="query")
+    if not documents:
+        raise InvalidRequest(f"'{field}' is empty: there is nothing to rerank", param=field, code="empty_input")
+    if len(documents) > limits.max_inputs:
+        raise PayloadTooLarge(
+            f"{len(documents)} {field} in one request; the most this server accepts is {limits.max_inputs}",
+            param=field, code="too_many_inputs",
+        )
+    for i, text in enumerate(documents):
+        check_text(text, i, limits.max_chars, field=field)
+
+
+def check_text(text: str, index: int | None, max_chars: int, field: str = "input") -> None:
+    """One text's checks; `field` and `index` name it in the message (`input[3]`, or `query` alone)."""
+    name = field if index is None else f"{field}[{index}]"
     if not text.strip():
-        raise InvalidRequest(f"input[{index}] is empty or only whitespace", param="input", code="empty_input")
+        raise InvalidRequest(f"{name} is empty or only whitespace", param=field, code="empty_input")
     if len(text) > max_chars:
         raise InvalidRequest(
-            f"input[{index}] has {len(text)} characters; the most this server accepts is {max_chars}",
-            param="input", code="input_too_large",
+            f"{name} has {len(text)} characters; the most this server accepts is {max_chars}",
+            param=field, code="input_too_large",
         )
     if "\x00" in text:
-        raise InvalidRequest(f"input[{index}] contains a NUL character", param="input", code="invalid_text")
+        raise InvalidRequest(f"{name} contains a NUL character", param=field, code="invalid_text")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequest(
-            f"input[{index}] is not valid Unicode (a lone surrogate)", param="input", code="invalid_text"
+            f"{name} is not valid Unicode (a lone surrogate)", param=field, code="invalid_text"
         ) from None

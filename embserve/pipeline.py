@@ -249,3 +249,5 @@ class ModelInfo:
     dtype: str
     prompts: tuple[str, ...] = ()  # the names a request's prompt_name may take
     default_prompt_name: str | None = None
+    task: str = "embed"  # "rerank": a cross-encoder (embserve/rerank.py), served at /v1/rerank
+    activation: str | None = None  # a cross-encoder's activation on its logit (embserve.rerank.ACTIVATIONS)

@@ -42,7 +42,9 @@ class _AggregateCollector:
         yield requests
         for key, doc in (("inputs", "Inputs embedded."), ("tokens", "Real tokens embedded."),
                          ("padded_tokens", "Tokens sent to the model, padding included."),
-                         ("batches", "Batches formed by @serve.batch."), ("forwards", "Model forwards.")):
+                         ("batches", "Batches formed by @serve.batch."), ("forwards", "Model forwards."),
+                         ("rerank_requests", "Rerank requests admitted by a reranker's replicas."),
+                         ("rerank_pairs", "(query, document) pairs admitted for reranking.")):
             c = CounterMetricFamily(f"embserve_{key}", doc, labels=["model"])
             for m, state in per_model.items():
                 c.add_metric([m], state.counters.get(key, 0))

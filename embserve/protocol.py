@@ -1,4 +1,5 @@
-"""OpenAI embedding protocol: request, response and error models. Data only, no logic."""
+"""The API's request, response and error models: OpenAI's embeddings, and reranking in the Cohere/Jina shape and
+TEI's. Data only, no logic."""
 
 from __future__ import annotations
 
@@ -59,12 +60,65 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class RerankRequest(BaseModel):
+    """POST /v1/rerank, as Cohere's v1, Jina's, vLLM's and Infinity's rerank routes take it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr = Field(description="A served rerank model's name or one of its aliases.")
+    query: StrictStr
+    documents: list[StrictStr] = Field(description="The texts to score against the query (strings).")
+    top_n: StrictInt | None = Field(default=None, description="Return only the N best; none: all of them.")
+    return_documents: bool = Field(default=False, description="Put each document's text in its result.")
+    truncate: bool | None = Field(
+        default=None, description="Extension: cut (query, document) pairs longer than the model's maximum, as "
+        "the model's tokenizer would (longest first), instead of answering 400.")
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    results: list[RerankResult] = Field(description="Sorted by relevance_score, highest first.")
+    usage: Usage
+
+
+class TEIRerankRequest(BaseModel):
+    """POST /rerank, as text-embeddings-inference takes it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    query: StrictStr
+    texts: list[StrictStr]
+    model: StrictStr | None = Field(default=None, description="Extension: the rerank model; none: the one "
+                                    "rerank model served (TEI serves one model).")
+    truncate: bool | None = None
+    raw_scores: bool = Field(default=False, description="The model's logits, without its activation.")
+    return_text: bool = False
+
+
+class TEIRank(BaseModel):
+    index: int
+    score: float
+    text: str | None = None
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "embserve"
-    dimensions: int
+    task: Literal["embed", "rerank"] = "embed"
+    dimensions: int | None = Field(description="The vectors' size; null for a rerank model.")
     max_input_tokens: int
     aliases: list[str] = []
 

@@ -24,7 +24,6 @@ import numpy as np
 from embserve.batching import next_group, padded_size
 from embserve.errors import Cancelled, EmbservError, NonFiniteOutput, OutOfMemory, Unavailable
 from embserve.settings import BatchingConfig
-from embserve.tokenize import Prompt
 
 if TYPE_CHECKING:  # the ingress imports this module for EmbedJob, and must not import torch
     from embserve.model import EmbeddingModel
@@ -54,6 +53,11 @@ class EmbedJob:
     def __len__(self) -> int:
         return len(self.texts if self.texts is not None else self.token_ids or [])
 
+    @property
+    def chars(self) -> int:
+        """Characters to tokenize at admission."""
+        return sum(map(len, self.texts or ()))
+
 
 @dataclass
 class EmbedResult:
@@ -74,6 +78,7 @@ class Admitted:
     requests: int
     inputs: int
     tokenize_s: float
+    task: str = "embed"  # the replica's model's: "rerank" counts its requests and pairs apart
 
 
 @dataclass(frozen=True)
@@ -179,35 +184,13 @@ class Scheduler:
         return len(self._pending)
 
     def admit(self, jobs: list[EmbedJob], replies: list[Callable[[EmbedResult], None]]) -> None:
-        """Tokenizes every job's inputs in one tokenizer call and queues them. A job that fails its checks
-        (too long, bad token ids) is answered at once and alone; the others queue."""
+        """Tokenizes every job's inputs in one tokenizer call (the model's request tokenizer: texts or token
+        ids, or a reranker's pairs) and queues them. A job that fails its checks (too long, bad token ids) is
+        answered at once and alone; the others queue."""
         t0 = time.perf_counter()
-        prompts: list[Prompt | EmbservError] = []
-        for job in jobs:
-            try:
-                prompts.append(self.tokenizer.prompt(job.prompt_name))
-            except EmbservError as err:  # an unknown prompt_name fails its own request only
-                prompts.append(err)
-        texts = [t for job, prompt in zip(jobs, prompts) if job.texts is not None and isinstance(prompt, Prompt)
-                 for t in self.tokenizer.model_texts(job.texts, prompt)]
-        content = iter(self.tokenizer.content_ids(texts))
-        prepared: list[tuple[EmbedJob, list[list[int]] | EmbservError, Callable[[EmbedResult], None]]] = []
-        for job, prompt, reply in zip(jobs, prompts, replies):
-            if not isinstance(prompt, Prompt):
-                prepared.append((job, prompt, reply))
-                continue
-            raw = [next(content) for _ in job.texts] if job.texts is not None else list(job.token_ids or [])
-            try:
-                seqs = []
-                for pos, ids in enumerate(raw):
-                    if job.token_ids is not None:
-                        self.tokenizer.check_ids(ids, pos)
-                    seqs.append(self.tokenizer.finish(ids, pos, job.truncate, prompt))
-                prepared.append((job, seqs, reply))
-            except EmbservError as err:
-                prepared.append((job, err, reply))
+        prepared = list(zip(jobs, self.tokenizer.prepare(jobs), replies))
         tokenize_s = time.perf_counter() - t0
-        self.report(Admitted(len(jobs), sum(map(len, jobs)), tokenize_s))
+        self.report(Admitted(len(jobs), sum(map(len, jobs)), tokenize_s, self.model.info.task))
         now = time.perf_counter()
         with self._wake:
             for job, seqs, reply in prepared:

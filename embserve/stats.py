@@ -100,7 +100,8 @@ def _histograms() -> dict[str, Histogram]:
     }
 
 
-COUNTERS = ("requests", "inputs", "tokens", "padded_tokens", "batches", "forwards", "errors")
+COUNTERS = ("requests", "inputs", "tokens", "padded_tokens", "batches", "forwards", "errors", "rerank_requests",
+            "rerank_pairs")
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,9 @@ class SourceState:
         if event.kind == "admitted":  # one @serve.batch call
             c["batches"] += 1
             c["requests"] += report.requests
+            if getattr(report, "task", "embed") == "rerank":  # a reranker's requests, each pair one input
+                c["rerank_requests"] += report.requests
+                c["rerank_pairs"] += report.inputs
             self.histograms["batch_inputs"].observe(report.inputs)
             self.histograms["tokenize_s"].observe(report.tokenize_s)
             self.window.append((event.at, report.requests, 0, 0))

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from embserve.errors import InputTooLong, InvalidRequest
+from embserve.errors import EmbservError, InputTooLong, InvalidRequest
 from embserve.inputs import check_prompt_name
 from embserve.pipeline import Prompts
 
@@ -85,6 +85,36 @@ class Tokenizer:
             return self._default
         check_prompt_name(name, self.prompt_names)
         return self._prompts[name]
+
+    def prepare(self, jobs: list[Any]) -> list[list[list[int]] | EmbservError]:
+        """Each job's inputs (an EmbedJob's texts or token ids) as model-ready ids, with one tokenizer call
+        for every text of the batch, or the error that is the job's answer (an unknown prompt_name, an input
+        too long, ids outside the vocabulary): a job's error never touches the others."""
+        prompts: list[Prompt | EmbservError] = []
+        for job in jobs:
+            try:
+                prompts.append(self.prompt(job.prompt_name))
+            except EmbservError as err:
+                prompts.append(err)
+        texts = [t for job, prompt in zip(jobs, prompts) if job.texts is not None and isinstance(prompt, Prompt)
+                 for t in self.model_texts(job.texts, prompt)]
+        content = iter(self.content_ids(texts))
+        prepared: list[list[list[int]] | EmbservError] = []
+        for job, prompt in zip(jobs, prompts):
+            if not isinstance(prompt, Prompt):
+                prepared.append(prompt)
+                continue
+            raw = [next(content) for _ in job.texts] if job.texts is not None else list(job.token_ids or [])
+            try:
+                seqs = []
+                for pos, ids in enumerate(raw):
+                    if job.token_ids is not None:
+                        self.check_ids(ids, pos)
+                    seqs.append(self.finish(ids, pos, job.truncate, prompt))
+                prepared.append(seqs)
+            except EmbservError as err:
+                prepared.append(err)
+        return prepared
 
     def model_texts(self, texts: list[str], prompt: Prompt = NO_PROMPT) -> list[str]:
         """Texts as the model's tokenizer gets them: the prompt in front, lowercased where the model asks."""

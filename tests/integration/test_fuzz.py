@@ -22,12 +22,12 @@ def operations(serve_app):
 
 
 def test_the_schema_covers_every_route(operations):
-    assert {"POST /v1/embeddings", "GET /v1/models", "GET /v1/models/{model_id}", "GET /health",
+    assert {"POST /v1/embeddings", "POST /v1/rerank", "POST /rerank", "GET /v1/models", "GET /v1/models/{model_id}", "GET /health",
             "GET /v1/performance", "POST /v1/performance/reset", "GET /metrics"} <= set(operations)
 
 
-@pytest.mark.parametrize("route", ["POST /v1/embeddings", "GET /v1/models/{model_id}", "GET /v1/models",
-                                   "GET /health", "GET /v1/performance", "GET /metrics"])
+@pytest.mark.parametrize("route", ["POST /v1/embeddings", "POST /v1/rerank", "POST /rerank", "GET /v1/models/{model_id}",
+                                   "GET /v1/models", "GET /health", "GET /v1/performance", "GET /metrics"])
 def test_no_generated_request_gets_a_server_error(operations, route):
     operation = operations[route]
     examples = 60 if route == "POST /v1/embeddings" else 10

@@ -74,6 +74,15 @@ def test_health_stays_open_while_everything_else_needs_a_key(client, authed):
         assert authed.request(method, path).status_code == 200, path
 
 
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/rerank"])
+def test_the_rerank_routes_need_the_key_too(client, authed, path):
+    body = {"model": MODEL, "query": "q", "documents": ["d"], "texts": ["d"]}
+    refused = client.post(path, json=body)
+    assert refused.status_code == 401 and error_of(refused)["code"] == "invalid_api_key"
+    # With the key the request reaches the route, which names the embedding model's own route.
+    assert error_of(authed.post(path, json=body))["code"] == "wrong_model_task"
+
+
 def test_keys_never_reach_the_logs(authed):
     authed.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
     logs = glob.glob("/tmp/ray/session_latest/logs/**/*", recursive=True)

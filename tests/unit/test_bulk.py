@@ -12,7 +12,7 @@ import pytest
 
 from embserve.bulk import (BulkSummary, ShardEmbedder, ShardReport, actor_layout, pick_spec, settings_from_config,
                            tokenize_and_plan)
-from embserve.bulk_options import parse_actors
+from embserve.bulk_options import BulkInputError, parse_actors
 from embserve.cli import main, parser
 from embserve.settings import ModelSpec, Settings
 from embserve.shards import PLAN_FILE, REJECTS_DIR, list_inputs, plan_shards, prepare_output
@@ -53,6 +53,13 @@ def test_the_model_is_the_settings_first_or_the_one_named_or_a_source():
     assert pick_spec(s, "alias-a").name == "a" and pick_spec(s, "b").source == "/m/b"
     other = pick_spec(s, "/models/bge-small/")
     assert (other.name, other.source) == ("bge-small", "/models/bge-small/")
+
+
+def test_bulk_refuses_a_rerank_model_saying_so(clean_env):
+    s = Settings(models=[ModelSpec(name="r", task="rerank"), ModelSpec(name="e")])
+    with pytest.raises(BulkInputError, match="bulk reranking is not supported"):
+        pick_spec(s)
+    assert pick_spec(s, "e").name == "e"
 
 
 def test_settings_come_from_a_serve_config_applications_args(tmp_path):

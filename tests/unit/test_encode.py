@@ -97,13 +97,17 @@ def test_embeddings_body_is_openai_shaped_in_either_format(encoding_format):
             np.testing.assert_array_equal(np.asarray(item["embedding"], dtype=np.float32), row)
 
 
-def test_model_card_lists_dimensions_limit_and_aliases():
+def test_model_card_lists_task_dimensions_limit_and_aliases():
     info = ModelInfo(name="mini", aliases=("small", "m"), dimensions=384, max_length=256, vocab_size=30522,
                      pooling="mean", device="cpu", dtype="float32")
     assert model_card(info, created=123) == {
-        "id": "mini", "object": "model", "created": 123, "owned_by": "embserve", "dimensions": 384,
+        "id": "mini", "object": "model", "created": 123, "owned_by": "embserve", "task": "embed", "dimensions": 384,
         "max_input_tokens": 256, "aliases": ["small", "m"],
     }
+    reranker = ModelInfo(name="r", aliases=(), dimensions=1, max_length=512, vocab_size=30522, pooling="none",
+                         device="cpu", dtype="float32", task="rerank", activation="sigmoid")
+    assert model_card(reranker, created=1)["task"] == "rerank"
+    assert model_card(reranker, created=1)["dimensions"] is None  # a score, not a vector
 
 
 def test_embeddings_body_takes_any_float_rows_and_keeps_their_float32_values():

@@ -163,4 +163,4 @@ def test_response_models_dump_in_openai_shape():
     listing = ModelList(data=[card]).model_dump()
     assert listing["object"] == "list"
     assert listing["data"][0] == {"id": "m", "object": "model", "created": 1, "owned_by": "embserve",
-                                  "dimensions": 384, "max_input_tokens": 256, "aliases": []}
+                                  "task": "embed", "dimensions": 384, "max_input_tokens": 256, "aliases": []}

@@ -246,6 +246,15 @@ def test_model_spec_refuses_unknown_fields_and_bad_pooling():
 def test_deployment_name_is_safe_for_ray():
     assert ModelSpec(name="org/model v2").deployment_name == "Embedder-org-model-v2"
     assert ModelSpec(name="all-MiniLM-L6-v2").deployment_name == "Embedder-all-MiniLM-L6-v2"
+    assert ModelSpec(name="ms marco", task="rerank").deployment_name == "Reranker-ms-marco"
+
+
+def test_task_is_embed_by_default_and_rerank_from_the_environment(clean_env, monkeypatch):
+    assert Settings().model_specs()[0].task == "embed"
+    monkeypatch.setenv("EMB_PROVIDER_TASK", "rerank")
+    assert Settings().model_specs()[0].task == "rerank"
+    with pytest.raises(ValidationError):
+        ModelSpec(name="a", task="classify")
 
 
 def test_batching_config_carries_settings_with_wait_in_seconds():
