@@ -207,8 +207,10 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
     # one every ratio below is to (the others are set against both in the report).
     served = choose_dtype("auto", "cpu")
     models = offline_arms(served.autocast)
-    served_label = next(label for label, m in models.items()
-                        if m.model.info.dtype == served.name and m.runtime == served_runtime())
+    # The arm the replicas run: OpenVINO where it converts, else (it fell back) torch's of the same dtype.
+    served_label = next((label for label, m in models.items()
+                         if m.model.info.dtype == served.name and m.runtime == served_runtime()),
+                        f"torch {served.name}")
     model = models[served_label]
     threads = tuple(sorted({1, os.cpu_count() or 1}))
     # One forward at a time on 1 or all threads, and one single-thread forward per core at once (what a

@@ -280,8 +280,10 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
     batch_size, batch_tokens = choose_batch_sizes(settings, gpu)
     dtype = Choice(model.info.dtype, model.dtype_reason)
     attention = Choice(model.attention, model.attention_reason)
-    runtime = Choice(model.runtime, source(settings, "runtime", model.runtime_reason) if model.runtime_reason == "set"
-                     else model.runtime_reason)
+    # "set; cached IR ...": where the setting came from, then what the runtime did with it.
+    why = model.runtime_reason
+    runtime = Choice(model.runtime, _given(settings, "runtime") + (why[3:] if why.startswith("set") else f"; {why}")
+                     if settings.explicit("runtime") else why)
     profile = replica_profile(settings, device=device, dtype=dtype, threads=threads, layout=layout,
                               batch_size=batch_size, batch_tokens=batch_tokens, attention=attention, memory=memory,
                               runtime=runtime)

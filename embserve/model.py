@@ -286,7 +286,7 @@ class EmbeddingModel:
             self._start_openvino(spec, load_transformer, cache_dir, streams, threads or torch.get_num_threads(),
                                  example=lambda: openvino_runtime.example_inputs(
                                      int(getattr(config, "vocab_size", None) or len(self.tokenizer)),
-                                     self.tokenizer.pad_token_id or 0))
+                                     self.tokenizer.pad_token_id or 0), config=config)
         if self.model is None and self.encoder is None:
             self.model = load_transformer()
         if self.encoder is not None:
@@ -323,20 +323,27 @@ class EmbeddingModel:
 
     def _start_openvino(self, spec: ModelSpec, load_transformer: Callable[[], torch.nn.Module],
                         cache_dir: str | None, streams: int, threads: int,
-                        example: Callable[[], dict[str, torch.Tensor]]) -> None:
+                        example: Callable[[], dict[str, torch.Tensor]], config: object) -> None:
         """The OpenVINO encoder, from the cache or converted now; where that fails, torch runs the model and the
         reason is kept in the profile: a model that does not convert is served all the same."""
         from embserve import openvino_runtime as ovr
 
         def convert_now() -> object:
             self.model = load_transformer()
-            return ovr.convert(self.model, example())
+            inputs = example()
+            converted = ovr.convert(self.model, inputs)
+            ovr.check_conversion(converted, self.model, vocab_size, self.tokenizer.pad_token_id or 0)
+            return converted
 
+        vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
         entry = None
         if cache_dir != "":
             versions = {"openvino": ovr.openvino_version(), "torch": torch.__version__,
                         "transformers": ovr.transformers_version()}
-            entry = Path(cache_dir or ovr.default_cache_dir()) / ovr.cache_key(self.source, spec.revision, versions)
+            # A hub id's files resolve to a commit: a push to its branch is another model.
+            commit = getattr(config, "_commit_hash", None)
+            entry = Path(cache_dir or ovr.default_cache_dir()) / ovr.cache_key(self.source, spec.revision, versions,
+                                                                               commit)
         precision = ovr.precision_hint(self.autocast)
         try:
             converted, loaded = ovr.load_model(entry, convert_now)

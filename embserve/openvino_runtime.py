@@ -39,7 +39,8 @@ def choose_runtime(setting: str, device: str, weights_float32: bool, installed: 
     """The runtime a replica's forwards run on, and why. `auto`: OpenVINO on a CPU where it is installed (about
     1.5x torch's speed at the same vectors on a MiniLM, docs/benchmarks.md), torch on a GPU. OpenVINO runs float32
     weights, at f32 or bf16 precision; float16 or bfloat16 weights stay on torch. An explicit `openvino` that
-    cannot run is an error, not a silent torch."""
+    cannot run here at all is an error; a model that then fails to convert is served by torch all the same, with
+    the reason in the profile (EmbeddingModel._start_openvino)."""
     if setting == "torch":
         return "torch", "set"
     problem = None
@@ -80,19 +81,23 @@ def default_cache_dir() -> Path:
 
 
 def _file_stamp(path: Path) -> list[Any]:
+    # ctime and inode as well as size and mtime: a copy that keeps sizes and mtimes (rsync -a, tar, cp -p) of
+    # another fine-tune into the same path still gets new ones.
     st = path.stat()
-    return [path.name, st.st_size, st.st_mtime_ns]
+    return [path.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def cache_key(source: str, revision: str | None, versions: dict[str, str]) -> str:
-    """What a converted model depends on: where it came from (a local folder's files by name, size and time, so
-    that a changed folder converts again), its revision, and the versions that convert it."""
+def cache_key(source: str, revision: str | None, versions: dict[str, str], commit: str | None = None) -> str:
+    """What a converted model depends on: a local folder's files (name, size, times, inode), so that a changed
+    folder converts again; for a hub id, the commit its files were resolved to (`commit`), so that a push to the
+    branch converts again; the revision asked for; and the versions that convert it."""
     files: list[Any] = []
     folder = Path(source)
     if folder.is_dir():
         files = [_file_stamp(p) for p in sorted(folder.iterdir()) if p.is_file()]
     blob = json.dumps({"format": CACHE_FORMAT, "source": os.path.abspath(source) if folder.is_dir() else source,
-                       "revision": revision, "files": files, "versions": versions}, sort_keys=True)
+                       "revision": revision, "commit": commit, "files": files, "versions": versions},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -149,7 +154,7 @@ def write_cached(entry: Path, model: Any) -> None:
 def convert(module: Any, example: dict[str, Any]) -> Any:
     """OpenVINO's model of a transformer that maps (input_ids, attention_mask) to its last hidden state, traced
     with an example whose rows differ in length (so that the mask's path is traced), with the batch and the
-    sequence dimensions left dynamic."""
+    sequence dimensions left dynamic. `check_conversion` is what tells whether the trace generalizes."""
     import openvino as ov
     import torch
 
@@ -163,9 +168,13 @@ def convert(module: Any, example: dict[str, Any]) -> Any:
 
     # The trace warns of every Python branch on a shape in transformers' mask code; the dynamic-shape tests
     # (tests/unit/test_openvino.py) are what shows that the converted model is right for any batch and length.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", torch.jit.TracerWarning)
         model = ov.convert_model(LastHidden(module).eval(), example_input=example)
+    traced = {str(w.message).split(".")[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)}
+    if traced:
+        log.info("the trace froze %d Python value(s) (check_conversion tests the result): %s", len(traced),
+                 "; ".join(sorted(traced))[:500])
     static = [str(port.get_partial_shape()) for port in model.inputs if not port.get_partial_shape().is_dynamic]
     if static:
         raise ValueError(f"the converted model has static input shapes {static}; it needs any batch and length")
@@ -181,6 +190,48 @@ def example_inputs(vocab_size: int, pad_id: int) -> dict[str, Any]:
     mask = torch.ones((2, 8), dtype=torch.long)
     ids[1, -1], mask[1, -1] = pad_id, 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+INPUTS = ("input_ids", "attention_mask")
+# Hidden states of the converted model against torch's, in float32, relative to their scale: MiniLM's differ by
+# 2e-6; a conversion that froze a shape or a value into the graph differs by whole units.
+CHECK_TOLERANCE = 1e-4
+
+
+class ConversionMismatch(ValueError):
+    """The converted model does not compute what the torch module computes."""
+
+
+def check_conversion(model: Any, module: Any, vocab_size: int, pad_id: int) -> None:
+    """Runs the converted model at f32 on a shape the trace never saw (3 rows of 5, 13 and 17 tokens, padded) and
+    compares its hidden states at the real tokens with the torch module's. A conversion that froze a shape or a
+    value of the trace into the graph (Python branches on sizes, `.item()`) fails here, before it is cached or
+    served, and the model stays on torch."""
+    import openvino as ov
+    import torch
+
+    names = {name for port in model.inputs for name in port.get_names()}
+    if not set(INPUTS) <= names:
+        raise ConversionMismatch(f"the converted model's inputs are {sorted(names)}, not {list(INPUTS)}")
+    rng = np.random.default_rng(0)
+    lengths = [5, 13, 17]
+    ids = np.full((3, max(lengths)), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(1000, min(vocab_size, 20000), n)
+        mask[row, :n] = 1
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = np.asarray(compiled({"input_ids": ids, "attention_mask": mask})[0], dtype=np.float32)
+    with torch.no_grad():
+        expected = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+                          ).last_hidden_state.float().numpy()
+    real = mask.astype(bool)
+    if got.shape != expected.shape:
+        raise ConversionMismatch(f"the converted model gives hidden states of shape {got.shape}, torch {expected.shape}")
+    error = float(np.abs(got[real] - expected[real]).max())
+    if error > CHECK_TOLERANCE * max(1.0, float(np.abs(expected[real]).max())):
+        raise ConversionMismatch(f"the converted model's hidden states differ from torch's by {error:.3g} on a "
+                                 "shape the trace did not see")
 
 
 @dataclass(frozen=True)
@@ -206,10 +257,12 @@ def load_model(entry: Path | None, convert_now: Callable[[], Any]) -> tuple[Any,
         return model, Loaded("converted (no cache)")
     try:
         write_cached(entry, model)
-        return model, Loaded(f"converted, cached as {entry}")
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, or OpenVINO's RuntimeError on a full disk: the model is good
         log.warning("could not cache the converted model in %s: %s", entry, exc)
         return model, Loaded(f"converted (cache not writable: {exc})")
+    if (entry / _MANIFEST).is_file():
+        return model, Loaded(f"converted, cached as {entry}")
+    return model, Loaded(f"converted (not cached: {entry} could not be put in place)")
 
 
 class OpenVinoEncoder:
@@ -232,7 +285,7 @@ class OpenVinoEncoder:
         """The last hidden state [n, length, width] in float32, for int64 ids and mask [n, length]."""
         request = self._requests.get()
         try:
-            request.infer([ids, mask])
+            request.infer({"input_ids": ids, "attention_mask": mask})  # by name, never by position
             return np.array(request.get_output_tensor(0).data, dtype=np.float32)  # a copy: the request is reused
         finally:
             self._requests.put(request)

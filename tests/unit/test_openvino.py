@@ -137,6 +137,36 @@ def test_the_precision_is_always_explicit_and_streams_follow_the_forward_workers
     assert props["INFERENCE_NUM_THREADS"] == "2"
 
 
+class FrozenScale(torch.nn.Module):
+    """Reads a value with `.item()`: torch computes it anew each time, a trace freezes the example's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(30522, 8)
+
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        scale = float(attention_mask.sum().item())
+        return SimpleNamespace(last_hidden_state=self.embed(input_ids) * scale)
+
+
+def test_a_conversion_that_froze_a_value_of_its_trace_is_caught_before_it_serves():
+    module = FrozenScale().eval()
+    converted = ovr.convert(module, ovr.example_inputs(30522, 0))
+    with pytest.raises(ovr.ConversionMismatch, match="differ"):
+        ovr.check_conversion(converted, module, 30522, 0)
+
+
+def test_a_faithful_conversion_passes_the_check(bundled_ov):
+    from transformers import AutoModel
+
+    module = AutoModel.from_pretrained(resolve_source("bundled")).eval()
+    converted = ovr.convert(module, ovr.example_inputs(30522, 0))
+    ovr.check_conversion(converted, module, 30522, 0)  # no exception
+
+
 UNCONVERTIBLE = '''
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
@@ -197,6 +227,13 @@ def test_a_model_that_does_not_convert_is_served_by_torch_with_the_reason(unconv
     assert vectors.shape == (2, 16) and np.isfinite(vectors).all()
 
 
+def test_any_failure_to_write_the_cache_costs_only_the_cache(tmp_path):
+    """OpenVINO reports a failed write (a full disk) as a RuntimeError, not an OSError; here the write fails
+    because what is saved is no OpenVINO model at all."""
+    model, loaded = ovr.load_model(tmp_path / "entry", lambda: "converted")
+    assert model == "converted" and "cache not writable" in loaded.how
+
+
 def test_a_restart_reads_the_cached_conversion_and_gives_the_same_vectors(tmp_path):
     first = openvino_model(tmp_path)
     assert "converted, cached" in first.runtime_reason and first.model is None
@@ -248,5 +285,7 @@ def test_the_cache_key_follows_the_folders_files_and_the_versions(tmp_path):
     assert key == ovr.cache_key(str(folder), None, dict(versions))
     assert key != ovr.cache_key(str(folder), "v2", versions)
     assert key != ovr.cache_key(str(folder), None, {**versions, "openvino": "9"})
+    hub = ovr.cache_key("org/model", "main", versions, commit="a" * 40)
+    assert hub != ovr.cache_key("org/model", "main", versions, commit="b" * 40)  # a push to the branch
     (folder / "config.json").write_text((folder / "config.json").read_text() + "\n")
     assert key != ovr.cache_key(str(folder), None, versions)
