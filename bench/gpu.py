@@ -190,10 +190,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     folder = random_weights(Path(args.model), args.dtype)
     model = EmbeddingModel(ModelSpec(name="minilm-random", source=str(folder)), device=args.device, dtype=args.dtype)
-    # The budget a replica would choose on this card (embserve.gpu_memory), as production runs it.
-    budget = gpu_limits(model, 0.8, 1).max_batch_tokens if model.device == "cuda" else CPU_MAX_BATCH_TOKENS
+    # The budget and forward size a replica would choose on this card (embserve.gpu_memory), as production
+    # runs it.
+    limits = gpu_limits(model, 0.8, 1) if model.device == "cuda" else None
+    budget = limits.max_batch_tokens if limits else CPU_MAX_BATCH_TOKENS
     seen: list[Any] = []
-    cfg = BatchingConfig(max_batch_tokens=budget)
+    cfg = BatchingConfig(max_batch_tokens=budget, max_batch_size=limits.max_batch_size if limits else None)
     scheduler = Scheduler(model, forward_layout(model.device, torch.get_num_threads()), config=lambda: cfg,
                           max_batch_tokens=budget, report=seen.append)
     corpus = load_or_build(Path(args.corpus) if args.corpus else None)

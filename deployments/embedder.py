@@ -34,7 +34,7 @@ def _settle(future: asyncio.Future, result: EmbedResult) -> None:
 
 
 def count_inputs(jobs: list[EmbedJob]) -> int:
-    """`max_batch_size` counts inputs, not requests (Ray's batch_size_fn)."""
+    """An admission's size counts inputs, not requests (Ray's batch_size_fn)."""
     return sum(job.weight for job in jobs)
 
 
@@ -49,7 +49,8 @@ class Embedder:
         self.ray_metrics = ReplicaRayMetrics(spec.name)
         self.scheduler = Scheduler(self.model, self.layout, config=lambda: self.batching,
                                    max_batch_tokens=start.batch_tokens, report=self._report,
-                                   group_cost_tokens=settings.group_cost_tokens)
+                                   group_cost_tokens=settings.group_cost_tokens if settings.group_cost_tokens
+                                   is not None else start.group_cost_tokens, tolerance_wall=start.tolerance_wall)
         self._apply_batching()
         self._ongoing = 0
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
@@ -66,6 +67,8 @@ class Embedder:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this at start and whenever serve_config.yaml's user_config changes."""
         self.batching = self.batching.updated(user_config)
+        if "length_group_tolerance" in (user_config or {}):  # named: a wall again, as on a CPU
+            self.scheduler.tolerance_wall = True
         self._apply_batching()
         live = self.batching.model_dump()
         live["max_wait_time_ms"] = live.pop("batch_wait_timeout_s") * 1000.0
@@ -75,7 +78,7 @@ class Embedder:
         serve_env.flush_warnings_at_once()
 
     def _apply_batching(self) -> None:
-        self._admit.set_max_batch_size(self.batching.effective_max_batch_size)
+        self._admit.set_max_batch_size(self.batching.effective_admit_batch_size)
         self._admit.set_batch_wait_timeout_s(self.batching.effective_wait_s)
 
     def info(self) -> ModelInfo:
@@ -87,7 +90,7 @@ class Embedder:
         return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
                 "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
-                "effective_max_batch_size": self.batching.effective_max_batch_size,
+                "effective_admit_batch_size": self.batching.effective_admit_batch_size,
                 "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
                 "threads_per_forward": sorted(self.scheduler.threads_seen),
                 "pending_inputs": self.scheduler.pending, "profile": self.profile.as_dict()}
@@ -99,7 +102,7 @@ class Embedder:
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         # A request larger than a batch still fits one: it counts as a full batch.
-        job.weight = max(1, min(len(job), self.batching.effective_max_batch_size))
+        job.weight = max(1, min(len(job), self.batching.effective_admit_batch_size))
         job.received = time.perf_counter()
         self._ongoing += 1
         try:
@@ -110,7 +113,7 @@ class Embedder:
         finally:
             self._ongoing -= 1
 
-    # Ray forms batches (max_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
+    # Ray forms admissions (admit_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
     # at once, so a batch never holds its requests back and Ray forms the next batch while these compute.
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=count_inputs)
     async def _admit(self, jobs: list[EmbedJob]) -> list[asyncio.Future]:

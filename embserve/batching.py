@@ -6,6 +6,7 @@ hypothesis in milliseconds.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,8 +40,9 @@ def plan_batches(
     tolerance: float = 0.2,
     min_group_size: int = 1,
     group_cost_tokens: int = 32,
+    max_inputs: int | None = None,
 ) -> Plan:
-    """Split inputs into forward groups.
+    """Split inputs into forward groups of at most `max_inputs` inputs (None: as many as the budget allows).
 
     With `group_by_length`, groups are contiguous runs of the inputs sorted by length, each holding
     lengths within `tolerance` of its longest (shortest >= longest x (1 - tolerance)); among all such
@@ -53,21 +55,24 @@ def plan_batches(
     """
     if max_batch_tokens < 1:
         raise ValueError("max_batch_tokens must be positive")
+    if max_inputs is not None and max_inputs < 1:
+        raise ValueError("max_inputs must be positive")
+    cap = max_inputs or len(lengths) or 1
     if group_by_length:
-        groups = _partition_sorted(lengths, max_batch_tokens, tolerance, group_cost_tokens)
+        groups = _partition_sorted(lengths, max_batch_tokens, tolerance, group_cost_tokens, cap)
     else:
-        groups = _split_in_order(lengths, max_batch_tokens)
+        groups = _split_in_order(lengths, max_batch_tokens, cap)
     if min_group_size > 1:
-        groups = merge_small_groups(lengths, groups, min_group_size, max_batch_tokens)
+        groups = merge_small_groups(lengths, groups, min_group_size, max_batch_tokens, cap)
     return groups
 
 
-def _split_in_order(lengths: Sequence[int], max_batch_tokens: int) -> Plan:
+def _split_in_order(lengths: Sequence[int], max_batch_tokens: int, max_inputs: int) -> Plan:
     groups: Plan = []
     current: list[int] = []
     longest = 0
     for i, n in enumerate(lengths):
-        if current and (len(current) + 1) * max(longest, n) > max_batch_tokens:
+        if current and (len(current) == max_inputs or (len(current) + 1) * max(longest, n) > max_batch_tokens):
             groups.append(current)
             current, longest = [], 0
         current.append(i)
@@ -77,32 +82,73 @@ def _split_in_order(lengths: Sequence[int], max_batch_tokens: int) -> Plan:
     return groups
 
 
-def _partition_sorted(lengths: Sequence[int], max_batch_tokens: int, tolerance: float, group_cost: int) -> Plan:
-    """Optimal contiguous partition of the length-sorted inputs (dynamic programming, O(n x window))."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sorted_lengths = np.array([lengths[i] for i in order], dtype=np.int64)
-    n = len(order)
-    best = np.zeros(n + 1)  # best[j]: cost of the first j sorted inputs
-    start = np.zeros(n + 1, dtype=np.int64)  # start[j]: where the last group of that best plan begins
+def _partition_sorted(lengths: Sequence[int], max_batch_tokens: int, tolerance: float, group_cost: int,
+                      max_inputs: int) -> Plan:
+    """Optimal contiguous partition of the length-sorted inputs, in O(n): numpy sorts and finds each
+    group end's earliest allowed start, then one pass of dynamic programming with a monotone queue.
+
+    A group [i, j) of the sorted inputs costs (j - i) x L + group_cost, L its longest (sorted[j - 1]), so
+    best[j] = j x L + group_cost + min(best[i] - i x L) over the allowed starts i, a window [lo_j, j)
+    whose ends only move right. For one L that is a sliding-window minimum (a queue of candidates whose
+    values rise from front to back); when L grows, a later candidate's value falls more than an earlier
+    one's, so a dropped candidate stays dropped and the queue is only filtered again. Among equal costs
+    the earliest start wins.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    keys = np.asarray(lengths, dtype=np.int64)
+    order_np = np.argsort(keys, kind="stable")
+    ordered = keys[order_np]
+    # The earliest start each group end j may have: within the tolerance of its longest, and within
+    # the budget and max_inputs (at least one input, which may alone exceed the budget).
+    tolerated = np.searchsorted(ordered, ordered * (1.0 - tolerance), side="left")
+    most = np.minimum(max_inputs, np.maximum(1, max_batch_tokens // np.maximum(ordered, 1)))
+    ends = np.arange(1, n + 1)
+    lowest = np.maximum(tolerated, ends - most).tolist()
+    longest = ordered.tolist()
+    best = [0] * (n + 1)
+    start = [0] * (n + 1)
+    queue: collections.deque[int] = collections.deque()
+    current = None
     for j in range(1, n + 1):
-        longest = int(sorted_lengths[j - 1])
-        lo = int(np.searchsorted(sorted_lengths[:j], longest * (1.0 - tolerance), side="left"))
-        lo = max(lo, j - max(1, max_batch_tokens // max(longest, 1)))
-        sizes = j - np.arange(lo, j)
-        costs = best[lo:j] + sizes * longest + group_cost
-        k = int(np.argmin(costs))
-        best[j], start[j] = costs[k], lo + k
+        length = longest[j - 1]
+        if length != current:
+            current = length
+            if len(queue) > 1:  # refilter: keep a candidate only where no later one is cheaper now
+                kept: list[int] = []
+                floor = None
+                for i in reversed(queue):
+                    value = best[i] - i * length
+                    if floor is None or value <= floor:
+                        kept.append(i)
+                        floor = value
+                queue = collections.deque(reversed(kept))
+        i = j - 1
+        value = best[i] - i * length
+        while queue and best[queue[-1]] - queue[-1] * length > value:
+            queue.pop()
+        queue.append(i)
+        low = lowest[j - 1]
+        while queue[0] < low:
+            queue.popleft()
+        first = queue[0]
+        best[j] = best[first] + (j - first) * length + group_cost
+        start[j] = first
+    order = order_np.tolist()
     groups: Plan = []
     j = n
     while j > 0:
-        i = int(start[j])
-        groups.append([order[t] for t in range(i, j)])
+        i = start[j]
+        groups.append(order[i:j])
         j = i
     return groups[::-1]
 
 
-def merge_small_groups(lengths: Sequence[int], groups: Plan, min_size: int, max_batch_tokens: int) -> Plan:
-    """Fold groups smaller than `min_size` into the neighbour that pads least, within the budget."""
+def merge_small_groups(lengths: Sequence[int], groups: Plan, min_size: int, max_batch_tokens: int,
+                       max_inputs: int | None = None) -> Plan:
+    """Fold groups smaller than `min_size` into the neighbour that pads least, within the budget and
+    `max_inputs`."""
     merged = [list(g) for g in groups]
     changed = True
     while changed:
@@ -114,7 +160,8 @@ def merge_small_groups(lengths: Sequence[int], groups: Plan, min_size: int, max_
             for j in (k - 1, k + 1):
                 if 0 <= j < len(merged):
                     cost = padded_size(lengths, merged[j] + group)
-                    if cost <= max_batch_tokens and (best is None or cost < best[1]):
+                    fits = max_inputs is None or len(merged[j]) + len(group) <= max_inputs
+                    if fits and cost <= max_batch_tokens and (best is None or cost < best[1]):
                         best = (j, cost)
             if best is not None:
                 j = best[0]
@@ -134,10 +181,14 @@ def plan_stats(lengths: Sequence[int], plan: Plan) -> PlanStats:
     )
 
 
-def next_group(lengths: Sequence[int], **plan: object) -> list[int]:
-    """The group to run next from inputs queued in arrival order: of the plan over all of them
-    (`plan_batches`, same arguments), the group that holds the oldest input, index 0. Taking it first
-    serves inputs in arrival order, while its companions are whatever pads least beside it."""
+def next_group(lengths: Sequence[int], *, max_batch_tokens: int, max_inputs: int | None = None,
+               **plan: object) -> list[int]:
+    """The one place a forward's size is decided: the group to run next from inputs queued in arrival
+    order, at most `max_batch_tokens` padded tokens and `max_inputs` inputs (the `max_batch_size`
+    setting). Of the plan over all of them (`plan_batches`, same other arguments), the group that holds
+    the oldest input, index 0: taking it first serves inputs in arrival order, while its companions are
+    whatever pads least beside it."""
     if not lengths:
         return []
-    return next(group for group in plan_batches(lengths, **plan) if 0 in group)  # type: ignore[arg-type]
+    groups = plan_batches(lengths, max_batch_tokens=max_batch_tokens, max_inputs=max_inputs, **plan)  # type: ignore[arg-type]
+    return next(group for group in groups if 0 in group)

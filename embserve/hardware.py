@@ -7,7 +7,9 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from embserve.settings import CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, USER_CONFIG_FIELD, Settings
+from embserve.layout import ALLOCATOR_DEFAULT, ALLOCATOR_ENV
+from embserve.settings import (CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, GPU_MAX_FORWARD_MS, USER_CONFIG_FIELD,
+                               Settings)
 
 if TYPE_CHECKING:
     from embserve.model import EmbeddingModel
@@ -45,6 +47,11 @@ def source(settings: Settings, name: str, otherwise: str) -> str:
 def choose_device(settings: Settings, cuda_available: bool, gpus_assigned: int | None = None) -> Choice:
     """`gpus_assigned`: the GPUs Ray gave this replica (its `num_gpus`), None outside Ray. Ray 2.60 no
     longer hides a GPU host's cards from a worker that asked for none, so `num_gpus: 0` means the CPU."""
+    if gpus_assigned and not cuda_available and settings.device != "cpu":
+        # Running on the CPU here would hold a card idle and serve at a fraction of its speed, silently.
+        raise ValueError(f"Ray assigned this replica {gpus_assigned} GPU(s) (num_gpus) but torch sees none: "
+                         f"{torch_cuda_build()}. Install a CUDA build of torch that the node's driver "
+                         "supports, or set num_gpus to 0 (or device to 'cpu') to serve on the CPU")
     if settings.device == "auto":
         if cuda_available and gpus_assigned == 0:
             return Choice("cpu", "auto: the replica has no GPU of its own (num_gpus: 0), though torch sees one")
@@ -53,6 +60,16 @@ def choose_device(settings: Settings, cuda_available: bool, gpus_assigned: int |
         raise ValueError(f"device 'cuda' is set ({settings.source_of('device')}) but torch sees no GPU on this "
                          "replica's node; set it to 'auto' or 'cpu', or give the replica a GPU (num_gpus)")
     return Choice(settings.device, _given(settings, "device"))
+
+
+def torch_cuda_build() -> str:
+    """Why torch may see no GPU, in words: its version and the CUDA it was built with, if any."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a build without CUDA"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, but finds no usable GPU "
+            "(no driver, a driver older than that CUDA, or CUDA_VISIBLE_DEVICES hides the card)")
 
 
 def assigned_gpus() -> int | None:
@@ -86,11 +103,25 @@ def memory_fraction(setting: float, gpu_share: float | None) -> Choice:
 
 def cuda_allocator_defaults(environ: dict[str, str] | None = None) -> None:
     """Expandable segments for torch's CUDA allocator unless the environment says otherwise: a group of a
-    new shape grows the segment it has instead of leaving holes that the next one cannot use. Read at
-    CUDA's first allocation, so it must be set before the model loads."""
+    new shape grows the segment it has instead of leaving holes that the next one cannot use. A Ray GPU
+    replica has it from its runtime_env (embserve.layout.with_allocator_env); elsewhere (a script, bench)
+    it is set here, and handed to torch's allocator-settings call too, since torch reads the variable once,
+    when its allocator config is first used, and may have done so already."""
     env = os.environ if environ is None else environ
-    if "PYTORCH_CUDA_ALLOC_CONF" not in env and "PYTORCH_ALLOC_CONF" not in env:
-        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if not any(name in env for name in ALLOCATOR_ENV):
+        env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
+        if environ is None:
+            set_allocator_settings(ALLOCATOR_DEFAULT)
+
+
+def set_allocator_settings(conf: str) -> None:
+    """Applies allocator settings to this process's torch where it has the call (torch 2.1 and later)."""
+    import torch
+
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+        torch.cuda.memory, "_set_allocator_settings", None)
+    if setter is not None:
+        setter(conf)
 
 
 def enforce_memory_fraction(fraction: float) -> None:
@@ -172,6 +203,8 @@ def replica_profile(settings: Settings, *, device: Choice, dtype: Choice, thread
         settings, "forward_workers", "auto: one forward on a GPU" if device.value == "cuda" else
         "auto: one single-thread forward per thread"))
     profile.set("max_batch_size", batch_size.value, batch_size.source)
+    profile.set("admit_batch_size", settings.admit_batch_size or batch_size.value,
+                source(settings, "admit_batch_size", "auto: max_batch_size"))
     profile.set("max_batch_tokens", batch_tokens.value, batch_tokens.source)
     for name in BATCHING_KNOBS:
         profile.set(name, getattr(settings, name), source(settings, name, "default"))
@@ -205,6 +238,8 @@ class ReplicaStart:
     profile: Profile
     warnings: list[str]
     warm_up: "WarmUp | None" = None
+    group_cost_tokens: int | None = None  # a forward's fixed cost in tokens, where the warm-up measured it
+    tolerance_wall: bool = True  # False: length_group_tolerance is a preference (the cost decides)
 
 
 def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
@@ -232,7 +267,8 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
                                   runtime=settings.runtime)
     else:
         model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value,
-                               runtime=settings.runtime, streams=planned.workers, cache_dir=settings.openvino_cache_dir)
+                               runtime=settings.runtime, streams=planned.workers,
+                               cache_dir=settings.openvino_cache_dir, allow_tf32=settings.allow_tf32)
     layout = forward_layout(model.device, torch.get_num_threads(), settings.forward_workers)
     warnings = []
     if layout.threads != torch.get_num_threads():
@@ -251,8 +287,50 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
                               runtime=runtime)
     warnings += [f"setting {name}={getattr(settings, name)!r} from {settings.source_of(name)} shadows {what}"
                  for name, what in settings.shadowed().items()]
-    warmed = warm_up(model, warm_up_shapes(batch_tokens.value, batch_size.value, model.max_length, model.device))
+    limit_ms = settings.max_forward_ms if settings.max_forward_ms is not None else (
+        GPU_MAX_FORWARD_MS if model.device == "cuda" else None)
+    warmed = warm_up(model, warm_up_shapes(batch_tokens.value, batch_size.value, model.max_length, model.device),
+                     timed=limit_ms is not None)
     if warmed.out_of_memory:
         warnings.append(f"warm-up ran out of GPU memory at one of {list(warmed.shapes)}: the replica will lower "
                         "its token budget on its first large groups")
-    return ReplicaStart(model, layout, batch_size.value, batch_tokens.value, profile, warnings, warmed)
+    timing = forward_timing(settings, profile, batch_tokens, warmed.cost, limit_ms, model.max_length,
+                            model.device == "cuda")
+    return ReplicaStart(model, layout, batch_size.value, timing.budget, profile, warnings, warmed,
+                        timing.group_cost_tokens, timing.tolerance_wall)
+
+
+@dataclass(frozen=True)
+class ForwardTiming:
+    budget: int
+    group_cost_tokens: int | None
+    tolerance_wall: bool
+
+
+def forward_timing(settings: Settings, profile: Profile, batch_tokens: Choice, cost: Any, limit_ms: float | None,
+                   max_length: int, gpu: bool) -> ForwardTiming:
+    """What the warm-up's cost line (`cost`, an embserve.forward_cost.ForwardCost or None) changes, each
+    shown in the profile: the automatic token budget bounded by `limit_ms` (max_forward_ms); on a GPU, a
+    forward's fixed cost as the planner's group cost, and the length tolerance a preference. A setting
+    given explicitly keeps its value."""
+    from embserve.forward_cost import capped_budget
+
+    budget = batch_tokens.value
+    if cost is not None:
+        profile.set("forward_cost", cost.describe(), "measured at warm-up")
+    if limit_ms is not None:
+        profile.set("max_forward_ms", limit_ms, source(settings, "max_forward_ms", "auto: GPU default"))
+        if settings.max_batch_tokens is None:
+            budget, why = capped_budget(budget, cost, limit_ms, max_length)
+            if why:
+                profile.set("max_batch_tokens", budget, f"{batch_tokens.source}; {why}")
+    if not gpu or cost is None:
+        return ForwardTiming(budget, None, True)
+    group_cost = cost.fixed_tokens
+    if settings.group_cost_tokens is None:
+        profile.set("group_cost_tokens", group_cost, "auto: a forward's fixed cost in tokens, from the warm-up")
+    wall = settings.explicit("length_group_tolerance")
+    if not wall:
+        profile.set("length_group_tolerance", settings.length_group_tolerance,
+                    "default; a preference on a GPU: the group cost weighs padding against a forward")
+    return ForwardTiming(budget, group_cost, wall)

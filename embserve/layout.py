@@ -3,6 +3,7 @@ grow can ever give it that. serve_config.yaml's `deployments` entries override t
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from embserve.settings import CPU_MAX_BATCH_SIZE, ModelSpec, Settings
@@ -20,9 +21,10 @@ INGRESS_OPTIONS: dict[str, Any] = {
     "ray_actor_options": {"num_cpus": INGRESS_CPUS},
 }
 # GPU replicas scale on load, one card each; a new one loads the model and may wait for a GPU node, so
-# they come slowly and go slower still.
-GPU_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32,
-                                   "upscale_delay_s": 10, "downscale_delay_s": 300}
+# they come slowly and go slower still. Their target of ongoing requests is the largest forward
+# (`embedder_options`): a card is busy only once a full forward of one-text requests is in flight.
+GPU_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 10,
+                                   "downscale_delay_s": 300}
 GPU_MAX_BATCH_SIZE = 256  # the largest batch a card's size can give (embserve.gpu_memory's tiers)
 
 
@@ -33,17 +35,22 @@ def embedder_options(settings: Settings, spec: ModelSpec, cpu_models: int) -> di
     forward on every core it sees (embserve.hardware); the models of one app share the cores, so each
     reserves its share of one CPU and all of them fit beside the ingress on a 2-core machine.
     """
-    bound = settings.max_batch_size or (GPU_MAX_BATCH_SIZE if settings.num_gpus else CPU_MAX_BATCH_SIZE)
+    bound = settings.admit_batch_size or settings.max_batch_size or (
+        GPU_MAX_BATCH_SIZE if settings.num_gpus else CPU_MAX_BATCH_SIZE)
     options: dict[str, Any] = {
         "name": spec.deployment_name,
-        # Requests one replica holds; a batch can never hold more, so twice the largest batch lets one
-        # batch compute while the next fills.
+        # Requests one replica holds; an admission can never hold more, so twice the largest lets one
+        # compute while the next fills.
         "max_ongoing_requests": max(64, 2 * bound),
         "max_queued_requests": settings.max_queued_requests,
     }
     if settings.num_gpus:
         actor = {"num_gpus": settings.num_gpus}
-        options["autoscaling_config"] = dict(GPU_AUTOSCALING)
+        # At fewer ongoing requests a card's forwards are small and launch-bound (a MiniLM forward of 32
+        # texts costs about what one of 256 does on a large card), so a second card would be asked for
+        # while the first still idles; at `bound`, one full forward runs while the rest of
+        # max_ongoing_requests (2 x bound) fills the next.
+        options["autoscaling_config"] = {**GPU_AUTOSCALING, "target_ongoing_requests": bound}
     else:
         actor = {"num_cpus": round(1 / max(1, cpu_models), 3)}
         options["num_replicas"] = 1
@@ -53,7 +60,28 @@ def embedder_options(settings: Settings, spec: ModelSpec, cpu_models: int) -> di
         options.pop("autoscaling_config", None)
     options["ray_actor_options"] = {**actor, **own.pop("ray_actor_options", {})}
     options.update(own)
+    if options["ray_actor_options"].get("num_gpus"):
+        options["ray_actor_options"] = with_allocator_env(options["ray_actor_options"])
     return options
+
+
+ALLOCATOR_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+ALLOCATOR_DEFAULT = "expandable_segments:True"
+
+
+def with_allocator_env(actor: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """A GPU replica's actor options with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` in its
+    runtime_env: Ray sets it when the worker process starts, before anything imports torch, so the
+    allocator reads it (a group of a new shape grows the segment it has instead of leaving holes).
+    Whatever the user set wins: an allocator variable in the replica's own runtime_env, or in the
+    environment the builder runs in (which Ray's workers inherit)."""
+    env = os.environ if environ is None else environ
+    runtime_env = dict(actor.get("runtime_env") or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    if any(name in env_vars or name in env for name in ALLOCATOR_ENV):
+        return actor
+    env_vars["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_DEFAULT
+    return {**actor, "runtime_env": {**runtime_env, "env_vars": env_vars}}
 
 
 def least_replicas(options: dict[str, Any]) -> int:

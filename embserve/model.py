@@ -96,12 +96,13 @@ class DtypeChoice:
         return "bfloat16" if self.autocast else str(self.weights).removeprefix("torch.")
 
 
-def choose_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | None = None) -> DtypeChoice:
+def choose_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | None = None,
+                 allow_tf32: bool = False) -> DtypeChoice:
     """The dtype setting resolved for a device. On a CPU, bf16 runs as autocast over float32 weights, so
     layer norms, softmax and GELU stay float32: within 6% of bf16 weights' speed here, with half their
     error (bench/profile.md). `cpu_flags`: the CPU's flags, read from /proc/cpuinfo when not given."""
     if device == "cuda":
-        return cuda_dtype_choice(dtype, torch.cuda.get_device_capability(), cuda_bf16_native())
+        return cuda_dtype_choice(dtype, torch.cuda.get_device_capability(), cuda_bf16_native(), allow_tf32)
     if device != "cpu":
         weights = pick_dtype(dtype, device)
         return DtypeChoice(weights, False, "explicit setting" if dtype != "auto"
@@ -121,11 +122,12 @@ def cuda_bf16_native() -> bool:
     return bool(torch.cuda.is_bf16_supported(including_emulation=False))
 
 
-def cuda_dtype_choice(dtype: str, capability: tuple[int, int], bf16_native: bool | None = None) -> DtypeChoice:
+def cuda_dtype_choice(dtype: str, capability: tuple[int, int], bf16_native: bool | None = None,
+                      allow_tf32: bool = False) -> DtypeChoice:
     """The dtype setting resolved for a GPU of this compute capability. `bf16_native`: torch's own answer
-    (cuda_bf16_native); None: capability 8.0 and later (Ampere), which is what torch checks. TF32 where
-    float32 runs: on Ampere and later it keeps float32's range with a 10-bit mantissa in the matmuls,
-    several times faster, and pooling and normalization stay float32 anyway."""
+    (cuda_bf16_native); None: capability 8.0 and later (Ampere), which is what torch checks. TF32 only
+    where `allow_tf32` asks for it: its 10-bit mantissa in the matmuls is several times faster on Ampere
+    and later, but moves float32 vectors by ~1e-3, past the 1e-5 that `dtype: float32` promises."""
     native = capability >= (8, 0) if bf16_native is None else bf16_native
     sm = f"sm_{capability[0]}{capability[1]}"
     if dtype == "auto":
@@ -134,7 +136,9 @@ def cuda_dtype_choice(dtype: str, capability: tuple[int, int], bf16_native: bool
         return DtypeChoice(torch.float16, False, f"auto: {sm} has no native bf16, fp16 weights")
     weights = pick_dtype(dtype, "cuda")
     if weights == torch.float32:
-        return DtypeChoice(weights, False, "explicit setting, TF32 matmuls", tf32=True)
+        if allow_tf32:
+            return DtypeChoice(weights, False, "explicit setting, TF32 matmuls (allow_tf32)", tf32=True)
+        return DtypeChoice(weights, False, "explicit setting, full float32 matmuls (allow_tf32 false)")
     if weights == torch.bfloat16 and not native:
         return DtypeChoice(weights, False, f"explicit setting (bf16 is emulated on {sm}: slower than fp16)")
     return DtypeChoice(weights, False, "explicit setting")
@@ -156,17 +160,42 @@ def pick_dtype(dtype: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
-def attention_choice(device: str, weights: torch.dtype, flash_attn_installed: bool) -> tuple[str | None, str]:
-    """The attention implementation to ask transformers for, and why. FlashAttention-2 only on a GPU, in
-    fp16 or bf16 (its kernels take nothing else), where the flash_attn package is installed; otherwise
-    None: transformers' default, sdpa where the model supports it, else eager."""
+# FlashAttention-2's kernels run on Ampere (sm_80) and later only; on a T4 or V100 the load would fail.
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)
+
+
+def attention_choice(device: str, weights: torch.dtype, flash_attn_installed: bool,
+                     capability: tuple[int, int] | None = None,
+                     model_supports_flash: bool = True) -> tuple[str | None, str]:
+    """The attention implementation to ask transformers for, and why. FlashAttention-2 only on a GPU of
+    compute capability 8.0 or later (`capability`, None: not known), in fp16 or bf16 (its kernels take
+    nothing else), where the flash_attn package is installed and the model's class has a FlashAttention-2
+    path (transformers refuses to load it otherwise); else None: transformers' default, sdpa where the
+    model supports it, else eager."""
     if device != "cuda":
         return None, f"{device}: transformers' default (sdpa where the model has it)"
     if not flash_attn_installed:
         return None, "cuda: flash_attn is not installed, transformers' default (sdpa where the model has it)"
     if weights not in (torch.float16, torch.bfloat16):
         return None, f"cuda: FlashAttention-2 takes fp16 or bf16, not {str(weights).removeprefix('torch.')}"
-    return "flash_attention_2", "cuda, fp16/bf16 and flash_attn installed"
+    if capability is not None and tuple(capability) < FLASH_ATTN_MIN_CAPABILITY:
+        return None, (f"cuda: FlashAttention-2 needs sm_80 or later, this card is sm_{capability[0]}{capability[1]}; "
+                      "transformers' default (sdpa where the model has it)")
+    if not model_supports_flash:
+        return None, "cuda: the model's class has no FlashAttention-2 path, transformers' default (sdpa where it has it)"
+    return "flash_attention_2", "cuda, sm_80+, fp16/bf16, flash_attn installed and supported by the model"
+
+
+def model_supports_flash_attention(config: object) -> bool:
+    """Whether the transformers class that AutoModel loads for `config` has a FlashAttention-2 path; False
+    for a class transformers does not know (remote code), which then keeps transformers' default."""
+    from transformers import AutoModel
+
+    try:
+        cls = AutoModel._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return False
+    return bool(getattr(cls, "_supports_flash_attn", False) or getattr(cls, "_supports_flash_attn_2", False))
 
 
 def flash_attn_installed() -> bool:
@@ -205,10 +234,11 @@ class EmbeddingModel:
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto",
                  threads: int | None = None, runtime: str = "torch", streams: int = 1,
-                 cache_dir: str | None = None) -> None:
+                 cache_dir: str | None = None, allow_tf32: bool = False) -> None:
         """`runtime`: the setting (auto, torch, openvino), resolved here once the device and dtype are known;
         `streams`: forwards that may run at once (the replica's forward workers), for OpenVINO's streams;
-        `cache_dir`: where converted OpenVINO models are kept (None: ~/.cache/embserve/openvino; '': nowhere)."""
+        `cache_dir`: where converted OpenVINO models are kept (None: ~/.cache/embserve/openvino; '': nowhere);
+        `allow_tf32`: float32 matmuls on a GPU's TF32 units (the setting; off keeps float32's 1e-5)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         from embserve import openvino_runtime
@@ -222,7 +252,7 @@ class EmbeddingModel:
         self.heap = HeapTrimmer() if self.device == "cpu" else None
         if self.device == "cpu":
             bound_primitive_cache()
-        choice = choose_dtype(dtype, self.device)
+        choice = choose_dtype(dtype, self.device, allow_tf32=allow_tf32)
         if choice.tf32 and self.device == "cuda":
             enable_tf32()
         self.dtype = choice.weights
@@ -234,7 +264,11 @@ class EmbeddingModel:
         pinned = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
         config = AutoConfig.from_pretrained(self.source, **pinned)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source, **pinned)
-        attention, self.attention_reason = attention_choice(self.device, self.dtype, flash_attn_installed())
+        flash = flash_attn_installed()
+        attention, self.attention_reason = attention_choice(
+            self.device, self.dtype, flash,
+            capability=torch.cuda.get_device_capability() if self.device == "cuda" else None,
+            model_supports_flash=flash and model_supports_flash_attention(config))
         extra = {"attn_implementation": attention} if attention else {}
 
         def load_transformer() -> torch.nn.Module:

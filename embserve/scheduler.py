@@ -3,7 +3,8 @@ forward worker takes the next group from one plan over everything pending (the g
 oldest input), and each request is answered as soon as its own inputs are done.
 
 One lock guards the queue; forward workers are plain threads that take a group, run it, and hand its
-vectors back. Nothing else decides what runs next. A group that runs out of GPU memory is split and run
+vectors back. On a GPU the one worker is pipelined (`_pipeline`): it keeps two groups launched, and plans
+and answers while the card computes. Nothing else decides what runs next. A group that runs out of GPU memory is split and run
 again here, and the budget that plans later groups lowered (`_run`).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 # How many of the oldest pending inputs one plan looks at: enough to fill any group a budget allows,
 # few enough that planning stays well under a millisecond behind a 2048-input request.
 PLAN_WINDOW = 512
+# Groups a pipelined worker keeps queued on the device: one computing, the next queued behind it, so the
+# card never waits while the host answers the first and plans the one after.
+PIPELINE_DEPTH = 2
 
 
 @dataclass
@@ -41,7 +46,7 @@ class EmbedJob:
     token_ids: list[list[int]] | None = None
     truncate: bool = False
     prompt_name: str | None = None  # a prompt of the model's; None: its default prompt, if it has one
-    weight: int = 1  # what it counts for in max_batch_size; set by the replica
+    weight: int = 1  # what it counts for in an admission (admit_batch_size); set by the replica
     received: float = 0.0  # time.perf_counter() when the replica got it (its wait for a batch counts)
     cancelled: bool = False  # the caller went away: its inputs still pending are dropped, never computed
 
@@ -143,7 +148,8 @@ class Scheduler:
 
     def __init__(self, model: EmbeddingModel, layout: ForwardLayout, config: Callable[[], BatchingConfig],
                  max_batch_tokens: int, report: Callable[[object], None] = lambda _: None,
-                 group_cost_tokens: int | None = None) -> None:
+                 group_cost_tokens: int | None = None, tolerance_wall: bool = True,
+                 pipelined: bool | None = None) -> None:
         self.model = model
         self.tokenizer = model.request_tokenizer()
         self.config = config
@@ -154,13 +160,20 @@ class Scheduler:
         # A forward's fixed cost dwarfs per-token cost on a GPU; on a CPU it is a few dozen tokens.
         self.group_cost_tokens = group_cost_tokens if group_cost_tokens is not None else (
             512 if model.device == "cuda" else 32)
+        # False: the length tolerance is a preference, not a wall; the group cost alone weighs padding
+        # against one more forward (a GPU replica whose warm-up measured what a forward costs).
+        self.tolerance_wall = tolerance_wall
         self.report = report
         self._pending: list[tuple[Request, int]] = []  # (request, input index), in admission order
         self._wake = threading.Condition()
         self._closed = False
         self.threads_seen: set[int] = set()  # torch threads per forward, as each worker reads them back
+        # One worker on a GPU overlaps: it plans, pads and copies the next group while the card computes
+        # (embserve/gpu_pipeline.py). None: so on a GPU with one forward worker.
+        self.pipelined = (model.device == "cuda" and layout.workers == 1) if pipelined is None else pipelined
+        target = self._pipeline if self.pipelined else self._work
         ready = threading.Barrier(layout.workers + 1)
-        self._workers = [threading.Thread(target=self._work, args=(layout.threads_per_forward, ready),
+        self._workers = [threading.Thread(target=target, args=(layout.threads_per_forward, ready),
                                           name=f"forward-{k}", daemon=True) for k in range(layout.workers)]
         for worker in self._workers:
             worker.start()
@@ -223,8 +236,10 @@ class Scheduler:
         if self.memory_cap is not None:
             budget = min(budget, self.memory_cap)
         group = next_group([len(r.seqs[i]) for r, i in window], max_batch_tokens=budget,
+                           max_inputs=cfg.max_batch_size,
                            group_by_length=cfg.enable_length_grouping,
-                           tolerance=cfg.length_group_tolerance, min_group_size=cfg.min_batch_size,
+                           tolerance=cfg.length_group_tolerance if self.tolerance_wall else 1.0,
+                           min_group_size=cfg.min_batch_size,
                            group_cost_tokens=self.group_cost_tokens if cfg.group_cost_tokens is None
                            else cfg.group_cost_tokens)
         taken = [window[k] for k in group]
@@ -232,13 +247,16 @@ class Scheduler:
         self._pending = [item for item in self._pending if id(item) not in chosen]
         return taken
 
-    def _work(self, threads: int, ready: threading.Barrier) -> None:
+    def _start_thread(self, threads: int, ready: threading.Barrier) -> None:
         import torch
 
         name_os_thread(threading.current_thread().name)
         torch.set_num_threads(threads)
         self.threads_seen.add(torch.get_num_threads())
         ready.wait()
+
+    def _work(self, threads: int, ready: threading.Barrier) -> None:
+        self._start_thread(threads, ready)
         while True:
             with self._wake:
                 while not self._pending and not self._closed:
@@ -249,15 +267,55 @@ class Scheduler:
             if taken:
                 self._forward(taken)
 
+    def _pipeline(self, threads: int, ready: threading.Barrier) -> None:
+        """One worker that keeps PIPELINE_DEPTH groups launched: it takes and launches the next group, then
+        waits for the oldest one's end only, answers it, and goes round again, so that planning, padding,
+        copying and answering all happen while the device computes. Groups end in the order they were
+        taken. A group whose launch or result fails (out of memory) runs again through `_run`."""
+        from embserve.gpu_pipeline import Done, launcher_for
+
+        self._start_thread(threads, ready)
+        launcher = launcher_for(self.model)
+        inflight: deque[tuple[list[tuple[Request, int]], list[list[int]], object, float]] = deque()
+        last_end = 0.0
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed and not inflight:
+                    self._wake.wait()
+                if self._closed and not inflight:
+                    return
+                taken = self._take() if self._pending and not self._closed else []
+            if taken:
+                seqs = [request.seqs[i] for request, i in taken]
+                launched = time.perf_counter()
+                for request, _ in taken:
+                    request.started_at = request.started_at or launched
+                try:
+                    pending = launcher.launch(seqs)
+                except Exception as exc:  # noqa: BLE001 - raised again by result(), in order, and handled there
+                    pending = Done(error=exc)
+                inflight.append((taken, seqs, pending, launched))
+            if inflight and (len(inflight) >= PIPELINE_DEPTH or not taken):
+                done_taken, done_seqs, done_pending, launched = inflight.popleft()
+                rows = self._run(done_seqs, done_pending.result)  # type: ignore[attr-defined]
+                end = time.perf_counter()
+                # Its time on the device: from its launch, or from the end of the one queued before it.
+                self._finish(done_taken, done_seqs, rows, end - max(launched, last_end))
+                last_end = end
+
     def _forward(self, taken: list[tuple[Request, int]]) -> None:
         started = time.perf_counter()
         seqs = [request.seqs[i] for request, i in taken]
         for request, _ in taken:
             request.started_at = request.started_at or started
         rows = self._run(seqs)
+        self._finish(taken, seqs, rows, time.perf_counter() - started)
+
+    def _finish(self, taken: list[tuple[Request, int]], seqs: list[list[int]],
+                rows: list[np.ndarray | EmbservError], seconds: float) -> None:
+        """Reports a forward, hands each row to its request, and answers those whose inputs are all done."""
         lengths = list(map(len, seqs))
-        self.report(Forward(len(seqs), sum(lengths), padded_size(lengths, range(len(seqs))),
-                            time.perf_counter() - started))
+        self.report(Forward(len(seqs), sum(lengths), padded_size(lengths, range(len(seqs))), seconds))
         done = time.perf_counter()
         with self._wake:
             finished = []
@@ -283,14 +341,16 @@ class Scheduler:
         for request in finished:
             self._answer(request, done)
 
-    def _run(self, seqs: list[list[int]]) -> list[np.ndarray | EmbservError]:
-        """Each input's vector or error. A group that runs out of GPU memory is split in halves, each run
-        again (down to single inputs), and the replica's budget lowered; an input that fails alone gets
-        OutOfMemory, and the rest of its group is still answered."""
+    def _run(self, seqs: list[list[int]],
+             result: Callable[[], np.ndarray] | None = None) -> list[np.ndarray | EmbservError]:
+        """Each input's vector or error: of `result` (a launched group's) where given, else of a forward run
+        here. A group that runs out of GPU memory is split in halves, each run again (down to single
+        inputs), and the replica's budget lowered; an input that fails alone gets OutOfMemory, and the rest
+        of its group is still answered."""
         import torch
 
         try:
-            return list(self.model.forward(seqs))
+            return list(result() if result is not None else self.model.forward(seqs))
         except torch.cuda.OutOfMemoryError:
             # No `as`: the exception's traceback holds the failed forward's frames and with them its
             # activations; it is dropped when this block ends, before the cache is freed and halves retried.

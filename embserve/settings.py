@@ -21,6 +21,9 @@ ENV_PREFIX = "EMB_PROVIDER_"
 # What a CPU replica batches when nothing is set; a GPU replica sizes both from its card (embserve.hardware).
 CPU_MAX_BATCH_SIZE = 32
 CPU_MAX_BATCH_TOKENS = 8192
+# On a GPU, the longest one forward may take unless max_forward_ms says otherwise: a lone query waits at
+# most this long behind a large group, and the fixed cost of a forward (a few ms) is still amortised.
+GPU_MAX_FORWARD_MS = 250.0
 
 Pooling = Literal["auto", "mean", "cls", "max", "last"]
 Task = Literal["embed", "rerank"]
@@ -31,7 +34,12 @@ class BatchingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_batch_size: int = Field(CPU_MAX_BATCH_SIZE, ge=1, description="Most inputs (texts) one @serve.batch call holds.")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="Most inputs (texts) in one forward. None: as many as the token budget "
+        f"allows, and admissions of {CPU_MAX_BATCH_SIZE}; a replica always sets it (Settings.batching).")
+    admit_batch_size: int | None = Field(
+        None, ge=1, description="Most inputs one @serve.batch admission gathers before it hands them to the "
+        "replica's queue. None: max_batch_size.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, le=10, description="How long a batch waits to fill after its first request. 0: none; "
         "what queues while the model is busy shares the next run anyway."
@@ -76,9 +84,11 @@ class BatchingConfig(BaseModel):
         return self.batch_wait_timeout_s if self.enable_dynamic_batching else 0.0
 
     @property
-    def effective_max_batch_size(self) -> int:
-        """Inputs one run may hold; 1 without dynamic batching, so every request runs on its own."""
-        return self.max_batch_size if self.enable_dynamic_batching else 1
+    def effective_admit_batch_size(self) -> int:
+        """Inputs one admission may gather; 1 without dynamic batching, so every request runs on its own."""
+        if not self.enable_dynamic_batching:
+            return 1
+        return self.admit_batch_size or self.max_batch_size or CPU_MAX_BATCH_SIZE
 
     def updated(self, user_config: dict[str, Any] | None) -> "BatchingConfig":
         """This config with a Serve user_config applied; keys it does not name keep their value."""
@@ -235,6 +245,8 @@ class Settings(BaseSettings):
     # Hardware.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    allow_tf32: bool = Field(False, description="On a GPU, float32 matmuls on TF32 units: several times "
+                             "faster, but float32 vectors no longer within 1e-5 of sentence-transformers.")
     num_gpus: float = Field(0, ge=0, description="GPUs per embedding replica (ray_actor_options).")
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads for a replica's forwards, in all. None: what Ray gives (its "
@@ -253,7 +265,10 @@ class Settings(BaseSettings):
 
     # Batching (the replica's user_config can change these at run time). Defaults: BatchingConfig's.
     max_batch_size: int | None = Field(
-        None, ge=1, description=f"None: {CPU_MAX_BATCH_SIZE} on a CPU; on a GPU by the card's size.")
+        None, ge=1, description=f"Most inputs in one forward. None: {CPU_MAX_BATCH_SIZE} on a CPU; on a GPU by "
+        "the card's size.")
+    admit_batch_size: int | None = Field(
+        None, ge=1, description="Most inputs one @serve.batch admission gathers. None: max_batch_size.")
     max_wait_time_ms: float = Field(_BATCHING["batch_wait_timeout_s"].default * 1000.0, ge=0, le=10_000)
     min_batch_size: int = Field(_BATCHING["min_batch_size"].default, ge=1)
     enable_dynamic_batching: bool = _BATCHING["enable_dynamic_batching"].default
@@ -263,6 +278,9 @@ class Settings(BaseSettings):
         None, ge=16, description=f"None: {CPU_MAX_BATCH_TOKENS} on a CPU; on a GPU from the card's memory "
         "and the model's config.")
     group_cost_tokens: int | None = Field(_BATCHING["group_cost_tokens"].default, ge=0)
+    max_forward_ms: float | None = Field(
+        None, gt=0, description=f"Longest one forward may take, by the warm-up's timings: the automatic "
+        f"max_batch_tokens is lowered to fit. None: {GPU_MAX_FORWARD_MS:g} on a GPU, no bound on a CPU.")
 
     # Requests.
     truncate: bool = Field(False, description="Cut over-long inputs instead of answering 400.")
@@ -317,6 +335,7 @@ class Settings(BaseSettings):
         """The batching knobs, with the replica's own choices where the settings leave a size open."""
         return BatchingConfig(
             max_batch_size=self.max_batch_size or max_batch_size or CPU_MAX_BATCH_SIZE,
+            admit_batch_size=self.admit_batch_size,
             batch_wait_timeout_s=self.max_wait_time_ms / 1000.0,
             min_batch_size=self.min_batch_size,
             enable_dynamic_batching=self.enable_dynamic_batching,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import sys
 import threading
 import time
 import uuid
@@ -94,6 +95,7 @@ def _histograms() -> dict[str, Histogram]:
         "tokenize_s": Histogram(SECONDS_BUCKETS),
         "forward_s": Histogram(SECONDS_BUCKETS),
         "batch_inputs": Histogram(INPUT_BUCKETS),
+        "forward_inputs": Histogram(INPUT_BUCKETS),
         "batch_tokens": Histogram(TOKEN_BUCKETS),
     }
 
@@ -112,23 +114,25 @@ class Event:
 
 
 def process_memory() -> dict[str, Any]:
-    """GPU memory where torch sees a GPU, the process's resident memory otherwise.
+    """GPU memory where this process computes on a GPU, the process's resident memory otherwise.
+
+    "Computes on a GPU" means CUDA is already initialised here. torch is looked up, never imported, and
+    CUDA never initialised: the ingress has no torch at all, and under Ray 2.60 a `num_gpus: 0` process
+    sees the node's cards, so asking torch whether a GPU is there would cost the ingress ~0.5 GB and
+    seconds of a blocked loop, and would make a CPU replica report GPU 0's memory as its own.
 
     On a GPU, `peak_allocated_bytes` is the peak since the previous call: the peak is reset after reading
     it, so that each report carries its own interval's peak and the aggregate can keep the max since a reset.
     """
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            total = torch.cuda.get_device_properties(0).total_memory
-            peak = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            return {"kind": "gpu", "allocated_bytes": torch.cuda.memory_allocated(),
-                    "reserved_bytes": torch.cuda.memory_reserved(), "total_bytes": total,
-                    "peak_allocated_bytes": peak}
-    except ImportError:  # pragma: no cover - torch is a dependency; ingress processes may lack CUDA
-        pass
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).total_memory
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"kind": "gpu", "allocated_bytes": torch.cuda.memory_allocated(device),
+                "reserved_bytes": torch.cuda.memory_reserved(device), "total_bytes": total,
+                "peak_allocated_bytes": peak}
     with open(f"/proc/{os.getpid()}/statm") as f:
         rss_pages = int(f.read().split()[1])
     return {"kind": "process", "rss_bytes": rss_pages * os.sysconf("SC_PAGE_SIZE")}
@@ -211,6 +215,7 @@ class SourceState:
             c["tokens"] += report.tokens
             c["padded_tokens"] += report.padded_tokens
             self.histograms["forward_s"].observe(report.seconds)
+            self.histograms["forward_inputs"].observe(report.inputs)
             self.histograms["batch_tokens"].observe(report.padded_tokens)
             self.window.append((event.at, 0, report.inputs, report.tokens))
         elif event.kind == "answered":
@@ -256,6 +261,7 @@ def _summary(counters: dict[str, int], errors: dict[str, int], hists: dict[str, 
         "latency_ms": {"request": hists["request_s"].percentiles(1000), "queue": hists["queue_s"].percentiles(1000),
                        "tokenize": hists["tokenize_s"].percentiles(1000), "forward": hists["forward_s"].percentiles(1000)},
         "batch_inputs": hists["batch_inputs"].percentiles(),
+        "forward_inputs": hists["forward_inputs"].percentiles(),
         "batch_tokens": hists["batch_tokens"].percentiles(),
         "errors": dict(errors),
     }

@@ -54,7 +54,7 @@ def test_user_config_retunes_running_replicas_without_restart(config, client):
     after = describe()
     assert after["pid"] == before["pid"]  # same process: re-tuned, not restarted
     assert after["batching"]["max_batch_size"] == 4
-    assert after["effective_wait_s"] == 0.0 and after["effective_max_batch_size"] == 1
+    assert after["effective_wait_s"] == 0.0 and after["effective_admit_batch_size"] == 1
     assert after["profile"]["max_batch_size"] == {"value": 4, "source": "set: serve_config.yaml user_config"}
 
     client.post("/v1/performance/reset")
@@ -67,12 +67,13 @@ def test_user_config_retunes_running_replicas_without_restart(config, client):
 
     deployment(config, EMBEDDER)["user_config"].update(enable_dynamic_batching=True)
     deploy(config)
-    assert describe()["effective_max_batch_size"] == 4
+    assert describe()["effective_admit_batch_size"] == 4
     client.post("/v1/performance/reset")
     with cf.ThreadPoolExecutor(12) as pool:
         list(pool.map(lambda t: embed(client, t), texts))
-    batches = performance(client)["batch_inputs"]
-    assert batches["max"] <= 4  # the new max_batch_size holds inputs, not requests
+    perf = performance(client)
+    assert perf["batch_inputs"]["max"] <= 4  # the new max_batch_size holds inputs, not requests
+    assert perf["forward_inputs"]["max"] <= 4  # and caps every forward too
 
     deployment(config, EMBEDDER)["user_config"].update(max_batch_size=32)
     deploy(config)

@@ -36,6 +36,21 @@ def test_the_shipped_cpu_layout_runs_one_single_thread_forward_per_core(config):
     assert described["profile"]["torch_threads"] == {"value": cores, "source": f"auto: {cores} cores visible to the replica"}
 
 
+def test_the_shipped_cpu_replica_runs_openvino_with_a_stream_per_forward_worker_and_says_why(config, client):
+    """`runtime: auto` on a CPU with openvino installed (a dependency): the profile in /v1/performance names
+    the runtime, why, its precision and its streams, one per forward worker."""
+    cores = len(os.sched_getaffinity(0))
+    runtime = call_deployment("describe")["profile"]["runtime"]
+    assert runtime["value"] == "openvino", runtime
+    assert runtime["source"].startswith("auto: a CPU, and openvino is installed"), runtime
+    assert f"f32 precision, {cores} streams" in runtime["source"], runtime
+    deadline = time.monotonic() + 10  # the replica's profile reaches the metrics actor with its next report
+    while MODEL not in (profiles := client.get("/v1/performance").json()["profile"]):
+        assert time.monotonic() < deadline, profiles
+        time.sleep(0.2)
+    assert profiles[MODEL]["runtime"] == runtime
+
+
 def test_a_long_requests_groups_run_on_every_forward_worker_in_arrival_order(config, client, reference):
     """The long request queues about 24 groups (4 documents each, under the 1024-token budget); a query
     sent while they compute is answered after them: nothing overtakes an older input. Both workers take

@@ -96,6 +96,15 @@ def test_merging_leaves_a_small_group_only_where_no_neighbour_has_room(lengths, 
 
 
 @fast
+@given(lengths_st, budget_st, st.booleans(), tolerance_st, st.integers(1, 8), cost_st, st.integers(1, 16))
+def test_no_group_holds_more_than_max_inputs(lengths, budget, grouping, tolerance, min_group, cost, max_inputs):
+    plan = plan_batches(lengths, max_batch_tokens=budget, group_by_length=grouping, tolerance=tolerance,
+                        min_group_size=min_group, group_cost_tokens=cost, max_inputs=max_inputs)
+    assert sorted(_flatten(plan)) == list(range(len(lengths)))
+    assert all(1 <= len(group) <= max_inputs for group in plan)
+
+
+@fast
 @given(st.lists(st.integers(1, 512), min_size=1, max_size=120), budget_st, st.booleans(), tolerance_st,
        st.integers(1, 8))
 def test_padding_efficiency_is_in_zero_one(lengths, budget, grouping, tolerance, min_group):
@@ -109,7 +118,8 @@ def test_padding_efficiency_is_in_zero_one(lengths, budget, grouping, tolerance,
     assert stats.padded_tokens >= stats.tokens
 
 
-def _brute_force_cost(lengths: list[int], budget: int, tolerance: float, cost: int) -> int:
+def _brute_force_cost(lengths: list[int], budget: int, tolerance: float, cost: int,
+                      max_inputs: int | None = None) -> int:
     """Cheapest valid partition of the sorted lengths into contiguous runs, by trying all cut sets."""
     s = sorted(lengths)
     n = len(s)
@@ -119,7 +129,8 @@ def _brute_force_cost(lengths: list[int], budget: int, tolerance: float, cost: i
         total = 0
         for a, b in zip(bounds, bounds[1:]):
             run = s[a:b]
-            if run[0] < run[-1] * (1.0 - tolerance) or (len(run) > 1 and len(run) * run[-1] > budget):
+            if run[0] < run[-1] * (1.0 - tolerance) or (len(run) > 1 and len(run) * run[-1] > budget) or (
+                    max_inputs is not None and len(run) > max_inputs):
                 break
             total += len(run) * run[-1] + cost
         else:
@@ -135,6 +146,41 @@ def test_length_groups_are_the_cheapest_valid_partition(lengths, budget, toleran
     plan = plan_batches(lengths, max_batch_tokens=budget, tolerance=tolerance, group_cost_tokens=cost)
     got = sum(padded_size(lengths, g) for g in plan) + cost * len(plan)
     assert got == _brute_force_cost(lengths, budget, tolerance, cost)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 64), min_size=1, max_size=9), st.integers(16, 400), tolerance_st,
+       st.integers(0, 64), st.integers(1, 4))
+def test_length_groups_are_the_cheapest_valid_partition_of_at_most_max_inputs(lengths, budget, tolerance, cost,
+                                                                               max_inputs):
+    plan = plan_batches(lengths, max_batch_tokens=budget, tolerance=tolerance, group_cost_tokens=cost,
+                        max_inputs=max_inputs)
+    got = sum(padded_size(lengths, g) for g in plan) + cost * len(plan)
+    assert got == _brute_force_cost(lengths, budget, tolerance, cost, max_inputs)
+
+
+def _reference_cost(lengths: list[int], budget: int, tolerance: float, cost: int, max_inputs: int) -> int:
+    """The cheapest valid partition by the plain O(n x window) dynamic programme over the sorted lengths."""
+    s = sorted(lengths)
+    best = [0] + [None] * len(s)
+    for j in range(1, len(s) + 1):
+        longest = s[j - 1]
+        options = [best[i] + (j - i) * longest + cost for i in range(j)
+                   if s[i] >= longest * (1.0 - tolerance) and (j - i == 1 or (j - i) * longest <= budget)
+                   and j - i <= max_inputs]
+        best[j] = min(options)
+    return best[-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 512), min_size=1, max_size=200), st.integers(16, 16384), tolerance_st,
+       st.integers(0, 4096), st.integers(1, 256))
+def test_length_groups_cost_what_the_plain_dynamic_programme_finds_on_large_windows(lengths, budget, tolerance,
+                                                                                   cost, max_inputs):
+    plan = plan_batches(lengths, max_batch_tokens=budget, tolerance=tolerance, group_cost_tokens=cost,
+                        max_inputs=max_inputs)
+    got = sum(padded_size(lengths, g) for g in plan) + cost * len(plan)
+    assert got == _reference_cost(lengths, budget, tolerance, cost, max_inputs)
 
 
 def test_length_groups_come_out_shortest_first():

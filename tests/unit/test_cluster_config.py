@@ -95,6 +95,14 @@ def test_gpu_embedder_batches_can_fill_under_its_concurrency_limits(on_gpus):
     assert config.max_queued_requests >= 1  # a bounded queue: overload is a fast 503
 
 
+def test_gpu_embedders_scale_out_only_once_a_full_forward_is_in_flight_on_each_card(on_gpus):
+    # A card is busy only when one full forward of one-text requests runs and the next one fills.
+    for given, largest in (({"num_gpus": 1}, 256), ({"num_gpus": 1, "max_batch_size": 64}, 64)):
+        config = (on_gpus if given == {"num_gpus": 1} else built(given))[EMBEDDER]._deployment_config
+        assert config.autoscaling_config.target_ongoing_requests == largest
+        assert config.max_ongoing_requests == 2 * largest
+
+
 def test_a_cpu_app_runs_one_embedder_per_model_and_they_fit_beside_the_ingress_on_two_cores():
     one = built({})
     two = built({"models": [{"name": "a"}, {"name": "b"}]})

@@ -1,6 +1,9 @@
 """The replica's hardware profile: what it picks from what it sees, and that an explicit setting wins."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -36,6 +39,20 @@ def test_asking_for_cuda_without_a_gpu_says_where_it_was_asked(monkeypatch):
     with pytest.raises(ValueError, match=r"'cuda' is set \(environment EMB_PROVIDER_DEVICE\) but torch sees no GPU"):
         choose_device(Settings(), cuda_available=False)
     assert choose_device(Settings(device="cpu"), cuda_available=True).source == "set: args"
+
+
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_a_gpu_from_ray_without_cuda_in_torch_refuses_to_start_and_says_why(device):
+    with pytest.raises(ValueError, match=r"assigned this replica 1 GPU.*torch sees none.*torch \S+ is") as caught:
+        choose_device(Settings(device=device), cuda_available=False, gpus_assigned=1)
+    assert "num_gpus" in str(caught.value)
+
+
+def test_a_gpu_from_ray_may_still_serve_on_the_cpu_when_device_cpu_is_set():
+    assert choose_device(Settings(device="cpu"), cuda_available=False, gpus_assigned=1).value == "cpu"
+    # Outside Ray, or with no GPU assigned, no GPU is expected.
+    assert choose_device(Settings(), cuda_available=False, gpus_assigned=None).value == "cpu"
+    assert choose_device(Settings(), cuda_available=False, gpus_assigned=0).value == "cpu"
 
 
 def test_a_cpu_replica_takes_every_core_it_sees_unless_told():
@@ -89,6 +106,40 @@ def test_expandable_segments_are_the_default_and_the_environment_wins():
         env = dict(given)
         cuda_allocator_defaults(env)
         assert env == given
+
+
+def test_expandable_segments_reach_torchs_allocator_even_after_it_read_its_config():
+    # torch reads its allocator variable once; here something used the allocator config before the
+    # replica started (an import, a script), as may happen in a GPU process started without the variable.
+    code = """
+import os, torch
+os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None); os.environ.pop("PYTORCH_ALLOC_CONF", None)
+torch._C._accelerator_getAllocatorSettings()
+from embserve.hardware import cuda_allocator_defaults
+cuda_allocator_defaults()
+print(torch._C._accelerator_getAllocatorSettings())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "expandable_segments:True" in out.stdout
+
+
+def test_gpu_replicas_start_with_the_allocator_variable_in_their_runtime_env():
+    from embserve.layout import embedder_options, with_allocator_env
+
+    spec = Settings().model_specs()[0]
+    actor = embedder_options(Settings(num_gpus=1), spec, 0)["ray_actor_options"]
+    assert actor["runtime_env"]["env_vars"] == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert "runtime_env" not in embedder_options(Settings(), spec, 1)["ray_actor_options"]  # a CPU replica
+    # The user's own runtime_env is kept, and an allocator variable of theirs wins.
+    own = {"num_gpus": 1, "runtime_env": {"env_vars": {"HF_HOME": "/x"}, "pip": ["a"]}}
+    assert with_allocator_env(own, {})["runtime_env"] == {
+        "env_vars": {"HF_HOME": "/x", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "pip": ["a"]}
+    mine = {"num_gpus": 1, "runtime_env": {"env_vars": {"PYTORCH_ALLOC_CONF": "backend:native"}}}
+    assert with_allocator_env(mine, {}) == mine
+    assert with_allocator_env({"num_gpus": 1}, {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}) == {"num_gpus": 1}
 
 
 def test_outside_a_ray_worker_no_gpu_share_is_known():

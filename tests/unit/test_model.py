@@ -377,8 +377,8 @@ def test_a_non_finite_vector_fails_only_its_own_rows(nan_model, float32_model):
     ((8, 9), "auto", torch.bfloat16, False, "natively"),                           # L4, L40S
     ((7, 5), "auto", torch.float16, False, "sm_75 has no native bf16"),            # T4: bf16 only emulated
     ((7, 0), "auto", torch.float16, False, "no native bf16"),                      # V100
-    ((8, 6), "float32", torch.float32, True, "TF32"),                              # float32 on TF32 units
-    ((7, 5), "float32", torch.float32, True, "TF32"),                              # harmless where absent
+    ((8, 6), "float32", torch.float32, False, "full float32"),                     # the 1e-5 contract holds
+    ((7, 5), "float32", torch.float32, False, "full float32"),
     ((7, 5), "bfloat16", torch.bfloat16, False, "emulated on sm_75"),              # asked for: kept, flagged
     ((8, 0), "bfloat16", torch.bfloat16, False, "explicit setting"),
     ((8, 0), "float16", torch.float16, False, "explicit setting"),
@@ -387,6 +387,15 @@ def test_gpu_dtype_follows_the_cards_native_units(capability, setting, weights, 
     choice = cuda_dtype_choice(setting, capability)
     assert (choice.weights, choice.tf32, choice.autocast) == (weights, tf32, False)
     assert reason in choice.reason
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 6), (7, 5)])
+def test_float32_on_a_gpu_runs_tf32_only_where_allow_tf32_asks(capability):
+    assert not cuda_dtype_choice("float32", capability).tf32
+    allowed = cuda_dtype_choice("float32", capability, allow_tf32=True)
+    assert allowed.tf32 and allowed.weights == torch.float32 and "allow_tf32" in allowed.reason
+    # It never changes what a half-precision choice runs.
+    assert not cuda_dtype_choice("auto", capability, allow_tf32=True).tf32
 
 
 def test_torchs_own_bf16_answer_wins_over_the_capability():
@@ -404,6 +413,26 @@ def test_torchs_own_bf16_answer_wins_over_the_capability():
 def test_flash_attention_only_on_a_gpu_in_half_precision_with_flash_attn(device, weights, flash, want, reason):
     chosen, why = attention_choice(device, weights, flash)
     assert chosen == want and reason in why
+
+
+@pytest.mark.parametrize(("capability", "want"), [((9, 0), "flash_attention_2"), ((8, 0), "flash_attention_2"),
+                                                 ((7, 5), None), ((7, 0), None)])
+def test_flash_attention_only_on_cards_of_sm_80_and_later(capability, want):
+    chosen, why = attention_choice("cuda", torch.float16, True, capability=capability)
+    assert chosen == want
+    if want is None:
+        assert f"sm_{capability[0]}{capability[1]}" in why and "sm_80" in why
+
+
+def test_flash_attention_only_where_the_models_class_has_it():
+    from transformers import BertConfig, MPNetConfig
+
+    from embserve.model import model_supports_flash_attention
+
+    assert model_supports_flash_attention(BertConfig())
+    assert not model_supports_flash_attention(MPNetConfig())  # all-mpnet-base-v2: transformers would refuse it
+    chosen, why = attention_choice("cuda", torch.bfloat16, True, capability=(9, 0), model_supports_flash=False)
+    assert chosen is None and "no FlashAttention-2 path" in why
 
 
 def test_the_attention_transformers_settled_on_is_recorded(float32_model):

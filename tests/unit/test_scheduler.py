@@ -180,6 +180,38 @@ def test_requests_run_in_arrival_order_and_are_answered_when_their_own_inputs_ar
     assert all(f.padded_tokens <= 1024 for f in seen.of(Forward))
 
 
+def test_no_forward_holds_more_than_max_batch_size_inputs_whatever_the_token_budget(float32_model):
+    s, seen = make(float32_model, cfg=BatchingConfig(max_batch_size=4), budget=8192)
+    try:
+        [one] = embed_jobs(s, [EmbedJob(texts=["the same short text"] * 10)])
+    finally:
+        s.close()
+    assert one.error is None and one.vectors.shape[0] == 10
+    assert sorted(f.inputs for f in seen.of(Forward)) == [2, 4, 4]
+
+
+def test_next_group_caps_its_inputs_at_max_inputs():
+    assert len(next_group([7] * 20, max_batch_tokens=8192)) == 20  # the token budget alone allows all
+    group = next_group([7] * 20, max_batch_tokens=8192, max_inputs=6)
+    assert 0 in group and 1 <= len(group) <= 6
+
+
+def test_without_the_tolerance_wall_a_large_group_cost_puts_far_lengths_in_one_forward(float32_model):
+    texts = ["short", " ".join(["a much longer text"] * 12)]  # lengths far outside a 20% tolerance
+    cfg = BatchingConfig(group_cost_tokens=4096)
+    for wall, forwards in ((True, 2), (False, 1)):
+        config = cfg
+        seen = []
+        s = Scheduler(float32_model, ForwardLayout(1, 1), config=lambda: config, max_batch_tokens=8192,
+                      report=seen.append, tolerance_wall=wall)
+        try:
+            [one] = embed_jobs(s, [EmbedJob(texts=texts)])
+        finally:
+            s.close()
+        assert one.error is None
+        assert len([e for e in seen if isinstance(e, Forward)]) == forwards
+
+
 def test_without_dynamic_batching_no_forward_mixes_requests(float32_model):
     s, seen = make(float32_model, cfg=BatchingConfig(enable_dynamic_batching=False))
     try:
@@ -358,3 +390,122 @@ def test_forward_workers_carry_their_name_where_the_os_shows_threads(scheduler):
     """`top -H`, py-spy and bench.procs tell a replica's forward workers from Ray's threads by it."""
     names = {(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()}
     assert {"forward-0", "forward-1"} <= names
+
+
+# The pipelined worker (one forward worker on a GPU): a simulated device whose forwards run on a thread of
+# their own, as on a CUDA stream, and the real model on the CPU, where the same code runs without streams.
+
+@pytest.fixture(scope="module")
+def simulated():
+    from bench.simulated_gpu import SimulatedGpu
+
+    device = SimulatedGpu(fixed_s=0.001, per_token_s=0.0)
+    yield device
+    device.close()
+
+
+def pipelined(model, cfg: BatchingConfig | None = None) -> tuple[Scheduler, Recorder]:
+    config = cfg or BatchingConfig()
+    recorder = Recorder()
+    return Scheduler(model, ForwardLayout(1, 1), config=lambda: config, max_batch_tokens=8192, report=recorder,
+                     pipelined=True), recorder
+
+
+def test_the_next_group_is_launched_while_the_first_still_computes():
+    from bench.simulated_gpu import SimulatedGpu
+
+    gate = threading.Event()
+    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)  # every forward waits for the gate
+    s, seen = pipelined(device, BatchingConfig(max_batch_size=2))
+    futures = [cf.Future() for _ in range(3)]
+    try:
+        s.admit([EmbedJob(texts=["one two", "three four", "five six"])], [futures[0].set_result])
+        # Two groups launched (the second planned, padded and queued) while the first cannot end.
+        deadline = threading.Event()
+        for _ in range(200):
+            if len(device.launches) >= 2:
+                break
+            deadline.wait(0.01)
+        assert len(device.launches) == 2 and not device.runs and not futures[0].done()
+        gate.set()
+        result = futures[0].result(10)
+    finally:
+        gate.set()
+        s.close()
+        device.close()
+    assert result.error is None and result.vectors.shape == (3, 4)
+    assert sorted(n for _, n in device.launches) == [1, 2] and len(seen.of(Forward)) == 2
+
+
+def test_pipelined_groups_end_in_order_and_each_request_gets_its_own_vectors(simulated):
+    s, seen = pipelined(simulated, BatchingConfig(max_batch_size=3))
+    texts = [f"text number {k} " + "word " * (k % 7) for k in range(20)]
+    order: list[int] = []
+    try:
+        futures = [cf.Future() for _ in texts]
+        s.admit([EmbedJob(texts=[t]) for t in texts],
+                [lambda r, k=k, f=f: (order.append(k), f.set_result(r)) for k, f in enumerate(futures)])
+        results = [f.result(10) for f in futures]
+    finally:
+        s.close()
+    ids = s.tokenizer.content_ids(texts)
+    for k, result in enumerate(results):
+        finished = s.tokenizer.finish(ids[k], 0, False, s.tokenizer.prompt(None))
+        assert result.error is None
+        assert result.vectors[0].tolist() == [len(finished), finished[0], finished[-1], 1.0]
+    assert all(f.inputs <= 3 for f in seen.of(Forward)) and sum(f.inputs for f in seen.of(Forward)) == 20
+    # The first-admitted input's group runs first: arrival order holds across launched groups.
+    assert order[0] == 0
+
+
+def test_closing_a_pipelined_scheduler_lets_launched_groups_end_and_answers_the_rest():
+    from bench.simulated_gpu import SimulatedGpu
+
+    gate = threading.Event()
+    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
+    s, _ = pipelined(device, BatchingConfig(max_batch_size=1))
+    futures = [cf.Future() for _ in range(5)]
+    s.admit([EmbedJob(texts=[f"t{k}"]) for k in range(5)], [f.set_result for f in futures])
+    for _ in range(200):
+        if len(device.launches) >= 2:
+            break
+        threading.Event().wait(0.01)
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    gate.set()
+    closer.join(10)
+    device.close()
+    results = [f.result(1) for f in futures]
+    assert sum(r.error is None for r in results) == len(device.launches)  # launched groups finished
+    assert all(isinstance(r.error, Unavailable) for r in results if r.error is not None)
+
+
+def test_the_pipelined_worker_on_a_cpu_gives_the_models_own_vectors(float32_model, reference, texts):
+    s, seen = pipelined(float32_model, BatchingConfig(max_batch_size=4))
+    try:
+        results = embed_jobs(s, [EmbedJob(texts=texts[:6]), EmbedJob(texts=texts[6:9])])
+    finally:
+        s.close()
+    assert_close(np.concatenate([r.vectors for r in results]), reference(texts[:9]))
+    assert all(f.inputs <= 4 for f in seen.of(Forward))
+
+
+def test_a_pipelined_group_out_of_memory_at_launch_is_split_and_every_input_answered():
+    from bench.simulated_gpu import SimulatedGpu
+
+    class SmallCard(SimulatedGpu):
+        def launch(self, sequences):
+            if len(sequences) > 1:  # as a card too small for more than one input at a time
+                raise torch.cuda.OutOfMemoryError("simulated: out of memory")
+            return super().launch(sequences)
+
+    device = SmallCard(fixed_s=0.0, per_token_s=0.0)
+    s, seen = pipelined(device)
+    try:
+        [result] = embed_jobs(s, [EmbedJob(texts=["alpha beta", "gamma", "delta epsilon zeta"])])
+    finally:
+        s.close()
+        device.close()
+    assert result.error is None and result.vectors.shape == (3, 4)
+    assert [int(v[0]) for v in result.vectors] == [4, 3, 5]  # each input's own vector: length with [CLS]/[SEP]
+    assert s.memory_cap is not None  # the budget was lowered, as after any out-of-memory forward

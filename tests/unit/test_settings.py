@@ -25,6 +25,7 @@ def test_defaults_serve_the_bundled_model_with_dynamic_batching():
     assert s.max_wait_time_ms == 0.0  # no timer: what queues during a forward shares the next run
     assert s.enable_dynamic_batching and s.enable_length_grouping
     assert s.truncate is False
+    assert s.allow_tf32 is False  # float32 on a GPU keeps its 1e-5 contract unless asked
     assert _keys(s) == []
     [spec] = s.model_specs()
     assert spec.name == BUNDLED_MODEL_NAME and spec.source == BUNDLED_MODEL
@@ -309,11 +310,19 @@ def test_effective_wait_is_zero_when_dynamic_batching_is_off():
 
 def test_without_dynamic_batching_every_request_runs_alone():
     cfg = BatchingConfig(max_batch_size=32)
-    assert cfg.effective_max_batch_size == 32
+    assert cfg.effective_admit_batch_size == 32
     off = cfg.updated({"enable_dynamic_batching": False})
-    assert off.effective_max_batch_size == 1
+    assert off.effective_admit_batch_size == 1
     assert off.max_batch_size == 32, "turning it back on restores the configured size"
-    assert off.updated({"enable_dynamic_batching": True}).effective_max_batch_size == 32
+    assert off.updated({"enable_dynamic_batching": True}).effective_admit_batch_size == 32
+
+
+def test_an_admission_gathers_max_batch_size_inputs_unless_admit_batch_size_is_set(monkeypatch):
+    assert Settings().batching(max_batch_size=256).effective_admit_batch_size == 256
+    monkeypatch.setenv("EMB_PROVIDER_ADMIT_BATCH_SIZE", "16")
+    cfg = Settings(max_batch_size=64).batching()
+    assert (cfg.max_batch_size, cfg.effective_admit_batch_size) == (64, 16)
+    assert cfg.updated({"admit_batch_size": 8}).effective_admit_batch_size == 8  # user_config re-tunes it
 
 
 @pytest.mark.parametrize("bad", [None, "abc", [1], True])

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +25,8 @@ from embserve.stats import (
     ReplicaReporter,
     process_memory,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _reports(requests=1, inputs=4, tokens=100, padded=120, forwards=1, errors=None, queue=(0.002,),
@@ -182,6 +188,44 @@ def test_process_memory_reports_resident_bytes_or_gpu_memory():
         assert mem["kind"] == "gpu" and mem["total_bytes"] > 0
 
 
+def test_the_ingress_metrics_path_never_imports_torch():
+    # A fresh interpreter, as the ingress replica is: its modules and one metrics report (memory included).
+    code = """
+import asyncio, sys
+import deployments.ingress
+from deployments import metrics
+from embserve.stats import IngressReporter
+
+class Actor:
+    class record:
+        @staticmethod
+        async def remote(*args, **kwargs):
+            Actor.memory = args[5]
+
+metrics.get_metrics_actor = lambda app: Actor
+reporter = IngressReporter()
+reporter.record_request(200, 0.01)
+asyncio.run(metrics.MetricsShipper("app", reporter).flush())
+assert Actor.memory["kind"] == "process", Actor.memory
+print("torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
+def test_a_process_that_never_initialised_cuda_reports_its_own_memory_on_a_gpu_host(monkeypatch):
+    import torch
+
+    # A CPU replica on a GPU node: torch sees the node's cards, but this process never computes on one.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert not torch.cuda.is_initialized()
+    mem = process_memory()
+    assert mem["kind"] == "process" and mem["rss_bytes"] > 1 << 20
+
+
 # Aggregate
 
 
@@ -216,6 +260,7 @@ def test_totals_are_the_sum_of_two_replicas(agg):
     for key in ("requests", "inputs", "tokens", "padded_tokens", "batches", "forwards"):
         assert snap["totals"][key] == per_replica["r1"][key] + per_replica["r2"][key]
     assert snap["batch_inputs"]["count"] == 3  # one per admission (@serve.batch call)
+    assert snap["forward_inputs"]["count"] == 4  # inputs per forward, beside the admissions' sizes
     assert snap["latency_ms"]["queue"]["count"] == 4  # one per answer, the failed one included
     assert snap["latency_ms"]["forward"]["count"] == 4  # one per forward
 

@@ -40,3 +40,12 @@ def test_warm_up_runs_the_shapes_it_says_masked_and_unmasked(float32_model):
     assert [(n, longest) for n, longest, _ in ran] == shapes == list(done.shapes)
     assert [mixed for *_, mixed in ran] == [False, True]  # the large group also warms the masked path
     assert done.seconds > 0 and not done.out_of_memory
+
+
+def test_a_timed_warm_up_fits_a_forwards_fixed_and_per_token_cost(float32_model):
+    shapes = warm_up_shapes(8192, 32, float32_model.max_length, "cpu")
+    done = warm_up(float32_model, shapes, timed=True)
+    assert [tokens for tokens, _ in done.timings] == [n * length for n, length in shapes]
+    assert all(seconds > 0 for _, seconds in done.timings)
+    untimed = warm_up(float32_model, shapes)
+    assert untimed.timings == () and untimed.cost is None

@@ -1,0 +1,208 @@
+"""A simulated GPU for the replica's scheduler: a model whose forward costs a known time (2 ms fixed + 1 us per
+padded token by default) on a device of its own, where queued forwards run one after another as on a CUDA
+stream while the host goes on. It measures how busy the scheduler keeps a card, without a card:
+
+    python -m bench.simulated_gpu [--clients 256] [--seconds 5] [--out build/bench-simulated-gpu.json]
+
+256 closed-loop clients of one text each are admitted the way a replica's @serve.batch does (whatever
+arrived since the last admission, up to admit_batch_size inputs, in one call), and answered as soon as
+their own input is done. The clients send the texts' token ids (an input OpenAI's API takes): the
+engine is what is measured, and the tokenizer costs ~0.4 ms a mixed text on one core, more than the
+simulated card takes for it (`--raw-texts` sends the texts instead). Reported: the device's busy share over the run, texts/s, and their ratio to the
+offline limit (the same texts sorted by length and queued back to back in groups of max_batch_size).
+The unit tests (tests/unit/test_scheduler.py) use the same device, without timing thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DIM = 4
+
+
+class SimulatedGpu:
+    """A "model" for embserve.scheduler.Scheduler: the bundled model's tokenizer, and forwards that take
+    `fixed_s + per_token_s x padded tokens` on one device thread. `launch` queues a forward and returns at
+    once (embserve.gpu_pipeline.Launcher); `forward` waits for it. Each vector names its input (length,
+    first and last token) so that a test can tell whose it is. `gate`, where given, holds every forward
+    until it is set."""
+
+    device = "simulated"
+
+    def __init__(self, fixed_s: float = 0.002, per_token_s: float = 1e-6, gate: threading.Event | None = None,
+                 max_length: int = 256) -> None:
+        from transformers import AutoTokenizer
+
+        from embserve.model import resolve_source
+
+        from embserve.pipeline import ModelInfo
+
+        self.fixed_s, self.per_token_s, self.gate = fixed_s, per_token_s, gate
+        self.max_length = max_length
+        self._hf = AutoTokenizer.from_pretrained(resolve_source("bundled"))
+        self.info = ModelInfo(name="simulated", aliases=(), dimensions=4, max_length=max_length,
+                              vocab_size=len(self._hf), pooling="none", device=self.device, dtype="float32")
+        self._device = ThreadPoolExecutor(1, thread_name_prefix="simulated-gpu")
+        self._lock = threading.Lock()
+        self.launches: list[tuple[float, int]] = []  # (when, inputs), in launch order
+        self.runs: list[tuple[float, float, int]] = []  # (start, end, inputs) on the device, in run order
+
+    def request_tokenizer(self) -> Any:
+        from embserve.tokenize import Tokenizer
+
+        return Tokenizer(self._hf, self.max_length, len(self._hf))
+
+    def launch(self, sequences: list[list[int]]) -> Future:
+        with self._lock:
+            self.launches.append((time.perf_counter(), len(sequences)))
+        return _Pending(self._device.submit(self._compute, [list(s) for s in sequences]))
+
+    def forward(self, sequences: list[list[int]]) -> np.ndarray:
+        return self.launch(sequences).result()
+
+    def _compute(self, sequences: list[list[int]]) -> np.ndarray:
+        if self.gate is not None:
+            self.gate.wait()
+        start = time.perf_counter()
+        padded = len(sequences) * max(map(len, sequences))
+        time.sleep(self.fixed_s + self.per_token_s * padded)
+        vectors = np.array([[len(s), s[0], s[-1], 1.0] for s in sequences], dtype=np.float32)
+        with self._lock:
+            self.runs.append((start, time.perf_counter(), len(sequences)))
+        return vectors
+
+    def busy_share(self, since: float, until: float) -> float:
+        """The share of [since, until] the device spent computing."""
+        with self._lock:
+            busy = sum(max(0.0, min(end, until) - max(start, since)) for start, end, _ in self.runs)
+        return busy / (until - since)
+
+    def close(self) -> None:
+        self._device.shutdown(wait=True)
+
+
+class _Pending:
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def result(self) -> np.ndarray:
+        return self.future.result()
+
+
+def offline_limit(device: SimulatedGpu, ids: list[list[int]], group: int) -> float:
+    """Texts/s with every text known at once: sorted by length, queued back to back in groups of `group`."""
+    ordered = sorted(ids, key=len)
+    t0 = time.perf_counter()
+    pending = [device.launch(ordered[i:i + group]) for i in range(0, len(ordered), group)]
+    for p in pending:
+        p.result()
+    return len(ordered) / (time.perf_counter() - t0)
+
+
+async def closed_loop(scheduler: Any, texts: list[Any], clients: int, seconds: float,
+                      admit_size: int) -> dict[str, Any]:
+    """`clients` callers of one text (a string, or its token ids) each; an admitter hands what arrived to the
+    scheduler in one call, as @serve.batch does."""
+    from embserve.scheduler import EmbedJob
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def admitter() -> None:
+        while True:
+            jobs = [await queue.get()]
+            while not queue.empty() and len(jobs) < admit_size:
+                jobs.append(queue.get_nowait())
+            scheduler.admit([job for job, _ in jobs],
+                            [lambda r, f=f: loop.call_soon_threadsafe(f.set_result, r) for _, f in jobs])
+
+    async def client(k: int) -> None:
+        n = k
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            future = loop.create_future()
+            text = texts[n % len(texts)]
+            job = EmbedJob(texts=[text], truncate=True) if isinstance(text, str) else EmbedJob(token_ids=[text], truncate=True)
+            queue.put_nowait((job, future))
+            result = await future
+            assert result.error is None, result.error
+            latencies.append(time.perf_counter() - t0)
+            n += clients
+
+    task = asyncio.create_task(admitter())
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    elapsed = time.perf_counter() - t0
+    task.cancel()
+    ms = sorted(x * 1000 for x in latencies)
+    return {"clients": clients, "seconds": round(elapsed, 2), "texts": len(ms),
+            "texts_per_s": round(len(ms) / elapsed, 1), "p50_ms": round(ms[len(ms) // 2], 2),
+            "p99_ms": round(ms[min(len(ms) - 1, int(len(ms) * 0.99))], 2)}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.corpus import load_or_build
+    from embserve.scheduler import Forward, ForwardLayout, Scheduler
+    from embserve.settings import BatchingConfig
+
+    device = SimulatedGpu(args.fixed_ms / 1000, args.per_token_us / 1e6)
+    cfg = BatchingConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.budget,
+                         group_cost_tokens=round(args.fixed_ms * 1000 / args.per_token_us))
+    seen: list[Any] = []
+    scheduler = Scheduler(device, ForwardLayout(1, 1), config=lambda: cfg, max_batch_tokens=args.budget,
+                          report=seen.append, tolerance_wall=False, pipelined=not args.serial)
+    texts = load_or_build(None).mixed(args.texts, seed=3)
+    tokenizer = scheduler.tokenizer
+    ids = [tokenizer.finish(c, i, True) for i, c in enumerate(tokenizer.content_ids(texts))]
+    limit = offline_limit(device, ids, args.max_batch_size)
+    # What a client sends: the ids without the special tokens the replica adds itself.
+    inputs: list[Any] = texts if args.raw_texts else [list(ids) for ids in tokenizer.content_ids(texts)]
+    asyncio.run(closed_loop(scheduler, inputs, args.clients, 1.0, args.max_batch_size))  # warm
+    first = len(seen)
+    t0 = time.perf_counter()
+    point = asyncio.run(closed_loop(scheduler, inputs, args.clients, args.seconds, args.max_batch_size))
+    t1 = time.perf_counter()
+    forwards = [f for f in seen[first:] if isinstance(f, Forward)]
+    scheduler.close()
+    device.close()
+    point.update(busy_share=round(device.busy_share(t0 + 0.2, t1 - 0.2), 3),
+                 offline_texts_per_s=round(limit, 1), ratio_to_offline=round(point["texts_per_s"] / limit, 3),
+                 inputs_per_forward=round(statistics.fmean(f.inputs for f in forwards), 1) if forwards else 0.0,
+                 forwards=len(forwards), pipelined=not args.serial, raw_texts=args.raw_texts, fixed_ms=args.fixed_ms,
+                 per_token_us=args.per_token_us, max_batch_size=args.max_batch_size, budget=args.budget)
+    return point
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--texts", type=int, default=2048)
+    parser.add_argument("--fixed-ms", type=float, default=2.0)
+    parser.add_argument("--per-token-us", type=float, default=1.0)
+    parser.add_argument("--max-batch-size", type=int, default=256)
+    parser.add_argument("--budget", type=int, default=65536, help="max_batch_tokens")
+    parser.add_argument("--serial", action="store_true", help="the one-group-at-a-time worker, for comparison")
+    parser.add_argument("--raw-texts", action="store_true", help="send texts, tokenized by the scheduler")
+    parser.add_argument("--out", type=Path, default=Path("build/bench-simulated-gpu.json"))
+    args = parser.parse_args(argv)
+    point = measure(args)
+    print(json.dumps(point, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(point, indent=1))
+
+
+if __name__ == "__main__":
+    main()
