@@ -298,6 +298,17 @@ class CrossEncoderModel:
                                   rows=tuple(int(r) for r in bad), vectors=logits)
         return logits
 
+    def launch(self, sequences: list[list[int]]) -> Any:
+        """The pipelined scheduler's launch (embserve/gpu_pipeline.py; a GPU replica's one worker): the group's
+        forward run to its end, its logits handed back as a finished Pending. A cross-encoder does not overlap
+        its copies with the previous group's forward, as an embedding model's stream launcher does."""
+        from embserve.gpu_pipeline import Done
+
+        try:
+            return Done(self.forward(sequences))
+        except NonFiniteOutput as err:
+            return Done(error=err)
+
     def _score(self, sequences: list[list[int]]) -> np.ndarray:
         import torch
 

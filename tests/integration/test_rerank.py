@@ -232,7 +232,8 @@ def test_the_readmes_cohere_example_runs_as_written(predict):
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_the_readmes_curl_rerank_examples_run():
-    [block] = [b for b in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S) if "/v1/rerank" in b]
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    [block] = [b for b in blocks if "curl" in b and "/v1/rerank" in b]
     done = subprocess.run(["bash", "-c", block.replace("http://127.0.0.1:8000", BASE)], capture_output=True,
                           text=True, timeout=60)
     first, second = [json.loads(line) for line in re.findall(r"^[\[{].*$", done.stdout.replace("}{", "}\n{"), re.M)]

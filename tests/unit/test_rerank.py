@@ -138,6 +138,25 @@ def test_a_pairs_score_does_not_depend_on_the_batch_it_shares(served, reference)
     assert np.abs(shared - np.array(alone)).max() <= 1e-5
 
 
+def test_the_pipelined_scheduler_of_a_gpu_replica_scores_pairs_as_the_plain_one(built, reference):
+    """A GPU replica's one worker is pipelined (Scheduler._pipeline): run here on the CPU, it must score pairs
+    through the cross-encoder's own launch (the stream launcher runs an embedding model's pooling on a GPU), as
+    the plain workers do."""
+    from embserve.gpu_pipeline import launcher_for
+
+    model = CrossEncoderModel(ModelSpec(name="p", source=built["sigmoid"], task="rerank"), device="cpu",
+                              dtype="float32")
+    assert launcher_for(model) is model
+    scheduler = Scheduler(model, ForwardLayout(1, 1), config=lambda: BatchingConfig(), max_batch_tokens=8192,
+                          pipelined=True)
+    try:
+        got = _scores(scheduler, QUERY, [*DOCUMENTS, LONG_DOCUMENT], truncate=True)
+    finally:
+        scheduler.close()
+    want = reference["sigmoid"].predict([(QUERY, d) for d in [*DOCUMENTS, LONG_DOCUMENT]])
+    assert np.abs(got - want).max() <= 1e-5
+
+
 def test_usage_counts_every_pairs_tokens(served, reference):
     [result] = embed_jobs(served("sigmoid"), [RerankJob(QUERY, DOCUMENTS)])
     tok = reference["sigmoid"].tokenizer
