@@ -112,7 +112,8 @@ class OfflineLimit:
         from bench.offline import OfflineModel
 
         cores = len(os.sched_getaffinity(0))
-        self.model = OfflineModel(dtype=self.dtype)
+        # The runtime `embserve embed` runs at its default (runtime: auto), so the ratio is to the same engine.
+        self.model = OfflineModel(dtype=self.dtype, runtime="auto")
         self.best, _ = self.model.best(self.texts, batch_sizes=(32, 128), layouts=((cores, 1), (1, cores)))
         return self.best.to_dict()
 
