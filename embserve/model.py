@@ -284,9 +284,7 @@ class EmbeddingModel:
         self.encoder: openvino_runtime.OpenVinoEncoder | None = None
         if self.runtime == "openvino":
             self._start_openvino(spec, load_transformer, cache_dir, streams, threads or torch.get_num_threads(),
-                                 example=lambda: openvino_runtime.example_inputs(
-                                     int(getattr(config, "vocab_size", None) or len(self.tokenizer)),
-                                     self.tokenizer.pad_token_id or 0), config=config)
+                                 config)
         if self.model is None and self.encoder is None:
             self.model = load_transformer()
         if self.encoder is not None:
@@ -322,17 +320,16 @@ class EmbeddingModel:
         )
 
     def _start_openvino(self, spec: ModelSpec, load_transformer: Callable[[], torch.nn.Module],
-                        cache_dir: str | None, streams: int, threads: int,
-                        example: Callable[[], dict[str, torch.Tensor]], config: object) -> None:
+                        cache_dir: str | None, streams: int, threads: int, config: object) -> None:
         """The OpenVINO encoder, from the cache or converted now; where that fails, torch runs the model and the
         reason is kept in the profile: a model that does not convert is served all the same."""
         from embserve import openvino_runtime as ovr
 
         def convert_now() -> object:
             self.model = load_transformer()
-            inputs = example()
-            converted = ovr.convert(self.model, inputs)
-            ovr.check_conversion(converted, self.model, vocab_size, self.tokenizer.pad_token_id or 0)
+            pad_id = self.tokenizer.pad_token_id or 0
+            converted = ovr.convert(self.model, ovr.example_inputs(vocab_size, pad_id))
+            ovr.check_conversion(converted, self.model, vocab_size, pad_id)
             return converted
 
         vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
