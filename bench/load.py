@@ -1,8 +1,11 @@
 """A load generator for any OpenAI-compatible embeddings endpoint: closed loop (fixed concurrency) and open
 loop (Poisson arrivals), one text or several per request.
 
-One asyncio loop and one httpx.AsyncClient drive every simulated client, so the generator costs little CPU;
-on a small box it still shares the cores with the server, which the report says next to every figure.
+One asyncio loop and one pool of keep-alive connections (bench/http_client.py, a minimal HTTP/1.1 client)
+drive every simulated client. On a small box the generator shares the cores with the server it measures,
+so its CPU is taken from the server's: at 32 clients of one short text against embserve it spends about
+0.2 ms of CPU per request, where httpx.AsyncClient spent 3.3-6.5 ms (`python -m bench.client_cost`,
+docs/benchmarks.md). The report still says next to every figure that the cores are shared.
 Only requests that complete inside the measured window count; warm-up requests and those still in
 flight when the window closes are awaited but not counted.
 """
