@@ -105,8 +105,8 @@ async def measure(arm: str, base_url: str, model: str, workload: Workload, clien
         result = await closed_loop(client, workload, clients, seconds, 2.0, on_window_start=start,
                                    on_window_end=end)
     return {"arm": arm, "requests": result.requests, "requests_per_s": round(result.requests_per_s, 1),
-            "texts_per_s": round(result.texts_per_s, 1),
-            "errors": result.errors, "latency_ms": result.latency_ms, "client_cpu_cores": round(marks["cpu"] / result.window_s, 3),
+            "texts_per_s": round(result.texts_per_s, 1), "errors": result.errors, "latency_ms": result.latency_ms,
+            "client_cpu_cores": round(marks["cpu"] / result.window_s, 3),
             "client_cpu_ms_per_request": round(1000 * marks["cpu"] / max(result.requests, 1), 3)}
 
 

@@ -140,7 +140,7 @@ def summarize(samples: list[Sample], window: tuple[float, float], workload: str,
 class EmbeddingsClient:
     """One pooled HTTP client for `{base_url}/embeddings` (base_url as the OpenAI SDK takes it, e.g. .../v1).
 
-    Transport errors come back as `bench.http.HTTPError` (from `get_json`/`post_json`, and as the error
+    Transport errors come back as `bench.http_client.HTTPError` (from `get_json`/`post_json`, and as the error
     name in an `embed` Sample)."""
 
     def __init__(self, base_url: str, model: str, connections: int = 128, api_key: str | None = None,
