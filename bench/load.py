@@ -1,8 +1,11 @@
 """A load generator for any OpenAI-compatible embeddings endpoint: closed loop (fixed concurrency) and open
 loop (Poisson arrivals), one text or several per request.
 
-One asyncio loop and one httpx.AsyncClient drive every simulated client, so the generator costs little CPU;
-on a small box it still shares the cores with the server, which the report says next to every figure.
+One asyncio loop and one pool of keep-alive connections (bench/http_client.py, a minimal HTTP/1.1 client)
+drive every simulated client. On a small box the generator shares the cores with the server it measures,
+so its CPU is taken from the server's: at 32 clients of one short text against embserve it spends about
+0.2 ms of CPU per request, where httpx.AsyncClient spent 3.3-6.5 ms (`python -m bench.client_cost`,
+docs/benchmarks.md). The report still says next to every figure that the cores are shared.
 Only requests that complete inside the measured window count; warm-up requests and those still in
 flight when the window closes are awaited but not counted.
 """
@@ -19,8 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import numpy as np
+import orjson
+
+from bench import http_client as http
 
 # The server's own timing headers (embserve sets them; other servers simply do not).
 TIMING_HEADERS = {"ingress_ms": "x-embserve-total-ms", "queue_ms": "x-embserve-queue-ms",
@@ -133,7 +138,10 @@ def summarize(samples: list[Sample], window: tuple[float, float], workload: str,
 
 
 class EmbeddingsClient:
-    """One pooled HTTP client for `{base_url}/embeddings` (base_url as the OpenAI SDK takes it, e.g. .../v1)."""
+    """One pooled HTTP client for `{base_url}/embeddings` (base_url as the OpenAI SDK takes it, e.g. .../v1).
+
+    Transport errors come back as `bench.http_client.HTTPError` (from `get_json`/`post_json`, and as the error
+    name in an `embed` Sample)."""
 
     def __init__(self, base_url: str, model: str, connections: int = 128, api_key: str | None = None,
                  encoding_format: str = "base64", timeout_s: float = 120.0) -> None:
@@ -142,10 +150,7 @@ class EmbeddingsClient:
         headers = {"content-type": "application/json"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        self.http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s,
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-        )
+        self.http = http.Client(base_url, connections=connections, headers=headers, timeout_s=timeout_s)
 
     async def __aenter__(self) -> "EmbeddingsClient":
         return self
@@ -160,13 +165,16 @@ class EmbeddingsClient:
         n = 1 if isinstance(inputs, str) else len(inputs)
         start = time.perf_counter()
         try:
-            response = await self.http.post("/embeddings", content=json.dumps(body))
-        except httpx.HTTPError as exc:
+            response = await self.http.post("/embeddings", orjson.dumps(body))
+        except http.HTTPError as exc:
             return Sample(start, time.perf_counter(), n, 0, error=type(exc).__name__)
         end = time.perf_counter()
-        if response.status_code != 200:
-            return Sample(start, end, n, 0, error=f"http_{response.status_code}")
-        tokens = int(response.json().get("usage", {}).get("prompt_tokens", 0))
+        if response.status != 200:
+            return Sample(start, end, n, 0, error=f"http_{response.status}")
+        try:
+            tokens = int(response.json().get("usage", {}).get("prompt_tokens", 0))
+        except orjson.JSONDecodeError as exc:
+            return Sample(start, end, n, 0, error=type(exc).__name__)
         timings = {}
         for key, header in TIMING_HEADERS.items():
             value = response.headers.get(header)
@@ -175,14 +183,10 @@ class EmbeddingsClient:
         return Sample(start, end, n, tokens, timings=timings)
 
     async def get_json(self, path: str) -> Any:
-        response = await self.http.get(path)
-        response.raise_for_status()
-        return response.json()
+        return (await self.http.get(path)).raise_for_status().json()
 
     async def post_json(self, path: str, body: Any = None) -> Any:
-        response = await self.http.post(path, content=json.dumps(body or {}))
-        response.raise_for_status()
-        return response.json()
+        return (await self.http.post(path, orjson.dumps(body or {}))).raise_for_status().json()
 
 
 async def _ticker(bar: Any, samples: list[Sample], stop: asyncio.Event, t_start: float) -> None:

@@ -308,8 +308,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
              if fast else "Serve's plain setup (its Python proxy on 127.0.0.1:8100)")
     L += [f"**Setup.** A private Ray (`ray.init(num_cpus=2)`) with {front}; each "
           "configuration is `build_app(Settings(...))` deployed as the app `bench` (one ingress and one embedding "
-          "replica unless a configuration's settings say otherwise; the bundled all-MiniLM-L6-v2 on CPU). The load generator (bench/load.py: asyncio, one "
-          "httpx client, `encoding_format=base64`) runs in the same process that started Ray, so it **shares "
+          "replica unless a configuration's settings say otherwise; the bundled all-MiniLM-L6-v2 on CPU). The load generator (bench/load.py: asyncio, "
+          "its own small HTTP/1.1 client (bench/http_client.py), `encoding_format=base64`) runs in the same process that started Ray, so it **shares "
           "the 2 cores with the proxy, the ingress and the replica**. "
           + (f"The replica runs torch on {results['settings']['torch_threads']} thread(s) (`torch_threads`, as the "
              "offline limit may; without it Ray gives a replica one, its num_cpus), as one single-thread forward "
