@@ -130,6 +130,8 @@ class MetricsShipper:
                 self._actor = get_metrics_actor(self.app_name)
             await self._actor.record.remote(self.source.source_id, self.source.kind, self.source.model,
                                             events, gauges, memory, profile=profile)
+        except ray.exceptions.RayTaskError as exc:  # the actor is up but refused the report: a bug, say so
+            log.error("metrics actor refused a report, which is dropped: %s", exc)
         except Exception as exc:  # the actor is down or restarting: drop these events, keep serving
             log.warning("metrics actor unreachable (%s); this report is dropped", type(exc).__name__)
             self._actor = None

@@ -1,11 +1,16 @@
-"""Prometheus text exposition of the aggregated figures (prometheus_client's own format and types)."""
+"""Prometheus text exposition of the aggregated figures (prometheus_client's own format and types).
+
+Counters and histograms count since the metrics actor started and only go up: `POST /v1/performance/reset`
+does not touch them (Prometheus would read a drop as a restart, and `rate()` would be wrong around it).
+Gauges say what is true now, some of it since the last reset, as `/v1/performance` does.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from embserve.stats import Aggregate, Histogram, failed_requests
+from embserve.stats import Aggregate, Histogram, error_rate
 
 
 def _histogram(name: str, doc: str, hist: Histogram | dict[str, Histogram]) -> HistogramMetricFamily:
@@ -29,12 +34,13 @@ class _AggregateCollector:
     def collect(self):
         # What replicas count is labelled by model (one series per served model); what the ingress counts
         # (requests, their latency and errors) is not: it answers for every model at once.
-        models = sorted({s.model for s in self.aggregate.sources.values() if s.kind == "replica" and s.model})
-        per_model = {m: self.aggregate.combined(("replica",), m) for m in models}
-        ingress = self.aggregate.combined(("ingress",))
+        agg = self.aggregate
+        counted = {m: agg.since_start("replica", m) for m in agg.counted_models()}
+        ingress = agg.since_start("ingress")
+        live = {m: agg.combined(("replica",), m) for m in agg.models()}  # since the last reset
 
         def by_model(key: str) -> dict[str, Histogram]:
-            return {m: state.histograms[key] for m, state in per_model.items()}
+            return {m: state.histograms[key] for m, state in counted.items()}
 
         requests = CounterMetricFamily("embserve_requests", "Embedding HTTP requests by status.", labels=["status"])
         for status, n in sorted(ingress.statuses.items()):
@@ -46,7 +52,7 @@ class _AggregateCollector:
                          ("rerank_requests", "Rerank requests admitted by a reranker's replicas."),
                          ("rerank_pairs", "(query, document) pairs admitted for reranking.")):
             c = CounterMetricFamily(f"embserve_{key}", doc, labels=["model"])
-            for m, state in per_model.items():
+            for m, state in counted.items():
                 c.add_metric([m], state.counters.get(key, 0))
             yield c
         errors = CounterMetricFamily("embserve_errors", "Failed embedding requests by error kind.", labels=["kind"])
@@ -64,16 +70,15 @@ class _AggregateCollector:
 
         eff = GaugeMetricFamily("embserve_padding_efficiency", "Real tokens / padded tokens since reset.",
                                 labels=["model"])
-        for m, state in per_model.items():
+        for m, state in live.items():
             padded = state.counters.get("padded_tokens", 0)
             eff.add_metric([m], state.counters.get("tokens", 0) / padded if padded else 1.0)
         yield eff
         rate = GaugeMetricFamily("embserve_error_rate", "Failed (status >= 400) / all embedding requests at the "
                                  "ingress since reset; 0 with no requests.")
-        answered = sum(ingress.statuses.values())
-        rate.add_metric([], failed_requests(ingress.statuses) / answered if answered else 0.0)
+        rate.add_metric([], error_rate(agg.combined(("ingress",)).statuses))
         yield rate
-        peak = self.aggregate.memory().get("gpu", {}).get("peak_fraction")
+        peak = agg.memory().get("gpu", {}).get("peak_fraction")
         if peak is not None:  # only where replicas run on a GPU
             gpu = GaugeMetricFamily("embserve_gpu_memory_peak_fraction",
                                     "Highest GPU memory peak since reset as a fraction of the card, over replicas.")
@@ -81,17 +86,17 @@ class _AggregateCollector:
             yield gpu
         queue = GaugeMetricFamily("embserve_queue_size", "Requests waiting or running in embedding replicas.",
                                   labels=["model"])
-        for m, state in per_model.items():
+        for m, state in live.items():
             queue.add_metric([m], state.gauges.get("queue_size", 0))
         yield queue
-        live = GaugeMetricFamily("embserve_replicas", "Embedding replicas reporting.", labels=["model"])
+        replicas = GaugeMetricFamily("embserve_replicas", "Embedding replicas reporting.", labels=["model"])
         per_model: dict[str, int] = {}
-        for s in self.aggregate.sources.values():
+        for s in agg.sources.values():
             if s.kind == "replica":
                 per_model[s.model or ""] = per_model.get(s.model or "", 0) + 1
         for model, n in sorted(per_model.items()):
-            live.add_metric([model], n)
-        yield live
+            replicas.add_metric([model], n)
+        yield replicas
 
 
 def render(aggregate: Aggregate) -> bytes:

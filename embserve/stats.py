@@ -1,7 +1,8 @@
 """Counters and histograms: what replicas and ingresses observe, merged into one view of the service.
 
 Sources (replicas, ingresses) keep timestamped events locally and ship them to the metrics actor off the hot
-path; the actor merges them with `Aggregate`. Everything here is plain Python, testable without Ray.
+path; the actor merges them with `Aggregate`, twice over: since the last reset (`/v1/performance`) and since
+the actor started (the Prometheus counters, which only go up). Plain Python, testable without Ray.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from embserve.scheduler import Admitted, Answered, Forward
 
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INPUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -104,13 +107,30 @@ COUNTERS = ("requests", "inputs", "tokens", "padded_tokens", "batches", "forward
             "rerank_pairs")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Event:
-    """One observation, stamped when it happened, so that a reset can drop what came before it."""
+    """One observation, stamped when it happened, so that a reset can drop what came before it.
+
+    `report` is one of the scheduler's `Admitted`, `Forward` or `Answered`, or the ingress's `Responded`;
+    the aggregate tells them apart by their type. Not frozen: a frozen dataclass's constructor costs twice
+    as much, and one is made per request and per forward on the serving path.
+    """
 
     at: float
-    kind: str  # a replica's "admitted", "forward" or "answered" (embserve.scheduler), or an ingress's "request"
-    data: Any
+    report: Any
+
+
+@dataclass(slots=True)
+class Responded:
+    """One HTTP request's end at the ingress: its status, how long it took, and its error kind if it failed."""
+
+    status: int
+    seconds: float
+    error_kind: str | None = None
+
+
+class UnknownEvent(TypeError):
+    """A report of a type the aggregate does not count: a new report type needs a case in `SourceState.apply`."""
 
 
 def process_memory() -> dict[str, Any]:
@@ -165,8 +185,9 @@ class ReplicaReporter(Accumulator):
         super().__init__("replica", model)
 
     def record(self, report: Any) -> None:
-        """One of the scheduler's reports (embserve.scheduler's Admitted, Forward or Answered)."""
-        self.add(Event(time.time(), type(report).__name__.lower(), report))
+        """One of the scheduler's reports (embserve.scheduler's Admitted, Forward or Answered). Its type is
+        checked where it is counted, in the metrics actor, not here on the serving path."""
+        self.add(Event(time.time(), report))
 
 
 class IngressReporter(Accumulator):
@@ -174,7 +195,7 @@ class IngressReporter(Accumulator):
         super().__init__("ingress", None)
 
     def record_request(self, status: int, seconds: float, error_kind: str | None = None) -> None:
-        self.add(Event(time.time(), "request", (status, seconds, error_kind)))
+        self.add(Event(time.time(), Responded(status, seconds, error_kind)))
 
 
 @dataclass
@@ -198,36 +219,39 @@ class SourceState:
         self.errors[kind] = self.errors.get(kind, 0) + n
 
     def apply(self, event: Event) -> None:
+        """Count one event, by the type of its report; a type with no case here raises `UnknownEvent`."""
         c = self.counters
-        report = event.data
-        if event.kind == "admitted":  # one @serve.batch call
-            c["batches"] += 1
-            c["requests"] += report.requests
-            if getattr(report, "task", "embed") == "rerank":  # a reranker's requests, each pair one input
-                c["rerank_requests"] += report.requests
-                c["rerank_pairs"] += report.inputs
-            self.histograms["batch_inputs"].observe(report.inputs)
-            self.histograms["tokenize_s"].observe(report.tokenize_s)
-            self.window.append((event.at, report.requests, 0, 0))
-        elif event.kind == "forward":
-            c["forwards"] += 1
-            c["inputs"] += report.inputs
-            c["tokens"] += report.tokens
-            c["padded_tokens"] += report.padded_tokens
-            self.histograms["forward_s"].observe(report.seconds)
-            self.histograms["forward_inputs"].observe(report.inputs)
-            self.histograms["batch_tokens"].observe(report.padded_tokens)
-            self.window.append((event.at, 0, report.inputs, report.tokens))
-        elif event.kind == "answered":
-            self.histograms["queue_s"].observe(report.queue_s)
-            if report.error is not None:
-                self.add_error(report.error)
-        elif event.kind == "request":
-            status, seconds, error_kind = event.data
-            self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
-            self.histograms["request_s"].observe(seconds)
-            if error_kind is not None:
-                self.add_error(error_kind)
+        match event.report:
+            case Admitted() as report:  # one @serve.batch call
+                c["batches"] += 1
+                c["requests"] += report.requests
+                if report.task == "rerank":  # a reranker's requests, each pair one input
+                    c["rerank_requests"] += report.requests
+                    c["rerank_pairs"] += report.inputs
+                self.histograms["batch_inputs"].observe(report.inputs)
+                self.histograms["tokenize_s"].observe(report.tokenize_s)
+                self.window.append((event.at, report.requests, 0, 0))
+            case Forward() as report:
+                c["forwards"] += 1
+                c["inputs"] += report.inputs
+                c["tokens"] += report.tokens
+                c["padded_tokens"] += report.padded_tokens
+                self.histograms["forward_s"].observe(report.seconds)
+                self.histograms["forward_inputs"].observe(report.inputs)
+                self.histograms["batch_tokens"].observe(report.padded_tokens)
+                self.window.append((event.at, 0, report.inputs, report.tokens))
+            case Answered() as report:
+                self.histograms["queue_s"].observe(report.queue_s)
+                if report.error is not None:
+                    self.add_error(report.error)
+            case Responded() as report:
+                self.statuses[str(report.status)] = self.statuses.get(str(report.status), 0) + 1
+                self.histograms["request_s"].observe(report.seconds)
+                if report.error_kind is not None:
+                    self.add_error(report.error_kind)
+            case other:
+                raise UnknownEvent(f"no metric counts a {type(other).__module__}.{type(other).__qualname__} "
+                                   "report; add a case for it in embserve.stats.SourceState.apply")
 
     def trim_window(self, now: float) -> None:
         while self.window and self.window[0][0] < now - WINDOW_S:
@@ -268,10 +292,14 @@ def _summary(counters: dict[str, int], errors: dict[str, int], hists: dict[str, 
 
 
 class Aggregate:
-    """The metrics actor's state: every source's figures since the last reset."""
+    """The metrics actor's state: every source's figures since the last reset (`sources`, what
+    `/v1/performance` shows and a reset zeroes) and every model's since the actor started (`lifetime`, what
+    Prometheus scrapes: counters must only go up, so a reset never touches them)."""
 
     def __init__(self) -> None:
         self.sources: dict[str, SourceState] = {}
+        # Keyed by (kind, model), not by source: a replica that goes away leaves its counts in its model's.
+        self.lifetime: dict[tuple[str, str | None], SourceState] = {}
         self.started_at = time.time()
         # Nothing is dropped until the first reset: what sources saw before this actor existed counts.
         self.reset_at = 0.0
@@ -279,15 +307,19 @@ class Aggregate:
     def record(self, source_id: str, kind: str, model: str | None, events: list[Event],
                gauges: dict[str, float] | None = None, memory: dict[str, Any] | None = None,
                now: float | None = None, *, profile: dict[str, Any] | None = None) -> None:
-        """Merge a source's report. Events observed before the last reset are dropped, so a reset is
-        exact even for reports that were on their way when it happened. `memory` and `profile` come with
-        each heartbeat and replace the previous ones."""
+        """Merge a source's report. Events observed before the last reset are dropped from the figures since
+        the reset, so a reset is exact even for reports that were on their way when it happened; the
+        lifetime figures count every event. `memory` and `profile` come with each heartbeat and replace the
+        previous ones. An event of a type nobody counts raises `UnknownEvent`."""
         now = time.time() if now is None else now
         state = self.sources.setdefault(source_id, SourceState(kind, model))
+        lifetime = self.lifetime.setdefault((kind, model), SourceState(kind, model))
         for event in events:
+            lifetime.apply(event)
             if event.at >= self.reset_at:
                 state.apply(event)
         state.trim_window(now)
+        lifetime.trim_window(now)
         state.last_seen = now
         if gauges:
             state.gauges.update(gauges)
@@ -299,12 +331,25 @@ class Aggregate:
     def reset(self, now: float | None = None) -> None:
         # Keep who is there (their memory, gauges and profile); zero what they counted, GPU peaks included.
         # A source silent for GONE_S has gone (a live one reports every 2 s at least): after a reset it has
-        # nothing left to count, so it is forgotten, and a renamed or removed model leaves no series behind.
+        # nothing left to count, so it is forgotten, and a renamed or removed model leaves no series behind
+        # in /v1/performance or the Prometheus gauges. The lifetime counts stay as they are.
         now = time.time() if now is None else now
         self.sources = {sid: SourceState(s.kind, s.model, memory=s.memory, last_seen=s.last_seen,
                                          gauges=dict(s.gauges), profile=s.profile, profile_seen=s.profile_seen)
                         for sid, s in self.sources.items() if now - s.last_seen < GONE_S}
         self.reset_at = now
+
+    def models(self) -> list[str]:
+        """The models whose replicas have reported since the last reset."""
+        return sorted({s.model for s in self.sources.values() if s.kind == "replica" and s.model})
+
+    def counted_models(self) -> list[str]:
+        """The models whose replicas have reported since the actor started."""
+        return sorted({model for kind, model in self.lifetime if kind == "replica" and model})
+
+    def since_start(self, kind: str, model: str | None = None) -> SourceState:
+        """What `kind` sources (of `model`) counted since the actor started; never reset."""
+        return self.lifetime.get((kind, model)) or SourceState(kind, model)
 
     def combined(self, kinds: tuple[str, ...], model: str | None = None) -> SourceState:
         out = SourceState("all", model)
@@ -333,13 +378,12 @@ class Aggregate:
         view["totals"]["errors"] = ingress.counters["errors"]
         view["since_reset_s"] = round(now - (self.reset_at or self.started_at), 3)
         view["http"] = {"requests_by_status": dict(ingress.statuses)}
-        view["error_rate"] = error_rate(ingress.statuses)
+        view["error_rate"] = round(error_rate(ingress.statuses), 4)
         view["queue_size"] = replicas.gauges.get("queue_size", 0)
         view["memory"] = self.memory()
         view["profile"] = self.profiles()
-        models = sorted({s.model for s in self.sources.values() if s.kind == "replica" and s.model})
         view["models"] = {}
-        for m in models:
+        for m in self.models():
             state = self.combined(("replica",), m)
             view["models"][m] = _summary(state.counters, state.errors, state.histograms, list(state.window), now)
         view["replicas"] = []
@@ -366,14 +410,12 @@ class Aggregate:
         return _sum_memory([s.memory_view() for s in self.sources.values() if s.memory])
 
 
-def failed_requests(statuses: dict[str, int]) -> int:
-    return sum(n for status, n in statuses.items() if int(status) >= 400)
-
-
 def error_rate(statuses: dict[str, int]) -> float:
-    """Failed (status >= 400) over all embedding requests the ingress answered; 0.0 when there were none."""
+    """Failed (status >= 400) over all embedding requests the ingress answered; 0.0 when there were none.
+    The one definition: `/v1/performance` shows it rounded, Prometheus's `embserve_error_rate` as it is."""
     answered = sum(statuses.values())
-    return round(failed_requests(statuses) / answered, 4) if answered else 0.0
+    failed = sum(n for status, n in statuses.items() if int(status) >= 400)
+    return failed / answered if answered else 0.0
 
 
 def _sum_memory(memories: list[dict[str, Any]]) -> dict[str, Any]:

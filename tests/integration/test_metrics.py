@@ -121,28 +121,69 @@ def test_error_rate_is_failed_over_all_requests_in_performance_and_prometheus(cl
     assert client.get("/v1/performance").json()["error_rate"] == 0.0
 
 
+def scrape(client) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+
+
+def counts(families: dict) -> dict:
+    """Every counter and histogram sample (buckets, sums, counts), by name and labels."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values()
+            if f.type in ("counter", "histogram") for s in f.samples}
+
+
+def sample(families: dict, family: str, name: str, **labels) -> float:
+    return sum(s.value for s in families[family].samples if s.name == name and s.labels == labels)
+
+
 def test_prometheus_metrics_parse_and_agree_with_performance(client):
     client.post("/v1/performance/reset")
+    before = scrape(client)  # counters count since the actor started: compare what this test adds
     load(client, [[t] for t in mixed_texts(12, seed=24)])
     # The replicas report the inputs, the ingress the requests: wait for both reports.
-    settle(client, lambda p: p["totals"]["inputs"] >= 12 and sum(p["http"]["requests_by_status"].values()) >= 12)
-    text = client.get("/metrics").text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    perf = settle(client, lambda p: p["totals"]["inputs"] >= 12 and sum(p["http"]["requests_by_status"].values()) >= 12)
+    families = scrape(client)
     for name in ("embserve_requests", "embserve_request_duration_seconds", "embserve_queue_duration_seconds",
                  "embserve_tokenize_duration_seconds", "embserve_forward_duration_seconds",
                  "embserve_batch_inputs", "embserve_batch_tokens", "embserve_padding_efficiency",
                  "embserve_queue_size"):
         assert name in families, name
-    requests = {s.labels["status"]: s.value for s in families["embserve_requests"].samples
-                if s.name == "embserve_requests_total"}
-    assert requests == {"200": 12.0}
-    inputs = {s.labels["model"]: s.value for s in families["embserve_inputs"].samples if s.name == "embserve_inputs_total"}
+
+    def added(family: str, name: str, **labels) -> float:
+        return sample(families, family, name, **labels) - sample(before, family, name, **labels)
+
+    assert added("embserve_requests", "embserve_requests_total", status="200") == 12.0
+    assert perf["http"]["requests_by_status"] == {"200": 12}
     # Per model; the ingress's requests have no model label. The app's metrics actor outlives the test
-    # modules before this one, whose models may still be listed (with nothing counted since the reset).
-    assert inputs[MODEL] == 12.0 and sum(inputs.values()) == 12.0
-    count = [s.value for s in families["embserve_request_duration_seconds"].samples
-             if s.name == "embserve_request_duration_seconds_count"]
-    assert count == [12.0]
+    # modules before this one, whose models may still be listed (with nothing counted since then).
+    models = {s.labels["model"] for f in (before, families) for s in f["embserve_inputs"].samples}
+    assert added("embserve_inputs", "embserve_inputs_total", model=MODEL) == 12.0
+    assert sum(added("embserve_inputs", "embserve_inputs_total", model=m) for m in models) == 12.0
+    assert added("embserve_request_duration_seconds", "embserve_request_duration_seconds_count") == 12.0
+    assert sample(families, "embserve_padding_efficiency", "embserve_padding_efficiency", model=MODEL) == \
+        pytest.approx(perf["models"][MODEL]["padding_efficiency"], abs=1e-4)
+
+
+def test_a_reset_zeroes_performance_but_prometheus_counters_keep_counting(client):
+    first, second = [[t] for t in mixed_texts(10, seed=28)], [[t] for t in mixed_texts(6, seed=29)]
+    client.post("/v1/performance/reset")
+    load(client, first)
+    settle(client, lambda p: p["totals"]["inputs"] >= 10 and sum(p["http"]["requests_by_status"].values()) >= 10)
+    before = scrape(client)
+    assert client.post("/v1/performance/reset").status_code == 200
+    perf = client.get("/v1/performance").json()
+    assert perf["totals"]["inputs"] == perf["totals"]["requests"] == 0
+    assert perf["http"]["requests_by_status"] == {}
+    right_after = counts(scrape(client))
+    assert [k for k, v in counts(before).items() if right_after.get(k, -1) < v] == [], "a reset lowered a counter"
+    load(client, second)
+    perf = settle(client, lambda p: p["totals"]["inputs"] >= 6 and sum(p["http"]["requests_by_status"].values()) >= 6)
+    assert perf["totals"]["inputs"] == 6 and perf["http"]["requests_by_status"] == {"200": 6}
+    after = scrape(client)
+    assert [k for k, v in right_after.items() if counts(after).get(k, -1) < v] == []
+    for family, name, labels in (("embserve_inputs", "embserve_inputs_total", {"model": MODEL}),
+                                 ("embserve_requests", "embserve_requests_total", {"status": "200"}),
+                                 ("embserve_request_duration_seconds", "embserve_request_duration_seconds_count", {})):
+        assert sample(after, family, name, **labels) == sample(before, family, name, **labels) + 6, name
 
 
 def test_serving_goes_on_while_the_metrics_actor_is_down_and_it_comes_back(client):

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from embserve.scheduler import Admitted, Answered, Forward
 from embserve.prometheus import render
-from embserve.stats import Aggregate, Event
+from embserve.stats import Aggregate, Event, Responded
 
 
 def _families(agg: Aggregate) -> dict:
@@ -26,21 +26,21 @@ def agg() -> Aggregate:
     agg = Aggregate()
     t = max(time.time(), agg.reset_at) + 1
     agg.record("r1", "replica", "mini", [
-        Event(t, "admitted", Admitted(requests=2, inputs=3, tokenize_s=0.001)),
-        Event(t, "forward", Forward(inputs=3, tokens=90, padded_tokens=120, seconds=0.03)),
-        Event(t, "answered", Answered(queue_s=0.002, error=None)),
-        Event(t, "answered", Answered(queue_s=0.004, error=None)),
+        Event(t, Admitted(requests=2, inputs=3, tokenize_s=0.001)),
+        Event(t, Forward(inputs=3, tokens=90, padded_tokens=120, seconds=0.03)),
+        Event(t, Answered(queue_s=0.002, error=None)),
+        Event(t, Answered(queue_s=0.004, error=None)),
     ], gauges={"queue_size": 2}, now=t)
     agg.record("r2", "replica", "mini", [
-        Event(t, "admitted", Admitted(requests=1, inputs=40, tokenize_s=0.004)),
-        Event(t, "forward", Forward(inputs=20, tokens=1500, padded_tokens=1600, seconds=0.2)),
-        Event(t, "forward", Forward(inputs=20, tokens=1500, padded_tokens=1600, seconds=0.2)),
-        Event(t, "answered", Answered(queue_s=0.02, error=None)),
+        Event(t, Admitted(requests=1, inputs=40, tokenize_s=0.004)),
+        Event(t, Forward(inputs=20, tokens=1500, padded_tokens=1600, seconds=0.2)),
+        Event(t, Forward(inputs=20, tokens=1500, padded_tokens=1600, seconds=0.2)),
+        Event(t, Answered(queue_s=0.02, error=None)),
     ], gauges={"queue_size": 1}, now=t)
     agg.record("i1", "ingress", None, [
-        Event(t, "request", (200, 0.04, None)),
-        Event(t, "request", (200, 0.6, None)),
-        Event(t, "request", (400, 0.003, "InputTooLong")),
+        Event(t, Responded(200, 0.04, None)),
+        Event(t, Responded(200, 0.6, None)),
+        Event(t, Responded(400, 0.003, "InputTooLong")),
     ], now=t)
     return agg
 
@@ -139,14 +139,41 @@ def test_a_replica_that_reported_nothing_yet_has_zeros_and_full_efficiency(agg):
     assert _value(families["embserve_queue_size"], "embserve_queue_size", model="bge") == 0
 
 
-def test_reset_zeroes_the_rendered_counters(agg):
+def _counts(agg: Aggregate) -> dict:
+    """Every sample of every counter and histogram, by name and labels."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in _families(agg).values()
+            if f.type in ("counter", "histogram") for s in f.samples}
+
+
+def test_a_reset_never_lowers_a_counter_or_histogram_sample(agg):
+    before = _counts(agg)
+    agg.reset()
+    assert _counts(agg) == before, "a reset alone changes no counter"
+    t = max(time.time(), agg.reset_at) + 1
+    agg.record("r1", "replica", "mini", [Event(t, Admitted(requests=1, inputs=2, tokenize_s=0.001)),
+                                         Event(t, Forward(inputs=2, tokens=20, padded_tokens=20, seconds=0.01))],
+               now=t)
+    agg.record("i1", "ingress", None, [Event(t, Responded(200, 0.02)), Event(t, Responded(503, 0.1, "Unavailable"))],
+               now=t)
+    after = _counts(agg)
+    assert set(before) <= set(after)
+    assert [k for k, v in before.items() if after[k] < v] == []
+    families = _families(agg)
+    assert _value(families["embserve_inputs"], "embserve_inputs_total", model="mini") == 43 + 2
+    assert _value(families["embserve_requests"], "embserve_requests_total", status="200") == 2 + 1
+    assert _value(families["embserve_request_duration_seconds"], "embserve_request_duration_seconds_count") == 3 + 2
+    # ... while /v1/performance counts from the reset.
+    snap = agg.snapshot(now=t)
+    assert (snap["totals"]["inputs"], snap["http"]["requests_by_status"]) == (2, {"200": 1, "503": 1})
+
+
+def test_after_a_reset_the_gauges_say_what_happened_since_and_replicas_stay_listed(agg):
     agg.reset()
     families = _families(agg)
-    assert _value(families["embserve_inputs"], "embserve_inputs_total", model="mini") == 0
-    assert families["embserve_requests"].samples == []
-    assert _value(families["embserve_request_duration_seconds"], "embserve_request_duration_seconds_count") == 0
-    # Replicas are still there after a reset.
+    assert _value(families["embserve_error_rate"], "embserve_error_rate") == 0.0
+    assert _value(families["embserve_padding_efficiency"], "embserve_padding_efficiency", model="mini") == 1.0
     assert _value(families["embserve_replicas"], "embserve_replicas", model="mini") == 2
+    assert _value(families["embserve_queue_size"], "embserve_queue_size", model="mini") == 3
 
 
 def test_error_rate_gauge_is_failed_over_all_requests(agg):

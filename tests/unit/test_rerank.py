@@ -180,9 +180,9 @@ def test_rerank_requests_and_pairs_are_counted_per_model():
     from embserve.prometheus import render
 
     aggregate = Aggregate()
-    events = [Event(1.0, "admitted", Admitted(2, 7, 0.001, "rerank"))]
+    events = [Event(1.0, Admitted(2, 7, 0.001, "rerank"))]
     aggregate.record("replica-a", "replica", "my-reranker", events, now=2.0)
-    aggregate.record("replica-b", "replica", "minilm", [Event(1.0, "admitted", Admitted(3, 5, 0.001))], now=2.0)
+    aggregate.record("replica-b", "replica", "minilm", [Event(1.0, Admitted(3, 5, 0.001))], now=2.0)
     snap = aggregate.snapshot(now=2.0)
     assert snap["models"]["my-reranker"]["totals"]["rerank_requests"] == 2
     assert snap["models"]["my-reranker"]["totals"]["rerank_pairs"] == 7

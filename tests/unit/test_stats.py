@@ -23,6 +23,9 @@ from embserve.stats import (
     Histogram,
     IngressReporter,
     ReplicaReporter,
+    Responded,
+    UnknownEvent,
+    error_rate,
     process_memory,
 )
 
@@ -43,7 +46,7 @@ def _reports(requests=1, inputs=4, tokens=100, padded=120, forwards=1, errors=No
 
 
 def _batch(at, **kwargs) -> list[Event]:
-    return [Event(at, type(r).__name__.lower(), r) for r in _reports(**kwargs)]
+    return [Event(at, r) for r in _reports(**kwargs)]
 
 
 # Histogram
@@ -158,10 +161,9 @@ def test_reporters_hand_over_their_events_once():
     ingress.record_request(200, 0.05)
     ingress.record_request(400, 0.01, "InvalidRequest")
     admitted, forward, answered = replica.take()
-    assert (admitted.kind, forward.kind, answered.kind) == ("admitted", "forward", "answered")
-    assert admitted.data.inputs == forward.data.inputs == 4
-    assert [(e.kind, e.data) for e in ingress.take()] == [("request", (200, 0.05, None)),
-                                                         ("request", (400, 0.01, "InvalidRequest"))]
+    assert (type(admitted.report), type(forward.report), type(answered.report)) == (Admitted, Forward, Answered)
+    assert admitted.report.inputs == forward.report.inputs == 4
+    assert [e.report for e in ingress.take()] == [Responded(200, 0.05, None), Responded(400, 0.01, "InvalidRequest")]
     assert replica.take() == [] and ingress.take() == []
     assert (replica.kind, replica.model, ingress.kind, ingress.model) == ("replica", "mini", "ingress", None)
 
@@ -176,8 +178,8 @@ def test_events_survive_pickling_to_the_metrics_actor():
     for report in _reports(errors={"InputTooLong": 1}):
         replica.record(report)
     events = pickle.loads(pickle.dumps(replica.take()))
-    assert [e.data.error for e in events if e.kind == "answered"] == [None, "InputTooLong"]
-    assert [e.data.padded_tokens for e in events if e.kind == "forward"] == [120]
+    assert [e.report.error for e in events if isinstance(e.report, Answered)] == [None, "InputTooLong"]
+    assert [e.report.padded_tokens for e in events if isinstance(e.report, Forward)] == [120]
 
 
 def test_process_memory_reports_resident_bytes_or_gpu_memory():
@@ -276,10 +278,10 @@ def test_deltas_from_repeated_reports_accumulate(agg):
 def test_errors_are_counted_once_where_the_client_saw_them(agg):
     t = _at(agg, 1)
     agg.record("r1", "replica", "mini", [*_batch(t, errors={"InputTooLong": 1})], now=t)
-    agg.record("i1", "ingress", None, [Event(t, "request", (200, 0.01, None)),
-                                       Event(t, "request", (400, 0.02, "InputTooLong")),
-                                       Event(t, "request", (401, 0.001, "Unauthorized"))], now=t)
-    agg.record("i2", "ingress", None, [Event(t, "request", (200, 0.03, None))], now=t)
+    agg.record("i1", "ingress", None, [Event(t, Responded(200, 0.01, None)),
+                                       Event(t, Responded(400, 0.02, "InputTooLong")),
+                                       Event(t, Responded(401, 0.001, "Unauthorized"))], now=t)
+    agg.record("i2", "ingress", None, [Event(t, Responded(200, 0.03, None))], now=t)
     snap = agg.snapshot(now=t)
     assert snap["totals"]["errors"] == 2
     assert snap["errors"] == {"InputTooLong": 1, "Unauthorized": 1}
@@ -294,7 +296,7 @@ def test_reset_zeroes_counters_but_keeps_sources_memory_and_gauges(agg):
     t = _at(agg, 1)
     mem = {"kind": "process", "rss_bytes": 1000}
     agg.record("r1", "replica", "mini", [*_batch(t)], gauges={"queue_size": 3}, memory=mem, now=t)
-    agg.record("i1", "ingress", None, [Event(t, "request", (500, 0.1, "Unavailable"))], now=t)
+    agg.record("i1", "ingress", None, [Event(t, Responded(500, 0.1, "Unavailable"))], now=t)
     agg.reset()
     snap = agg.snapshot()
     assert snap["totals"] == dict.fromkeys(COUNTERS, 0)
@@ -424,28 +426,28 @@ def test_error_rate_is_failed_over_all_requests_at_the_ingress(agg):
     t = _at(agg, 1)
     # A replica's own error counts do not enter the rate: the ingress answers every request once.
     agg.record("r1", "replica", "mini", [*_batch(t, errors={"InputTooLong": 1})], now=t)
-    agg.record("i1", "ingress", None, [Event(t, "request", (200, 0.01, None)),
-                                       Event(t, "request", (200, 0.01, None)),
-                                       Event(t, "request", (400, 0.01, "InputTooLong")),
-                                       Event(t, "request", (503, 0.01, "Unavailable"))], now=t)
-    agg.record("i2", "ingress", None, [Event(t, "request", (200, 0.01, None)),
-                                       Event(t, "request", (404, 0.01, "ModelNotFound")),
-                                       Event(t, "request", (413, 0.01, None)),
-                                       Event(t, "request", (201, 0.01, None))], now=t)
+    agg.record("i1", "ingress", None, [Event(t, Responded(200, 0.01, None)),
+                                       Event(t, Responded(200, 0.01, None)),
+                                       Event(t, Responded(400, 0.01, "InputTooLong")),
+                                       Event(t, Responded(503, 0.01, "Unavailable"))], now=t)
+    agg.record("i2", "ingress", None, [Event(t, Responded(200, 0.01, None)),
+                                       Event(t, Responded(404, 0.01, "ModelNotFound")),
+                                       Event(t, Responded(413, 0.01, None)),
+                                       Event(t, Responded(201, 0.01, None))], now=t)
     assert agg.snapshot(now=t)["error_rate"] == 0.5  # 400, 503, 404, 413 of 8
 
 
 def test_error_rate_is_zero_with_no_requests_and_after_a_reset(agg):
     assert agg.snapshot()["error_rate"] == 0.0
     t = _at(agg, 1)
-    agg.record("i1", "ingress", None, [Event(t, "request", (500, 0.01, "Internal")),
-                                       Event(t, "request", (200, 0.01, None)),
-                                       Event(t, "request", (200, 0.01, None))], now=t)
+    agg.record("i1", "ingress", None, [Event(t, Responded(500, 0.01, "Internal")),
+                                       Event(t, Responded(200, 0.01, None)),
+                                       Event(t, Responded(200, 0.01, None))], now=t)
     assert agg.snapshot(now=t)["error_rate"] == round(1 / 3, 4)
     agg.reset()
     assert agg.snapshot()["error_rate"] == 0.0
     t = _at(agg, 1)
-    agg.record("i1", "ingress", None, [Event(t, "request", (429, 0.01, "Overloaded"))], now=t)
+    agg.record("i1", "ingress", None, [Event(t, Responded(429, 0.01, "Overloaded"))], now=t)
     assert agg.snapshot(now=t)["error_rate"] == 1.0
 
 
@@ -658,3 +660,159 @@ def test_events_added_from_forward_threads_while_the_shipper_takes_are_all_hande
     ship.join()
     taken.extend(replica.take())
     assert len(taken) == 3 * 2000 * len(_reports())
+
+
+# Events are counted by the type of their report
+
+
+@pytest.mark.parametrize("report, counted", [
+    (Admitted(requests=3, inputs=7, tokenize_s=0.002), {"batches": 1, "requests": 3}),
+    (Admitted(requests=2, inputs=5, tokenize_s=0.002, task="rerank"),
+     {"batches": 1, "requests": 2, "rerank_requests": 2, "rerank_pairs": 5}),
+    (Forward(inputs=4, tokens=30, padded_tokens=40, seconds=0.01),
+     {"forwards": 1, "inputs": 4, "tokens": 30, "padded_tokens": 40}),
+    (Answered(queue_s=0.003, error=None), {}),
+    (Answered(queue_s=0.0, error="InputTooLong"), {"errors": 1}),
+    (Responded(200, 0.02), {}),
+    (Responded(413, 0.001, "InputTooLong"), {"errors": 1}),
+], ids=lambda v: type(v).__name__ if not isinstance(v, dict) else "")
+def test_each_report_type_lands_in_its_own_counters_and_histograms(report, counted):
+    kind = "ingress" if isinstance(report, Responded) else "replica"
+    agg = Aggregate()
+    agg.record("s1", kind, None if kind == "ingress" else "m", [Event(time.time(), report)])
+    state = agg.sources["s1"]
+    assert state.counters == {**dict.fromkeys(COUNTERS, 0), **counted}
+    observed = {name for name, h in state.histograms.items() if h.n}
+    assert observed == {Admitted: {"batch_inputs", "tokenize_s"}, Answered: {"queue_s"}, Responded: {"request_s"},
+                        Forward: {"forward_s", "forward_inputs", "batch_tokens"}}[type(report)]
+    if isinstance(report, Responded):
+        assert state.statuses == {str(report.status): 1}
+
+
+def test_a_report_is_counted_by_its_class_whatever_its_name():
+    class ForwardV2(Forward):  # a renamed or extended report still counts where its class says
+        pass
+
+    agg = Aggregate()
+    agg.record("r1", "replica", "m", [Event(time.time(), ForwardV2(inputs=3, tokens=9, padded_tokens=12,
+                                                                   seconds=0.01))])
+    assert agg.snapshot()["totals"]["inputs"] == 3
+
+
+def test_an_unknown_report_type_fails_loudly_instead_of_counting_nothing():
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Forward:  # the right name but not the scheduler's class: a name counts for nothing
+        inputs: int
+
+    agg = Aggregate()
+    with pytest.raises(UnknownEvent, match="Forward"):
+        agg.record("r1", "replica", "m", [Event(time.time(), Forward(inputs=3))])
+    with pytest.raises(UnknownEvent):
+        agg.record("i1", "ingress", None, [Event(time.time(), (200, 0.01, None))])  # the old tuple shape
+
+
+def test_every_report_the_real_scheduler_makes_is_counted(float32_model):
+    from embserve.scheduler import EmbedJob, ForwardLayout, Scheduler, embed_jobs
+    from embserve.settings import BatchingConfig
+
+    reporter = ReplicaReporter("m")
+    config = BatchingConfig()
+    scheduler = Scheduler(float32_model, ForwardLayout(1, 1), config=lambda: config, max_batch_tokens=8192,
+                          report=reporter.record)
+    try:
+        results = embed_jobs(scheduler, [EmbedJob(texts=["a cat", "a dog on a mat"]), EmbedJob(texts=["x"]),
+                                         EmbedJob(token_ids=[[-1]])])
+    finally:
+        scheduler.close()
+    agg = Aggregate()
+    agg.record(reporter.source_id, reporter.kind, reporter.model, reporter.take())  # raises on any unknown
+    totals = agg.snapshot()["totals"]
+    assert [r.error is None for r in results] == [True, True, False]
+    assert (totals["requests"], totals["batches"], totals["inputs"]) == (3, 1, 3)
+    assert totals["tokens"] == sum(r.prompt_tokens for r in results)
+    assert agg.snapshot()["models"]["m"]["errors"] == {"InvalidRequest": 1}
+
+
+# Since the last reset (/v1/performance) and since the actor started (Prometheus)
+
+
+def _lifetime(agg: Aggregate) -> dict:
+    """Every count Prometheus exposes: counters, statuses, errors and histogram counts and sums."""
+    out = {}
+    for (kind, model), s in agg.lifetime.items():
+        out.update({(kind, model, k): v for k, v in s.counters.items()})
+        out.update({(kind, model, "status", k): v for k, v in s.statuses.items()})
+        out.update({(kind, model, "error", k): v for k, v in s.errors.items()})
+        for name, h in s.histograms.items():
+            out.update({(kind, model, name, i): c for i, c in enumerate(h.counts)})
+            out[(kind, model, name, "sum")], out[(kind, model, name, "count")] = h.total, h.n
+    return out
+
+
+def test_a_reset_zeroes_the_performance_figures_but_never_lowers_a_lifetime_count(agg):
+    t = _at(agg, 1)
+    agg.record("r1", "replica", "mini", _batch(t, requests=2, inputs=5, errors={"InputTooLong": 1}), now=t)
+    agg.record("i1", "ingress", None, [Event(t, Responded(200, 0.01)), Event(t, Responded(400, 0.02, "X"))], now=t)
+    before = _lifetime(agg)
+    agg.reset()
+    assert agg.snapshot()["totals"] == dict.fromkeys(COUNTERS, 0)
+    assert agg.snapshot()["http"]["requests_by_status"] == {}
+    assert _lifetime(agg) == before, "a reset alone changes no lifetime count"
+    t = _at(agg, 1)
+    agg.record("r1", "replica", "mini", _batch(t, requests=1, inputs=3), now=t)
+    agg.record("i1", "ingress", None, [Event(t, Responded(200, 0.5))], now=t)
+    after = _lifetime(agg)
+    assert set(before) <= set(after)
+    assert all(after[k] >= v for k, v in before.items()), [k for k, v in before.items() if after[k] < v]
+    assert agg.snapshot(now=t)["totals"]["inputs"] == 3
+    assert agg.since_start("replica", "mini").counters["inputs"] == 8
+    assert agg.since_start("ingress").statuses == {"200": 2, "400": 1}
+
+
+def test_events_from_before_a_reset_count_for_lifetime_but_not_for_performance(agg):
+    agg.reset()
+    agg.record("r1", "replica", "mini", _batch(agg.reset_at - 0.5, inputs=7), now=agg.reset_at + 0.5)
+    assert agg.snapshot()["totals"]["inputs"] == 0
+    assert agg.since_start("replica", "mini").counters["inputs"] == 7
+
+
+def test_a_replica_forgotten_by_a_reset_keeps_its_counts_in_its_models_lifetime(agg):
+    t = _at(agg, 1)
+    agg.record("old", "replica", "mini", _batch(t, inputs=4), now=t)
+    agg.record("new", "replica", "mini", _batch(t + 100, inputs=1), now=t + 100)
+    agg.reset(now=t + 101)  # "old" has gone silent: it leaves /v1/performance
+    assert [r["id"] for r in agg.snapshot(now=t + 101)["replicas"]] == ["new"]
+    assert agg.since_start("replica", "mini").counters["inputs"] == 5
+
+
+# The error rate
+
+
+@pytest.mark.parametrize("statuses, rate", [({}, 0.0), ({"200": 3}, 0.0), ({"200": 1, "400": 1, "503": 2}, 0.75),
+                                            ({"200": 2, "429": 1}, 1 / 3), ({"399": 1, "400": 1}, 0.5)])
+def test_error_rate_is_statuses_of_400_and_above_over_all(statuses, rate):
+    assert error_rate(statuses) == rate
+
+
+def test_a_report_the_actor_refuses_is_logged_as_an_error_and_the_actor_kept(fake_actor, caplog):
+    import asyncio
+
+    import ray.exceptions
+
+    from deployments.metrics import MetricsShipper
+
+    refusal = ray.exceptions.RayTaskError("record", "UnknownEvent: no metric counts a X report", UnknownEvent("X"))
+
+    async def refuse(*args, **kwargs):
+        raise refusal
+
+    fake_actor.record = type("Refusing", (), {"remote": staticmethod(refuse)})
+    reporter = ReplicaReporter("m")
+    shipper = MetricsShipper("app", reporter)
+    reporter.record(_reports()[0])
+    with caplog.at_level("ERROR", logger="ray.serve"):
+        asyncio.run(shipper.flush())
+    assert any(r.levelname == "ERROR" and "no metric counts a X report" in r.getMessage() for r in caplog.records)
+    assert shipper._actor is fake_actor, "the actor answered: it is not looked up again"
