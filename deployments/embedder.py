@@ -38,20 +38,6 @@ def count_inputs(jobs: list[EmbedJob]) -> int:
     return sum(job.weight for job in jobs)
 
 
-def split_admissions(jobs: list[EmbedJob], replies: list, most: int) -> list[tuple[list[EmbedJob], list]]:
-    """A shared call's requests in order, as admissions of at most `most` inputs (a larger request alone)."""
-    out: list[tuple[list[EmbedJob], list]] = []
-    size = most
-    for job, reply in zip(jobs, replies):
-        if size + len(job) > most:
-            out.append(([], []))
-            size = 0
-        out[-1][0].append(job)
-        out[-1][1].append(reply)
-        size += len(job)
-    return out
-
-
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
 class Embedder:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
@@ -67,7 +53,6 @@ class Embedder:
                                    is not None else start.group_cost_tokens, tolerance_wall=start.tolerance_wall)
         self._apply_batching()
         self._ongoing = 0
-        self._calls = self._call_requests = 0  # shared calls from the ingress, and the requests they held
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
                                       gauges=lambda: {"queue_size": self._ongoing}, profile=self.profile.as_dict)
         self.shipper.start()  # Serve runs constructors on the replica's loop
@@ -108,8 +93,7 @@ class Embedder:
                 "effective_admit_batch_size": self.batching.effective_admit_batch_size,
                 "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
                 "threads_per_forward": sorted(self.scheduler.threads_seen),
-                "pending_inputs": self.scheduler.pending, "profile": self.profile.as_dict(),
-                "shared_calls": {"calls": self._calls, "requests": self._call_requests}}
+                "pending_inputs": self.scheduler.pending, "profile": self.profile.as_dict()}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward, on a thread of its own, so that
@@ -119,7 +103,7 @@ class Embedder:
     async def embed(self, job: EmbedJob) -> EmbedResult:
         # A request larger than a batch still fits one: it counts as a full batch.
         job.weight = max(1, min(len(job), self.batching.effective_admit_batch_size))
-        job.received = time.perf_counter() - job.waited_s
+        job.received = time.perf_counter()
         self._ongoing += 1
         try:
             return await (await self._admit(job))
@@ -128,34 +112,6 @@ class Embedder:
             raise
         finally:
             self._ongoing -= 1
-
-    async def embed_many(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
-        """Several small requests in one call (the ingress's `ingress_calls_in_flight`): one admission, and
-        each request answered, failed and timed on its own. Cancelled: every one of them is dropped."""
-        received = time.perf_counter()
-        for job in jobs:
-            job.received = received - job.waited_s  # its wait in the ingress is queueing too
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in jobs]
-        replies = [lambda result, f=f: loop.call_soon_threadsafe(_settle, f, result) for f in futures]
-        # Admissions as @serve.batch would form them from these requests (admit_batch_size inputs, live).
-        admissions = split_admissions(jobs, replies, self.batching.effective_admit_batch_size)
-        self._calls += 1
-        self._call_requests += len(jobs)
-        self._ongoing += len(jobs)
-        try:
-            for these, their_replies in admissions:
-                if sum(job.chars for job in these) > INLINE_CHARS:
-                    await asyncio.to_thread(self.scheduler.admit, these, their_replies)
-                else:
-                    self.scheduler.admit(these, their_replies)
-            return list(await asyncio.gather(*futures))
-        except asyncio.CancelledError:
-            for job in jobs:
-                job.cancelled = True
-            raise
-        finally:
-            self._ongoing -= len(jobs)
 
     # Ray forms admissions (admit_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
     # at once, so a batch never holds its requests back and Ray forms the next batch while these compute.

@@ -21,12 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embserve.scheduler import EmbedJob, EmbedResult
-from embserve.calls import Coalescer, calls_in_flight, shares_calls
 from embserve.encode import apply_dimensions
 from embserve.errors import (EmbservError, InvalidRequest, ModelNotFound, Overloaded, PayloadTooLarge,
                              RequestTimeout, Unauthorized, Unavailable)
 from embserve.inputs import Limits, check_prompt_name, check_rerank_input, normalize_input
-from embserve.layout import admission_bound, embedder_options
 from embserve.pipeline import ModelInfo
 from embserve.protocol import (EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest,
                                RerankResponse, TEIRank, TEIRerankRequest)
@@ -224,17 +222,13 @@ KEYED = [Depends(require_key)]
 
 
 class ModelRoute:
-    """One model's replicas, as the ingress calls them: small embedding requests share calls while
-    `calls` are in flight (embserve/calls.py), other requests get a call each."""
+    """One model's replicas, as the ingress calls them."""
 
-    def __init__(self, name: str, handle: DeploymentHandle, task: str = "embed", calls: int = 0,
-                 max_inputs: int = 32, max_waiting: int = -1) -> None:
+    def __init__(self, name: str, handle: DeploymentHandle, task: str = "embed") -> None:
         self.name = name
         self.handle = handle
         self.task = task
         self.info: ModelInfo | None = None
-        self.coalescer = Coalescer(handle.embed_many.remote, lambda: calls, lambda: max_inputs,
-                                   max_waiting) if calls and task == "embed" else None
 
     async def model_info(self) -> ModelInfo:
         if self.info is None:
@@ -243,8 +237,6 @@ class ModelRoute:
 
     def call(self, job: EmbedJob) -> tuple[Awaitable[EmbedResult], Callable[[], Any]]:
         """The call for one request, and how to cancel it."""
-        if self.coalescer is not None and shares_calls(job):
-            return self.coalescer.submit(job)
         response = self.handle.embed.remote(job)
         return response, response.cancel
 
@@ -257,15 +249,8 @@ class Ingress:
         self.limits = Limits(settings.max_inputs_per_request, settings.max_input_chars)
         self.routes: dict[str, ModelRoute] = {}
         self.models: list[ModelRoute] = []
-        specs = settings.model_specs()
-        for spec, handle in zip(specs, embedders):
-            options = embedder_options(settings, spec, 0 if settings.num_gpus else len(specs))
-            calls, why = calls_in_flight(settings.ingress_calls_in_flight, options)
-            route = ModelRoute(spec.name, handle, spec.task, calls, admission_bound(settings),
-                               options.get("max_queued_requests", settings.max_queued_requests))
-            if route.coalescer is not None:
-                log.info("ingress: up to %d calls in flight to %s; small requests share calls (%s)", calls,
-                         spec.name, why)
+        for spec, handle in zip(settings.model_specs(), embedders):
+            route = ModelRoute(spec.name, handle, spec.task)
             self.models.append(route)
             for name in (spec.name, *spec.aliases):
                 self.routes[name] = route

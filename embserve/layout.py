@@ -28,12 +28,6 @@ GPU_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "upscal
 GPU_MAX_BATCH_SIZE = 256  # the largest batch a card's size can give (embserve.gpu_memory's tiers)
 
 
-def admission_bound(settings: Settings) -> int:
-    """The most inputs one admission holds: the settings' own, or the device's default largest forward."""
-    return settings.admit_batch_size or settings.max_batch_size or (
-        GPU_MAX_BATCH_SIZE if settings.num_gpus else CPU_MAX_BATCH_SIZE)
-
-
 def embedder_options(settings: Settings, spec: ModelSpec, cpu_models: int) -> dict[str, Any]:
     """A model's embedder deployment options: its `deployment` settings over these defaults.
 
@@ -41,7 +35,8 @@ def embedder_options(settings: Settings, spec: ModelSpec, cpu_models: int) -> di
     forward on every core it sees (embserve.hardware); the models of one app share the cores, so each
     reserves its share of one CPU and all of them fit beside the ingress on a 2-core machine.
     """
-    bound = admission_bound(settings)
+    bound = settings.admit_batch_size or settings.max_batch_size or (
+        GPU_MAX_BATCH_SIZE if settings.num_gpus else CPU_MAX_BATCH_SIZE)
     options: dict[str, Any] = {
         "name": spec.deployment_name,
         # Requests one replica holds; an admission can never hold more, so twice the largest lets one

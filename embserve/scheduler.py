@@ -49,7 +49,6 @@ class EmbedJob:
     weight: int = 1  # what it counts for in an admission (admit_batch_size); set by the replica
     received: float = 0.0  # time.perf_counter() when the replica got it (its wait for a batch counts)
     cancelled: bool = False  # the caller went away: its inputs still pending are dropped, never computed
-    waited_s: float = 0.0  # how long it waited in the ingress for a call to the replica (embserve/calls.py)
 
     def __len__(self) -> int:
         return len(self.texts if self.texts is not None else self.token_ids or [])

@@ -293,11 +293,6 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=-1, description="Requests that may wait for an embedding replica beyond what it is "
         "running; more get a fast 503 with Retry-After. -1: unbounded.")
-    ingress_calls_in_flight: int | None = Field(
-        None, ge=0, description="Calls one ingress replica keeps in flight to one embedding model; small "
-        "requests that arrive while that many are out go to a replica together, in one call. 0: one call "
-        "per request. None: 4 per replica where the model has a fixed number of replicas (the CPU "
-        "default), 0 where Serve autoscales it (its autoscaler counts calls, not requests).")
 
     # Security.
     api_key: Annotated[list[SecretStr], NoDecode] = Field(

@@ -22,9 +22,6 @@ def guarded(config, key_file) -> None:
     """API keys from a file (Ray logs args and runtime_env, so keys never go there), and small queues."""
     app = next(a for a in config["applications"] if a["name"] == APP)
     app["args"]["api_key_file"] = str(key_file)
-    # The setting bounds the requests that wait in the ingress for a shared call as well; the deployment
-    # entry's max_queued_requests bounds the calls that wait for the replica.
-    app["args"]["max_queued_requests"] = 4
     fixed_replicas(config, 1, max_ongoing_requests=4, max_queued_requests=4)
 
 
