@@ -10,6 +10,9 @@ their own input is done. The clients send the texts' token ids (an input OpenAI'
 engine is what is measured, and the tokenizer costs ~0.4 ms a mixed text on one core, more than the
 simulated card takes for it (`--raw-texts` sends the texts instead). Reported: the device's busy share over the run, texts/s, and their ratio to the
 offline limit (the same texts sorted by length and queued back to back in groups of max_batch_size).
+The scheduler gets the device's cost line as a GPU replica's warm-up measures it: the line through two timed
+forwards, one of 1 x 8 tokens and one of max_batch_size x 128 (`--no-cost-line`: none, so the pipelined
+worker takes each next group at once, as it did before it had one).
 The unit tests (tests/unit/test_scheduler.py) use the same device, without timing thresholds.
 """
 
@@ -99,6 +102,21 @@ class _Pending:
         return self.future.result()
 
 
+def measured_cost(device: SimulatedGpu, max_batch_size: int) -> Any:
+    """The device's cost line, fitted as embserve.warmup does on a card: a lone short input and a full group
+    at a mid length, each timed once warm."""
+    from embserve.forward_cost import fit_forward_cost
+
+    timings = []
+    for inputs, length in ((1, 8), (max_batch_size, 128)):
+        group = [[1] * length] * inputs
+        device.forward(group)
+        t0 = time.perf_counter()
+        device.forward(group)
+        timings.append((inputs * length, time.perf_counter() - t0))
+    return fit_forward_cost(timings)
+
+
 def offline_limit(device: SimulatedGpu, ids: list[list[int]], group: int) -> float:
     """Texts/s with every text known at once: sorted by length, queued back to back in groups of `group`."""
     ordered = sorted(ids, key=len)
@@ -161,8 +179,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     cfg = BatchingConfig(max_batch_size=args.max_batch_size, max_batch_tokens=args.budget,
                          group_cost_tokens=round(args.fixed_ms * 1000 / args.per_token_us))
     seen: list[Any] = []
+    cost = None if args.no_cost_line else measured_cost(device, args.max_batch_size)
     scheduler = Scheduler(device, ForwardLayout(1, 1), config=lambda: cfg, max_batch_tokens=args.budget,
-                          report=seen.append, tolerance_wall=False, pipelined=not args.serial)
+                          report=seen.append, tolerance_wall=False, pipelined=not args.serial, forward_cost=cost)
     texts = load_or_build(None).mixed(args.texts, seed=3)
     tokenizer = scheduler.tokenizer
     ids = [tokenizer.finish(c, i, True) for i, c in enumerate(tokenizer.content_ids(texts))]
@@ -180,8 +199,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     point.update(busy_share=round(device.busy_share(t0 + 0.2, t1 - 0.2), 3),
                  offline_texts_per_s=round(limit, 1), ratio_to_offline=round(point["texts_per_s"] / limit, 3),
                  inputs_per_forward=round(statistics.fmean(f.inputs for f in forwards), 1) if forwards else 0.0,
-                 forwards=len(forwards), pipelined=not args.serial, raw_texts=args.raw_texts, fixed_ms=args.fixed_ms,
-                 per_token_us=args.per_token_us, max_batch_size=args.max_batch_size, budget=args.budget)
+                 forwards=len(forwards), pipelined=not args.serial,
+                 cost_line=cost.describe() if cost is not None else None, raw_texts=args.raw_texts,
+                 fixed_ms=args.fixed_ms, per_token_us=args.per_token_us, max_batch_size=args.max_batch_size,
+                 budget=args.budget)
     return point
 
 
@@ -195,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=256)
     parser.add_argument("--budget", type=int, default=65536, help="max_batch_tokens")
     parser.add_argument("--serial", action="store_true", help="the one-group-at-a-time worker, for comparison")
+    parser.add_argument("--no-cost-line", action="store_true",
+                        help="give the scheduler no cost line: the next group is taken at once, not just in time")
     parser.add_argument("--raw-texts", action="store_true", help="send texts, tokenized by the scheduler")
     parser.add_argument("--out", type=Path, default=Path("build/bench-simulated-gpu.json"))
     args = parser.parse_args(argv)

@@ -50,7 +50,8 @@ class Embedder:
         self.scheduler = Scheduler(self.model, self.layout, config=lambda: self.batching,
                                    max_batch_tokens=start.batch_tokens, report=self._report,
                                    group_cost_tokens=settings.group_cost_tokens if settings.group_cost_tokens
-                                   is not None else start.group_cost_tokens, tolerance_wall=start.tolerance_wall)
+                                   is not None else start.group_cost_tokens, tolerance_wall=start.tolerance_wall,
+                                   forward_cost=start.forward_cost)
         self._apply_batching()
         self._ongoing = 0
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,

@@ -12,6 +12,7 @@ from embserve.settings import (CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, GPU_MAX
                                Settings)
 
 if TYPE_CHECKING:
+    from embserve.forward_cost import ForwardCost
     from embserve.model import EmbeddingModel
     from embserve.warmup import WarmUp
     from embserve.scheduler import ForwardLayout
@@ -240,6 +241,7 @@ class ReplicaStart:
     warm_up: "WarmUp | None" = None
     group_cost_tokens: int | None = None  # a forward's fixed cost in tokens, where the warm-up measured it
     tolerance_wall: bool = True  # False: length_group_tolerance is a preference (the cost decides)
+    forward_cost: "ForwardCost | None" = None  # a GPU forward's cost line, where the warm-up measured it
 
 
 def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
@@ -298,8 +300,10 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
                         "its token budget on its first large groups")
     timing = forward_timing(settings, profile, batch_tokens, warmed.cost, limit_ms, model.max_length,
                             model.device == "cuda")
+    # The pipelined GPU worker times its next group's take by it (Scheduler._pipeline).
+    cost = warmed.cost if model.device == "cuda" else None
     return ReplicaStart(model, layout, batch_size.value, timing.budget, profile, warnings, warmed,
-                        timing.group_cost_tokens, timing.tolerance_wall)
+                        timing.group_cost_tokens, timing.tolerance_wall, cost)
 
 
 @dataclass(frozen=True)

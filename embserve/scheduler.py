@@ -4,8 +4,10 @@ oldest input), and each request is answered as soon as its own inputs are done.
 
 One lock guards the queue; forward workers are plain threads that take a group, run it, and hand its
 vectors back. On a GPU the one worker is pipelined (`_pipeline`): it keeps two groups launched, and plans
-and answers while the card computes. Nothing else decides what runs next. A group that runs out of GPU memory is split and run
-again here, and the budget that plans later groups lowered (`_run`).
+and answers while the card computes; with the warm-up's cost line it takes the next group just before the
+card would run out of work, so that the group holds what arrived meanwhile. Nothing else decides what runs
+next. A group that runs out of GPU memory is split and run again here, and the budget that plans later
+groups lowered (`_run`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 
 from embserve.batching import next_group, padded_size
 from embserve.errors import Cancelled, EmbservError, NonFiniteOutput, OutOfMemory, Unavailable
+from embserve.forward_cost import ForwardCost
 from embserve.settings import BatchingConfig
 
 if TYPE_CHECKING:  # the ingress imports this module for EmbedJob, and must not import torch
@@ -36,6 +39,13 @@ PLAN_WINDOW = 512
 # Groups a pipelined worker keeps queued on the device: one computing, the next queued behind it, so the
 # card never waits while the host answers the first and plans the one after.
 PIPELINE_DEPTH = 2
+# The pipelined worker takes the next group this long at least before the card's predicted end of work:
+# waking a thread, planning, padding and copying a group never take less on a host, whatever was measured.
+LEAD_FLOOR_S = 0.0005
+# ... and at least this many times the host's measured time from deciding to take a group to its launch (an
+# average), so that a slower than average take still launches before the card runs dry.
+LEAD_MARGIN = 2.0
+HOST_TIME_WEIGHT = 0.2  # of the newest take in that average
 
 
 @dataclass
@@ -132,6 +142,18 @@ class ForwardLayout:
         return self.workers * self.threads_per_forward
 
 
+@dataclass
+class Launched:
+    """A group queued on the device by the pipelined worker, until its vectors are back."""
+
+    taken: list[tuple[Request, int]]
+    seqs: list[list[int]]
+    pending: object  # embserve.gpu_pipeline.Pending
+    launched: float  # when its launch began (its requests' start)
+    queued: float  # when its launch returned: the device may start it from here
+    cost_s: float  # its forward's time by the cost line; 0.0 without one
+
+
 def forward_layout(device: str, threads: int, workers: int | None = None) -> ForwardLayout:
     """Split a replica's `threads` among concurrent forwards. `workers` None: one single-thread forward
     per thread on a CPU, so that no forward waits at an OpenMP barrier for a thread the OS descheduled
@@ -149,7 +171,7 @@ class Scheduler:
     def __init__(self, model: EmbeddingModel, layout: ForwardLayout, config: Callable[[], BatchingConfig],
                  max_batch_tokens: int, report: Callable[[object], None] = lambda _: None,
                  group_cost_tokens: int | None = None, tolerance_wall: bool = True,
-                 pipelined: bool | None = None) -> None:
+                 pipelined: bool | None = None, forward_cost: ForwardCost | None = None) -> None:
         self.model = model
         self.tokenizer = model.request_tokenizer()
         self.config = config
@@ -163,6 +185,9 @@ class Scheduler:
         # False: the length tolerance is a preference, not a wall; the group cost alone weighs padding
         # against one more forward (a GPU replica whose warm-up measured what a forward costs).
         self.tolerance_wall = tolerance_wall
+        # What a forward costs on this device (the warm-up's line on a GPU): the pipelined worker predicts
+        # from it when the card runs out of launched work. None: it takes the next group at once.
+        self.forward_cost = forward_cost
         self.report = report
         self._pending: list[tuple[Request, int]] = []  # (request, input index), in admission order
         self._wake = threading.Condition()
@@ -232,10 +257,7 @@ class Scheduler:
         window = self._pending[:PLAN_WINDOW]
         if not cfg.enable_dynamic_batching:  # every request on its own: plan the oldest one's inputs only
             window = [item for item in window if item[0] is window[0][0]]
-        budget = cfg.max_batch_tokens or self.max_batch_tokens
-        if self.memory_cap is not None:
-            budget = min(budget, self.memory_cap)
-        group = next_group([len(r.seqs[i]) for r, i in window], max_batch_tokens=budget,
+        group = next_group([len(r.seqs[i]) for r, i in window], max_batch_tokens=self._budget(cfg),
                            max_inputs=cfg.max_batch_size,
                            group_by_length=cfg.enable_length_grouping,
                            tolerance=cfg.length_group_tolerance if self.tolerance_wall else 1.0,
@@ -246,6 +268,31 @@ class Scheduler:
         chosen = set(map(id, taken))
         self._pending = [item for item in self._pending if id(item) not in chosen]
         return taken
+
+    def _budget(self, cfg: BatchingConfig) -> int:
+        budget = cfg.max_batch_tokens or self.max_batch_tokens
+        return budget if self.memory_cap is None else min(budget, self.memory_cap)
+
+    def _fills_a_group(self, cfg: BatchingConfig) -> bool:
+        """Under the lock: whether what is pending is already more than one group may hold, so that waiting
+        longer could not make the next group larger."""
+        if len(self._pending) >= (cfg.max_batch_size or PLAN_WINDOW):
+            return True
+        return sum(len(request.seqs[i]) for request, i in self._pending) >= self._budget(cfg)
+
+    def _await_next_group(self, take_at: float) -> float:
+        """Under the lock, while groups are in flight: waits until what is pending fills a group, `take_at`
+        comes, or the scheduler closes. Returns when the take was due: `take_at` where the wait ran out
+        (the thread's lateness in waking counts as the host's time), else now."""
+        cfg = self.config()
+        waited = False
+        while cfg.enable_dynamic_batching and not self._closed and not self._fills_a_group(cfg):
+            now = time.perf_counter()
+            if now >= take_at:
+                return take_at if waited else now
+            self._wake.wait(take_at - now)
+            waited = True
+        return time.perf_counter()
 
     def _start_thread(self, threads: int, ready: threading.Barrier) -> None:
         import torch
@@ -268,22 +315,33 @@ class Scheduler:
                 self._forward(taken)
 
     def _pipeline(self, threads: int, ready: threading.Barrier) -> None:
-        """One worker that keeps PIPELINE_DEPTH groups launched: it takes and launches the next group, then
-        waits for the oldest one's end only, answers it, and goes round again, so that planning, padding,
-        copying and answering all happen while the device computes. Groups end in the order they were
-        taken. A group whose launch or result fails (out of memory) runs again through `_run`."""
+        """One worker that keeps up to PIPELINE_DEPTH groups launched: it takes and launches the next group,
+        then waits for the oldest one's end only, answers it, and goes round again, so that planning,
+        padding, copying and answering all happen while the device computes. Groups end in the order they
+        were taken. A group whose launch or result fails (out of memory) runs again through `_run`.
+
+        With a cost line (`forward_cost`), a group is not taken while another computes as soon as anything
+        is pending: the worker waits until the pending inputs fill a group, or until the launched work's
+        predicted end is one lead time away (twice the host's measured take-to-launch time, at least
+        LEAD_FLOOR_S), so that a forward's fixed cost is paid for what arrived meanwhile too. Nothing waits
+        with nothing in flight: a lone request on an idle device is launched at once."""
         from embserve.gpu_pipeline import Done, launcher_for
 
         self._start_thread(threads, ready)
         launcher = launcher_for(self.model)
-        inflight: deque[tuple[list[tuple[Request, int]], list[list[int]], object, float]] = deque()
+        inflight: deque[Launched] = deque()
         last_end = 0.0
+        busy_until = 0.0  # when the device runs out of launched work, by the cost line
+        host_s = LEAD_FLOOR_S / LEAD_MARGIN  # the host's take-to-launch time, a running average
         while True:
             with self._wake:
                 while not self._pending and not self._closed and not inflight:
                     self._wake.wait()
                 if self._closed and not inflight:
                     return
+                due = time.perf_counter()
+                if inflight and self.forward_cost is not None:
+                    due = self._await_next_group(busy_until - max(LEAD_FLOOR_S, LEAD_MARGIN * host_s))
                 taken = self._take() if self._pending and not self._closed else []
             if taken:
                 seqs = [request.seqs[i] for request, i in taken]
@@ -294,13 +352,23 @@ class Scheduler:
                     pending = launcher.launch(seqs)
                 except Exception as exc:  # noqa: BLE001 - raised again by result(), in order, and handled there
                     pending = Done(error=exc)
-                inflight.append((taken, seqs, pending, launched))
+                queued = time.perf_counter()
+                cost_s = 0.0
+                if self.forward_cost is not None and not isinstance(pending, Done):  # Done: nothing queued
+                    host_s += HOST_TIME_WEIGHT * (queued - due - host_s)
+                    cost_s = self.forward_cost.seconds(padded_size(list(map(len, seqs)), range(len(seqs))))
+                    busy_until = max(queued, busy_until) + cost_s
+                inflight.append(Launched(taken, seqs, pending, launched, queued, cost_s))
             if inflight and (len(inflight) >= PIPELINE_DEPTH or not taken):
-                done_taken, done_seqs, done_pending, launched = inflight.popleft()
-                rows = self._run(done_seqs, done_pending.result)  # type: ignore[attr-defined]
+                done = inflight.popleft()
+                rows = self._run(done.seqs, done.pending.result)  # type: ignore[attr-defined]
                 end = time.perf_counter()
+                # What the device really did moves the prediction for the groups queued behind this one.
+                busy_until = end
+                for group in inflight:
+                    busy_until = max(busy_until, group.queued) + group.cost_s
                 # Its time on the device: from its launch, or from the end of the one queued before it.
-                self._finish(done_taken, done_seqs, rows, end - max(launched, last_end))
+                self._finish(done.taken, done.seqs, rows, end - max(done.launched, last_end))
                 last_end = end
 
     def _forward(self, taken: list[tuple[Request, int]]) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from embserve.batching import next_group, plan_batches
 from embserve.errors import Cancelled, InputTooLong, InvalidRequest, NonFiniteOutput, OutOfMemory, Unavailable
+from embserve.forward_cost import ForwardCost
 from embserve.scheduler import (Admitted, Answered, EmbedJob, Forward, ForwardLayout, Scheduler, embed_jobs,
                                 forward_layout)
 from embserve.settings import BatchingConfig
@@ -404,11 +405,26 @@ def simulated():
     device.close()
 
 
-def pipelined(model, cfg: BatchingConfig | None = None) -> tuple[Scheduler, Recorder]:
+def pipelined(model, cfg: BatchingConfig | None = None,
+              cost: ForwardCost | None = None) -> tuple[Scheduler, Recorder]:
     config = cfg or BatchingConfig()
     recorder = Recorder()
     return Scheduler(model, ForwardLayout(1, 1), config=lambda: config, max_batch_tokens=8192, report=recorder,
-                     pipelined=True), recorder
+                     pipelined=True, forward_cost=cost), recorder
+
+
+def launched_at_least(device, n: int) -> list[int]:
+    """The sizes of the groups launched on `device`, once it has `n` (or after ten seconds)."""
+    for _ in range(1000):
+        if len(device.launches) >= n:
+            break
+        threading.Event().wait(0.01)
+    return [inputs for _, inputs in device.launches]
+
+
+# A cost line by which a launched forward ends an hour later: the worker never takes a group for want of
+# time left, only when the pending inputs fill one.
+AN_HOUR = ForwardCost(fixed_s=3600.0, per_token_s=0.0)
 
 
 def test_the_next_group_is_launched_while_the_first_still_computes():
@@ -437,8 +453,9 @@ def test_the_next_group_is_launched_while_the_first_still_computes():
     assert sorted(n for _, n in device.launches) == [1, 2] and len(seen.of(Forward)) == 2
 
 
-def test_pipelined_groups_end_in_order_and_each_request_gets_its_own_vectors(simulated):
-    s, seen = pipelined(simulated, BatchingConfig(max_batch_size=3))
+@pytest.mark.parametrize("cost", [None, ForwardCost(fixed_s=0.001, per_token_s=0.0)], ids=["at-once", "just-in-time"])
+def test_pipelined_groups_end_in_order_and_each_request_gets_its_own_vectors(simulated, cost):
+    s, seen = pipelined(simulated, BatchingConfig(max_batch_size=3), cost)
     texts = [f"text number {k} " + "word " * (k % 7) for k in range(20)]
     order: list[int] = []
     try:
@@ -509,3 +526,87 @@ def test_a_pipelined_group_out_of_memory_at_launch_is_split_and_every_input_answ
     assert result.error is None and result.vectors.shape == (3, 4)
     assert [int(v[0]) for v in result.vectors] == [4, 3, 5]  # each input's own vector: length with [CLS]/[SEP]
     assert s.memory_cap is not None  # the budget was lowered, as after any out-of-memory forward
+
+
+def test_with_a_cost_line_the_next_group_holds_what_arrived_while_the_first_computed():
+    from bench.simulated_gpu import SimulatedGpu
+
+    gate = threading.Event()
+    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
+    s, seen = pipelined(device, BatchingConfig(max_batch_size=3), AN_HOUR)
+    futures = [cf.Future() for _ in range(4)]
+    try:
+        s.admit([EmbedJob(texts=["first"])], [futures[0].set_result])
+        assert launched_at_least(device, 1) == [1]  # nothing in flight: launched at once
+        for k in range(1, 4):  # one by one while the first computes, as closed-loop clients come back
+            s.admit([EmbedJob(texts=[f"late {k}"])], [futures[k].set_result])
+            threading.Event().wait(0.05)  # time enough for a worker that takes at once to take this one alone
+        # Not one group per arrival: the second group waited until the pending inputs filled it.
+        assert launched_at_least(device, 2) == [1, 3]
+        gate.set()
+        assert futures[0].result(10).error is None
+    finally:
+        gate.set()
+        s.close()  # the worker waits for the second group's predicted end no longer
+        device.close()
+    assert all(f.result(1).error is None for f in futures)
+    assert [f.inputs for f in seen.of(Forward)] == [1, 3]
+
+
+def test_with_a_cost_line_a_lone_input_on_an_idle_device_is_launched_at_once():
+    from bench.simulated_gpu import SimulatedGpu
+
+    gate = threading.Event()
+    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
+    s, _ = pipelined(device, BatchingConfig(max_batch_size=256), AN_HOUR)
+    future = cf.Future()
+    try:
+        s.admit([EmbedJob(texts=["alone"])], [future.set_result])
+        # Far from filling a group, and no wait for one: nothing was in flight.
+        assert launched_at_least(device, 1) == [1] and s.pending == 0
+    finally:
+        gate.set()
+        s.close()
+        device.close()
+    assert future.result(1).error is None
+
+
+def test_with_a_cost_line_a_group_is_taken_at_once_when_the_work_in_flight_is_due_to_end():
+    from bench.simulated_gpu import SimulatedGpu
+
+    gate = threading.Event()
+    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
+    # Forwards that cost nothing by the line: the launched one is due to end now, so the next one cannot wait.
+    s, _ = pipelined(device, BatchingConfig(max_batch_size=256), ForwardCost(fixed_s=0.0, per_token_s=0.0))
+    future = cf.Future()
+    try:
+        # Lengths too far apart for one group (the tolerance wall): two groups of one input each.
+        s.admit([EmbedJob(texts=["short", "long " * 40])], [future.set_result])
+        assert launched_at_least(device, 2) == [1, 1]  # the second far from a full group, and taken anyway
+        gate.set()
+        result = future.result(10)
+    finally:
+        gate.set()
+        s.close()
+        device.close()
+    assert result.error is None and result.vectors.shape == (2, 4)
+
+
+def test_with_a_cost_line_a_group_short_of_full_waits_while_the_work_in_flight_is_far_from_its_end():
+    from bench.simulated_gpu import SimulatedGpu
+
+    gate = threading.Event()
+    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
+    s, _ = pipelined(device, BatchingConfig(max_batch_size=256), AN_HOUR)
+    future = cf.Future()
+    try:
+        s.admit([EmbedJob(texts=["short", "long " * 40])], [future.set_result])
+        assert launched_at_least(device, 1) == [1]
+        threading.Event().wait(0.05)  # time enough for a worker that takes at once to launch the second
+        assert len(device.launches) == 1 and s.pending == 1
+    finally:
+        gate.set()
+        s.close()
+        device.close()
+    # Closing ends the wait: the launched group is answered with its vectors, the waiting input as unavailable.
+    assert isinstance(future.result(1).error, Unavailable)
