@@ -300,10 +300,8 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
                         "its token budget on its first large groups")
     timing = forward_timing(settings, profile, batch_tokens, warmed.cost, limit_ms, model.max_length,
                             model.device == "cuda")
-    # The pipelined GPU worker times its next group's take by it (Scheduler._pipeline).
-    cost = warmed.cost if model.device == "cuda" else None
     return ReplicaStart(model, layout, batch_size.value, timing.budget, profile, warnings, warmed,
-                        timing.group_cost_tokens, timing.tolerance_wall, cost)
+                        timing.group_cost_tokens, timing.tolerance_wall, timing.cost)
 
 
 @dataclass(frozen=True)
@@ -311,14 +309,15 @@ class ForwardTiming:
     budget: int
     group_cost_tokens: int | None
     tolerance_wall: bool
+    cost: "ForwardCost | None" = None  # the line on a GPU, where the pipelined worker times its next group's take by it
 
 
 def forward_timing(settings: Settings, profile: Profile, batch_tokens: Choice, cost: Any, limit_ms: float | None,
                    max_length: int, gpu: bool) -> ForwardTiming:
     """What the warm-up's cost line (`cost`, an embserve.forward_cost.ForwardCost or None) changes, each
     shown in the profile: the automatic token budget bounded by `limit_ms` (max_forward_ms); on a GPU, a
-    forward's fixed cost as the planner's group cost, and the length tolerance a preference. A setting
-    given explicitly keeps its value."""
+    forward's fixed cost as the planner's group cost, the length tolerance a preference, and the line itself
+    for the pipelined worker (Scheduler._pipeline). A setting given explicitly keeps its value."""
     from embserve.forward_cost import capped_budget
 
     budget = batch_tokens.value
@@ -339,4 +338,4 @@ def forward_timing(settings: Settings, profile: Profile, batch_tokens: Choice, c
     if not wall:
         profile.set("length_group_tolerance", settings.length_group_tolerance,
                     "default; a preference on a GPU: the group cost weighs padding against a forward")
-    return ForwardTiming(budget, group_cost, wall)
+    return ForwardTiming(budget, group_cost, wall, cost)

@@ -32,11 +32,12 @@ def test_max_forward_ms_lowers_a_budget_to_what_ends_in_time_but_keeps_one_full_
     assert capped_budget(65536, cost, None, floor=512) == (65536, None)
 
 
-def test_on_a_gpu_the_warm_up_sets_group_cost_and_makes_tolerance_a_preference(clean_env):
+def test_on_a_gpu_the_warm_up_sets_group_cost_makes_tolerance_a_preference_and_hands_on_its_line(clean_env):
     cost = ForwardCost(fixed_s=0.002, per_token_s=1e-5)
     profile = Profile()
     timing = forward_timing(Settings(), profile, Choice(65536, "auto: card"), cost, 250.0, 512, gpu=True)
     assert (timing.budget, timing.group_cost_tokens, timing.tolerance_wall) == (24800, 200, False)
+    assert timing.cost == cost  # the pipelined worker's, to take each next group just in time
     shown = profile.as_dict()
     assert shown["max_batch_tokens"]["value"] == 24800 and "max_forward_ms" in shown["max_batch_tokens"]["source"]
     assert shown["group_cost_tokens"]["value"] == 200 and "preference" in shown["length_group_tolerance"]["source"]
@@ -48,4 +49,4 @@ def test_explicit_settings_keep_their_value_and_a_cpu_keeps_its_planner(clean_en
     timing = forward_timing(given, Profile(), Choice(65536, "set: args"), cost, 250.0, 512, gpu=True)
     assert (timing.budget, timing.tolerance_wall) == (65536, True)
     cpu = forward_timing(Settings(), Profile(), Choice(8192, "auto: CPU default"), None, None, 256, gpu=False)
-    assert cpu == type(cpu)(8192, None, True)
+    assert cpu == type(cpu)(8192, None, True) and cpu.cost is None  # a CPU's workers take groups at once
