@@ -6,7 +6,8 @@ CPU. What a change did, measured against the commit before it on the same box in
         --variant 'float32, 1 thread={"dtype": "float32", "torch_threads": 1}'
 
 Each checkout other than this one is put in a git worktree under build/ab/ and run with its own code
-(PYTHONPATH), the rest of the environment shared. Rounds repeat every (checkout, variant) pair, so that
+(PYTHONPATH), the rest of the environment shared, except the load generator: every arm gets this checkout's
+bench/load.py and bench/http_client.py, so that the arms differ in the server only. Rounds repeat every (checkout, variant) pair, so that
 a burst of someone else's load hits one round, not one arm.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,11 @@ print("AB-RESULT " + json.dumps(out[name], default=str))
 """
 
 
+# The load generator every arm is driven by: this checkout's, copied into the others' worktrees, so that an
+# older arm is not measured through an older client's CPU (httpx cost 3-6 ms per request on 2 cores).
+LOAD_GENERATOR = ("bench/load.py", "bench/http_client.py")
+
+
 def checkout_dir(rev: str) -> Path:
     if rev == "here":
         return ROOT
@@ -52,7 +59,14 @@ def checkout_dir(rev: str) -> Path:
     if not path.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=ROOT, check=True,
                        capture_output=True)
+    give_load_generator(path)
     return path
+
+
+def give_load_generator(worktree: Path, root: Path = ROOT) -> None:
+    """`root`'s load generator into `worktree`, over whatever that checkout had (or lacked)."""
+    for name in LOAD_GENERATOR:
+        shutil.copyfile(root / name, worktree / name)
 
 
 def measure(where: Path, name: str, settings: dict[str, Any], seconds: float, port: int,
