@@ -125,6 +125,20 @@ def scrape(client) -> dict:
     return {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
 
 
+def quiet_scrape(client, timeout_s: float = 15.0) -> dict:
+    """A scrape once the reports of earlier traffic have all landed: two scrapes a shipping interval and a
+    half apart (sources ship every 0.5 s) that count the same. A lifetime counter takes a report that was on
+    its way when a test began, which /v1/performance's reset would have dropped."""
+    last = scrape(client)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        time.sleep(0.75)
+        now = scrape(client)
+        if counts(now) == counts(last) or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 def counts(families: dict) -> dict:
     """Every counter and histogram sample (buckets, sums, counts), by name and labels."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values()
@@ -137,7 +151,7 @@ def sample(families: dict, family: str, name: str, **labels) -> float:
 
 def test_prometheus_metrics_parse_and_agree_with_performance(client):
     client.post("/v1/performance/reset")
-    before = scrape(client)  # counters count since the actor started: compare what this test adds
+    before = quiet_scrape(client)  # counters count since the actor started: compare what this test adds
     load(client, [[t] for t in mixed_texts(12, seed=24)])
     # The replicas report the inputs, the ingress the requests: wait for both reports.
     perf = settle(client, lambda p: p["totals"]["inputs"] >= 12 and sum(p["http"]["requests_by_status"].values()) >= 12)
@@ -165,6 +179,7 @@ def test_prometheus_metrics_parse_and_agree_with_performance(client):
 
 def test_a_reset_zeroes_performance_but_prometheus_counters_keep_counting(client):
     first, second = [[t] for t in mixed_texts(10, seed=28)], [[t] for t in mixed_texts(6, seed=29)]
+    quiet_scrape(client)  # earlier tests' reports have landed: what follows counts this test's only
     client.post("/v1/performance/reset")
     load(client, first)
     settle(client, lambda p: p["totals"]["inputs"] >= 10 and sum(p["http"]["requests_by_status"].values()) >= 10)
