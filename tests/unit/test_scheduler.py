@@ -4,6 +4,7 @@ their request, cancelled callers, the order groups run in, and what it reports."
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import threading
 import weakref
@@ -427,6 +428,23 @@ def launched_at_least(device, n: int) -> list[int]:
 AN_HOUR = ForwardCost(fixed_s=3600.0, per_token_s=0.0)
 
 
+@contextlib.contextmanager
+def gated_card(cfg: BatchingConfig, cost: ForwardCost):
+    """A pipelined scheduler on a simulated card whose every forward waits for `gate`; the gate is opened
+    and both are closed on the way out."""
+    from bench.simulated_gpu import SimulatedGpu
+
+    gate = threading.Event()
+    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
+    s, seen = pipelined(device, cfg, cost)
+    try:
+        yield s, seen, device, gate
+    finally:
+        gate.set()
+        s.close()
+        device.close()
+
+
 def test_the_next_group_is_launched_while_the_first_still_computes():
     from bench.simulated_gpu import SimulatedGpu
 
@@ -529,13 +547,8 @@ def test_a_pipelined_group_out_of_memory_at_launch_is_split_and_every_input_answ
 
 
 def test_with_a_cost_line_the_next_group_holds_what_arrived_while_the_first_computed():
-    from bench.simulated_gpu import SimulatedGpu
-
-    gate = threading.Event()
-    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
-    s, seen = pipelined(device, BatchingConfig(max_batch_size=3), AN_HOUR)
     futures = [cf.Future() for _ in range(4)]
-    try:
+    with gated_card(BatchingConfig(max_batch_size=3), AN_HOUR) as (s, seen, device, gate):
         s.admit([EmbedJob(texts=["first"])], [futures[0].set_result])
         assert launched_at_least(device, 1) == [1]  # nothing in flight: launched at once
         for k in range(1, 4):  # one by one while the first computes, as closed-loop clients come back
@@ -545,68 +558,38 @@ def test_with_a_cost_line_the_next_group_holds_what_arrived_while_the_first_comp
         assert launched_at_least(device, 2) == [1, 3]
         gate.set()
         assert futures[0].result(10).error is None
-    finally:
-        gate.set()
-        s.close()  # the worker waits for the second group's predicted end no longer
-        device.close()
     assert all(f.result(1).error is None for f in futures)
     assert [f.inputs for f in seen.of(Forward)] == [1, 3]
 
 
 def test_with_a_cost_line_a_lone_input_on_an_idle_device_is_launched_at_once():
-    from bench.simulated_gpu import SimulatedGpu
-
-    gate = threading.Event()
-    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
-    s, _ = pipelined(device, BatchingConfig(max_batch_size=256), AN_HOUR)
     future = cf.Future()
-    try:
+    with gated_card(BatchingConfig(max_batch_size=256), AN_HOUR) as (s, _, device, _gate):
         s.admit([EmbedJob(texts=["alone"])], [future.set_result])
         # Far from filling a group, and no wait for one: nothing was in flight.
         assert launched_at_least(device, 1) == [1] and s.pending == 0
-    finally:
-        gate.set()
-        s.close()
-        device.close()
     assert future.result(1).error is None
 
 
 def test_with_a_cost_line_a_group_is_taken_at_once_when_the_work_in_flight_is_due_to_end():
-    from bench.simulated_gpu import SimulatedGpu
-
-    gate = threading.Event()
-    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
     # Forwards that cost nothing by the line: the launched one is due to end now, so the next one cannot wait.
-    s, _ = pipelined(device, BatchingConfig(max_batch_size=256), ForwardCost(fixed_s=0.0, per_token_s=0.0))
     future = cf.Future()
-    try:
+    with gated_card(BatchingConfig(max_batch_size=256), ForwardCost(fixed_s=0.0, per_token_s=0.0)) as (
+            s, _, device, gate):
         # Lengths too far apart for one group (the tolerance wall): two groups of one input each.
         s.admit([EmbedJob(texts=["short", "long " * 40])], [future.set_result])
         assert launched_at_least(device, 2) == [1, 1]  # the second far from a full group, and taken anyway
         gate.set()
         result = future.result(10)
-    finally:
-        gate.set()
-        s.close()
-        device.close()
     assert result.error is None and result.vectors.shape == (2, 4)
 
 
 def test_with_a_cost_line_a_group_short_of_full_waits_while_the_work_in_flight_is_far_from_its_end():
-    from bench.simulated_gpu import SimulatedGpu
-
-    gate = threading.Event()
-    device = SimulatedGpu(fixed_s=0.0, per_token_s=0.0, gate=gate)
-    s, _ = pipelined(device, BatchingConfig(max_batch_size=256), AN_HOUR)
     future = cf.Future()
-    try:
+    with gated_card(BatchingConfig(max_batch_size=256), AN_HOUR) as (s, _, device, _gate):
         s.admit([EmbedJob(texts=["short", "long " * 40])], [future.set_result])
         assert launched_at_least(device, 1) == [1]
         threading.Event().wait(0.05)  # time enough for a worker that takes at once to launch the second
         assert len(device.launches) == 1 and s.pending == 1
-    finally:
-        gate.set()
-        s.close()
-        device.close()
     # Closing ends the wait: the launched group is answered with its vectors, the waiting input as unavailable.
     assert isinstance(future.result(1).error, Unavailable)
