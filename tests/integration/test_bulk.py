@@ -4,7 +4,6 @@ is finished by a rerun with every id once; bad rows go to the rejects; JSONL, Pa
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from embserve.bulk import embed_corpus
 from embserve.settings import Settings
 from embserve.shards import REJECTS_DIR
 from embserve.tokenize import Tokenizer
+from tests.doc_blocks import fenced_blocks
 from tests.integration.conftest import ROOT, set_env
 
 pytestmark = pytest.mark.integration
@@ -152,13 +152,13 @@ def test_a_killed_cli_run_is_finished_by_a_rerun_with_every_id_once(ray_cluster,
 
 def readme_section() -> str:
     readme = (ROOT / "README.md").read_text()
-    return readme[readme.index("## Bulk embedding"): readme.index("## Metrics")]
+    return readme[readme.index("## Bulk embedding"): readme.index("## Operate")]
 
 
 def test_the_readme_bulk_examples_run_as_written(ray_cluster, float32_model, tmp_path):
     section = readme_section()
     [command] = [line for line in section.splitlines() if line.startswith("embserve embed ")]
-    [python] = re.findall(r"```python\n(.*?)```", section, re.S)
+    [python] = fenced_blocks("docs/bulk.md", "python")  # the README's command, docs/bulk.md's Python
     texts = ["The cat sits on the mat.", "A dog runs.", ""]
     for where in ("cli", "python"):
         (tmp_path / where).mkdir()
@@ -173,7 +173,7 @@ def test_the_readme_bulk_examples_run_as_written(ray_cluster, float32_model, tmp
     try:
         os.environ["EMB_PROVIDER_DTYPE"] = "float32"
         scope: dict = {}
-        exec(compile(python, "README.md", "exec"), scope)
+        exec(compile(python, "docs/bulk.md", "exec"), scope)
     finally:
         os.environ.pop("EMB_PROVIDER_DTYPE")
         os.chdir(cwd)

@@ -1,5 +1,6 @@
-"""The clients users come with, run against the real service: the README's recipes for the openai client,
-LangChain's OpenAIEmbeddings and LlamaIndex's OpenAILikeEmbedding, executed as written there."""
+"""The clients users come with, run against the real service: the README's curl and openai client examples, and
+docs/clients.md's recipes for LangChain's OpenAIEmbeddings and LlamaIndex's OpenAILikeEmbedding, executed as written
+there."""
 
 import contextlib
 import io
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
+from tests.doc_blocks import fenced_blocks
 from tests.integration.conftest import BASE, set_env
 
 pytestmark = pytest.mark.integration
@@ -34,24 +36,25 @@ def oai() -> OpenAI:
 
 
 def readme_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.S)
+    """The blocks of the README (curl, the openai client) and of docs/clients.md (the other clients' recipes)."""
+    return [b for path in ("README.md", "docs/clients.md") for b in fenced_blocks(path, language)]
 
 
 README_BASE = "http://127.0.0.1:8000"
 
 
 def readme_python(marker: str, base: str = BASE) -> str:
-    """The README's python block that contains `marker`, pointed at this session's server."""
+    """The python block (README or docs/clients.md) that contains `marker`, pointed at this session's server."""
     [block] = [b for b in readme_blocks("python") if marker in b]
     return block.replace(README_BASE, base)
 
 
 def run_readme_python(marker: str) -> tuple[dict, str]:
-    """Execute the README's python block that contains `marker`; its globals and what it printed."""
+    """Execute the python block that contains `marker`; its globals and what it printed."""
     namespace: dict = {"__name__": "readme"}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(readme_python(marker), f"README.md ({marker})", "exec"), namespace)
+        exec(compile(readme_python(marker), f"README.md or docs/clients.md ({marker})", "exec"), namespace)
     return namespace, out.getvalue()
 
 

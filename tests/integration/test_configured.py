@@ -11,6 +11,7 @@ import pytest
 from openai import OpenAI
 
 from embserve.batching import plan_batches
+from tests.doc_blocks import the_block
 from tests.integration.conftest import BASE, call_deployment, deploy, load_config, set_env, app_config
 
 pytestmark = pytest.mark.integration
@@ -179,13 +180,10 @@ def test_an_app_this_fixed_cluster_can_never_place_is_refused_saying_what_is_mis
         deploy(config)
 
 
-def test_the_readmes_user_config_example_retunes_the_replica(serve_app):
-    import re
-
+def test_the_settings_pages_user_config_example_retunes_the_replica(serve_app):
     import yaml
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "user_config:" in b]
+    block = the_block("docs/settings.md", "yaml", "user_config:")
     [entry] = yaml.safe_load(block)["deployments"]
     serve_app(lambda config: app_config(config).setdefault("deployments", []).append(entry))
     described = call_deployment("describe")

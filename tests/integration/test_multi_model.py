@@ -1,10 +1,8 @@
-"""Several models in one application, routed by `model`: the README's example, with a tiny BERT built here
-standing in for bge-small's weights, deployed as the README says on this 2-core machine."""
+"""Several models in one application, routed by `model`: docs/models.md's example, with a tiny BERT built here
+standing in for bge-small's weights, deployed as the page says on this 2-core machine."""
 
 import concurrent.futures as cf
-import re
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,17 +12,17 @@ from openai import NotFoundError, OpenAI
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from embserve.model import resolve_source
+from tests.doc_blocks import the_block
 from tests.integration.conftest import APP, BASE, set_env
 
 pytestmark = pytest.mark.integration
 MINILM = "all-MiniLM-L6-v2"
 TINY = "bge-small"
-README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_models() -> list[dict]:
-    """The models of the README's "Several models" example."""
-    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", README.read_text(), re.S) if "models:" in b]
+    """The models of docs/models.md's "Several models" example."""
+    block = the_block("docs/models.md", "yaml", "models:")
     return yaml.safe_load(block)["args"]["models"]
 
 

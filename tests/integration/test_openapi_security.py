@@ -1,14 +1,13 @@
 """What tools see when API keys are set: the OpenAPI description, open to read, with the bearer scheme that
-/docs uses to send the key on every keyed route; and Prometheus, scraping /metrics with the README's config."""
+/docs uses to send the key on every keyed route; and Prometheus, scraping /metrics with docs/metrics.md's config."""
 
-import re
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.doc_blocks import the_block
 from tests.integration.conftest import APP, BASE
 
 pytestmark = pytest.mark.integration
@@ -70,18 +69,17 @@ def test_the_key_sent_as_docs_sends_it_is_accepted(spec):
         assert plain.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
-def test_the_readmes_prometheus_scrape_config_scrapes_with_the_key(client, tmp_path):
-    """The scrape as Prometheus makes it from the README's config: `authorization` with a credentials file
+def test_the_metrics_pages_prometheus_scrape_config_scrapes_with_the_key(client, tmp_path):
+    """The scrape as Prometheus makes it from docs/metrics.md's config: `authorization` with a credentials file
     sends `Authorization: <type> <file content>`."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "scrape_configs" in b]
+    block = the_block("docs/metrics.md", "yaml", "scrape_configs")
     [job] = yaml.safe_load(block)["scrape_configs"]
-    credentials = tmp_path / "embserve-key"  # stands in for the README's path
+    credentials = tmp_path / "embserve-key"  # stands in for the page's path
     credentials.write_text(KEY)
     auth = job["authorization"]
     [target] = job["static_configs"][0]["targets"]
     url = f"{job.get('scheme', 'http')}://{target}{job['metrics_path']}"
-    assert url == "http://127.0.0.1:8000/metrics"  # the README's server; this session's listens on its own port
+    assert url == "http://127.0.0.1:8000/metrics"  # the page's server; this session's listens on its own port
     url = f"{BASE}/metrics"
     header = f"{auth.get('type', 'Bearer')} {credentials.read_text().strip()}"
     client.post("/v1/embeddings", json={"model": MODEL, "input": "x"}, headers={"Authorization": f"Bearer {KEY}"})

@@ -11,28 +11,26 @@ import re
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.cross_encoders import DOCUMENTS, LONG_DOCUMENT, QUERY, build_cross_encoder
+from tests.doc_blocks import the_block
 from tests.integration.conftest import BASE, set_env
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
-README = Path(__file__).resolve().parents[2] / "README.md"
 EMBEDDER = "all-MiniLM-L6-v2"
 IDENTITY = "raw-reranker"  # Identity activation, a 64-token maximum
 MAX_INPUTS = 64
 
 
 def readme_cohere_block() -> str:
-    [block] = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "import cohere" in b]
-    return block
+    return the_block("docs/models.md", "python", "import cohere")
 
 
-RERANKER = re.search(r'model="([^"]+)"', readme_cohere_block()).group(1)  # Sigmoid, as the README's example
+RERANKER = re.search(r'model="([^"]+)"', readme_cohere_block()).group(1)  # Sigmoid, as docs/models.md's example
 
 
 @pytest.fixture(scope="module")
@@ -230,9 +228,9 @@ def test_the_readmes_cohere_example_runs_as_written(predict):
     namespace: dict = {"__name__": "readme"}
     block = readme_cohere_block().replace("http://127.0.0.1:8000", BASE)
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        exec(compile(block, "README.md (rerank)", "exec"), namespace)
+        exec(compile(block, "docs/models.md (rerank)", "exec"), namespace)
     documents = re.search(r"documents=(\[.*?\])", readme_cohere_block(), re.S).group(1)
-    documents = ast.literal_eval(documents)  # the README's own list
+    documents = ast.literal_eval(documents)  # the page's own list
     want = predict(RERANKER, documents, query=re.search(r'query="([^"]+)"', readme_cohere_block()).group(1))
     lines = out.getvalue().splitlines()
     best = list(np.argsort(-want, kind="stable")[:2])
@@ -242,10 +240,9 @@ def test_the_readmes_cohere_example_runs_as_written(predict):
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_the_readmes_curl_rerank_examples_run():
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
-    [block] = [b for b in blocks if "curl" in b and "/v1/rerank" in b]
+    block = the_block("docs/models.md", "bash", "/v1/rerank")
     done = subprocess.run(["bash", "-c", block.replace("http://127.0.0.1:8000", BASE)], capture_output=True,
                           text=True, timeout=60)
     first, second = [json.loads(line) for line in re.findall(r"^[\[{].*$", done.stdout.replace("}{", "}\n{"), re.M)]
     assert first["model"] == RERANKER and len(first["results"]) == 1
-    assert "several rerank models" in second["error"]["message"]  # as the README says: two are served here
+    assert "several rerank models" in second["error"]["message"]  # as docs/models.md says: two are served here

@@ -5,7 +5,6 @@ prompt_name picks its prompts, and a model embserve cannot compute exactly never
 import contextlib
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,17 +12,16 @@ import torch
 from openai import BadRequestError, OpenAI
 
 from embserve.model import resolve_source
+from tests.doc_blocks import the_block
 from tests.integration.conftest import BASE, deploy, load_config, set_env
 
 pytestmark = pytest.mark.integration
-README = Path(__file__).resolve().parents[2] / "README.md"
 TEXTS = ["The cat sits on the mat.", "Where is the nearest train station?"]
 
 
 def readme_block() -> str:
-    """The README's python example of prompt_name (section "Models")."""
-    [block] = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S) if "prompt_name" in b]
-    return block
+    """docs/models.md's python example of prompt_name (section "One model")."""
+    return the_block("docs/models.md", "python", "prompt_name")
 
 
 MODEL = re.search(r'model="([^"]+)"', readme_block()).group(1)
@@ -120,8 +118,8 @@ def test_unknown_prompt_name_is_400_in_openai_shape_listing_the_prompts(oai, cli
 def test_the_readmes_prompt_name_example_runs(oai, st):
     namespace: dict = {"__name__": "readme"}
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        # As the README has it, pointed at this session's server (tests run Serve on a free port).
-        exec(compile(readme_block().replace("http://127.0.0.1:8000", BASE), "README.md (prompt_name)", "exec"),
+        # As docs/models.md has it, pointed at this session's server (tests run Serve on a free port).
+        exec(compile(readme_block().replace("http://127.0.0.1:8000", BASE), "docs/models.md (prompt_name)", "exec"),
              namespace)
     query, passages = namespace["query"], namespace["passages"]
     assert np.abs(vectors(query) - st([query_text()], prompt_name="query")).max() <= 1e-5
@@ -130,7 +128,7 @@ def test_the_readmes_prompt_name_example_runs(oai, st):
 
 
 def query_text() -> str:
-    """The README example's query."""
+    """The example's query."""
     return re.search(r'input="([^"]+)"', readme_block()).group(1)
 
 

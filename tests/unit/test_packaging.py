@@ -122,8 +122,8 @@ def test_ci_runs_exactly_the_readmes_test_command():
     assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "exec ./run.sh test"
 
 
-def test_the_readmes_docker_commands_fit_the_dockerfile():
+def test_the_docker_commands_of_the_operations_page_fit_the_dockerfile():
     """Not run here (no image registry): the commands must at least agree with the Dockerfile."""
-    block = re.search(r"### Docker\n.*?```\n(.*?)```", readme(), re.S).group(1)
+    block = re.search(r"## Docker\n.*?```\n(.*?)```", (ROOT / "docs" / "operations.md").read_text(), re.S).group(1)
     assert block.splitlines() == ["docker build -t embserve .", "docker run --rm --shm-size=2g -p 8000:8000 embserve"]
     assert "EXPOSE 8000" in (ROOT / "Dockerfile").read_text()
