@@ -15,7 +15,7 @@ TEXTS = ["The cat sits on the mat.", "Ray Serve batches requests.",
 
 
 def float32_replicas(config: dict) -> None:
-    """EMB_PROVIDER_DTYPE=float32, as README's Precision says to set it for vectors equal to
+    """EMB_PROVIDER_DTYPE=float32, as docs/precision.md says to set it for vectors equal to
     sentence-transformers' within 1e-5: these tests hold the served vectors to that (the default dtype may
     be bf16 on this CPU, whose contract test_batching.py checks)."""
     set_env(config, dtype="float32")

@@ -11,8 +11,8 @@ from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"
-# The replicas run the default dtype, bf16 autocast on a CPU with native bf16: its contract (README,
-# Precision; tests/unit/test_model.py) is cosine >= 0.9999 to float32 and a vector that moves by at most
+# The replicas run the default dtype, bf16 autocast on a CPU with native bf16: its contract (docs/precision.md;
+# tests/unit/test_model.py) is cosine >= 0.9999 to float32 and a vector that moves by at most
 # 2e-3 (max abs) with its batch companions. float32 equality within 1e-5 is test_api.py's.
 MIN_COSINE = 0.9999
 BATCH_ATOL = 2e-3

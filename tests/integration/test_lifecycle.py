@@ -92,7 +92,7 @@ def test_requests_whose_client_left_are_not_computed(config, client):
     computed_for_nobody = perf["totals"]["inputs"] - len(busy)
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         # Behind HAProxy some clients' departures reach the embedding replica, not all, though they left seconds
-        # before the replica was free: 0 to 9 of the 12 were still computed in 13 runs (README, "Overload").
+        # before the replica was free: 0 to 9 of the 12 were still computed in 13 runs (docs/operations.md, "Overload").
         # What must hold is that departures reach the replica at all.
         assert 0 <= computed_for_nobody < gave_up
     else:

@@ -30,7 +30,7 @@ from embserve.settings import ModelSpec
 from embserve.tokenize import Tokenizer
 from tests.texts import mixed_texts
 
-# The bf16 contract (README "Precision"): every vector within this cosine of the float32 one, and a text's
+# The bf16 contract (docs/precision.md): every vector within this cosine of the float32 one, and a text's
 # vector moves by at most BF16_BATCH_ATOL (max abs, on unit vectors) with the batch it shares a forward with.
 BF16_MIN_COSINE = 0.9999
 BF16_BATCH_ATOL = 2e-3
