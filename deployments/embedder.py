@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from ray import serve
 
-from embserve.hardware import assigned_gpu_share, assigned_gpus, start_replica
-from embserve.pipeline import ModelInfo
-from embserve.scheduler import EmbedJob, EmbedResult, Forward, Scheduler
-from embserve.settings import ModelSpec, Settings
-from embserve.stats import ReplicaReporter
-from deployments import serve_env
 from deployments.metrics import MetricsShipper, ReplicaRayMetrics
+from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo
+from embserve.engine.hardware import assigned_gpu_share, assigned_gpus, start_replica
+from embserve.engine.scheduler import Scheduler
+from embserve.launch import serve_env
+from embserve.metrics.events import Forward
+from embserve.metrics.stats import ReplicaReporter
+from embserve.settings import ModelSpec, Settings
 
 log = logging.getLogger("ray.serve")
 

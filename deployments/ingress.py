@@ -20,20 +20,35 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embserve.scheduler import EmbedJob, EmbedResult
-from embserve.encode import apply_dimensions
-from embserve.errors import (EmbservError, InvalidRequest, ModelNotFound, Overloaded, PayloadTooLarge,
-                             RequestTimeout, Unauthorized, Unavailable)
-from embserve.inputs import Limits, check_prompt_name, check_rerank_input, normalize_input
-from embserve.pipeline import ModelInfo
-from embserve.protocol import (EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelList, RerankRequest,
-                               RerankResponse, TEIRank, TEIRerankRequest)
-from embserve.rerank import RerankJob, activate
-from embserve.responses import embeddings_body, model_card, rerank_body, tei_rerank_body
-from embserve.settings import Settings
-from embserve.stats import IngressReporter
-from deployments import serve_env
 from deployments.metrics import MetricsShipper, ensure_metrics_actor, get_metrics_actor
+from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo, RerankJob
+from embserve.api.encode import apply_dimensions
+from embserve.api.errors import (
+    EmbservError,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+    Unavailable,
+)
+from embserve.api.inputs import Limits, check_prompt_name, check_rerank_input, normalize_input
+from embserve.api.protocol import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    ModelList,
+    RerankRequest,
+    RerankResponse,
+    TEIRank,
+    TEIRerankRequest,
+)
+from embserve.api.responses import embeddings_body, model_card, rerank_body, tei_rerank_body
+from embserve.engine.rerank import activate
+from embserve.launch import serve_env
+from embserve.metrics.stats import IngressReporter
+from embserve.settings import Settings
 
 log = logging.getLogger("ray.serve")
 

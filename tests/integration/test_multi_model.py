@@ -13,7 +13,7 @@ import yaml
 from openai import NotFoundError, OpenAI
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from embserve.model import resolve_source
+from embserve.engine.model import resolve_source
 from tests.integration.conftest import APP, BASE, set_env
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import pytest
 import torch
 from openai import BadRequestError, OpenAI
 
-from embserve.model import resolve_source
+from embserve.engine.model import resolve_source
 from tests.integration.conftest import BASE, deploy, load_config, set_env
 
 pytestmark = pytest.mark.integration

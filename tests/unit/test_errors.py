@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
-from embserve import errors
-from embserve.errors import (
+from embserve.api import errors
+from embserve.api.errors import (
     Cancelled,
     EmbservError,
     InputTooLong,

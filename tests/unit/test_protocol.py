@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from pydantic import ValidationError
 
-from embserve.errors import InvalidRequest
-from embserve.protocol import (
+from embserve.api.errors import InvalidRequest
+from embserve.api.protocol import (
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,
