@@ -2,7 +2,7 @@
 # The two quick-start commands: `./run.sh serve [CONFIG]` (set up, then `embserve serve`) and
 # `./run.sh test [pytest args]` (set up with the test extras, then pytest).
 # Needs only Python 3.11 and pip. Installs into ./.venv once per change of pyproject.toml (a stamp in the
-# venv, embserve/install_stamp.py); a torch already there is kept. Packages come from pip's own
+# venv, embserve/launch/install_stamp.py); a torch already there is kept. Packages come from pip's own
 # configuration (pip.conf, PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +12,7 @@ VENV=${EMBSERVE_VENV:-.venv}
 setup() {
   local extras=$1  # "" for serving, "test" for the tests
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-  if "$VENV/bin/python" embserve/install_stamp.py check "$VENV" $extras; then
+  if "$VENV/bin/python" embserve/launch/install_stamp.py check "$VENV" $extras; then
     return
   fi
   echo "run.sh: installing embserve${extras:+ with the $extras extras} into $VENV (first run, or pyproject.toml changed)" >&2
@@ -28,7 +28,7 @@ setup() {
     fi
   fi
   $pip install -e ".${extras:+[$extras]}"
-  "$VENV/bin/python" embserve/install_stamp.py record "$VENV" $extras
+  "$VENV/bin/python" embserve/launch/install_stamp.py record "$VENV" $extras
 }
 
 case "${1:-}" in

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import cpu_snapshot, cpu_usage, descendants, process_stat
-from embserve.bulk_options import DEFAULT_SHARD_ROWS
+from embserve.bulk.options import DEFAULT_SHARD_ROWS
 
 
 def rss_bytes(pid: int) -> int:
@@ -138,7 +138,7 @@ def cores_by_process(usage) -> dict:
 
 
 def bulk_run(texts: list[str], work: Path, args: argparse.Namespace) -> dict:
-    from embserve.bulk import embed_corpus
+    from embserve.bulk.job import embed_corpus
     from embserve.settings import Settings
 
     src = work / f"rows-{len(texts)}.jsonl"

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         base_url = args.base_url
         if args.embserve:
             from bench.run import deploy, local_serve
-            from deployments import serve_env
+            from embserve.launch import serve_env
 
             serve_env.apply()  # the fast path, as ./run.sh serve starts it
             base_url = stack.enter_context(local_serve(args.port))

@@ -137,7 +137,7 @@ def bundled_token_counter() -> Callable[[list[str]], list[int]]:
     """Token counts (with [CLS]/[SEP]) from the bundled model's own tokenizer, loaded from disk."""
     from transformers import AutoTokenizer
 
-    from embserve.model import resolve_source
+    from embserve.engine.model import resolve_source
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_source("bundled"))
 

@@ -1,5 +1,5 @@
 """Knobs that need no code change, each measured in the same run against embserve's default settings on
-Serve's plain setup (no fast path; see deployments/serve_env.py): Ray Serve's own environment flags, the
+Serve's plain setup (no fast path; see embserve/launch/serve_env.py): Ray Serve's own environment flags, the
 replica's torch thread count and OS scheduling, and the engine's batching settings. What the profile
 (bench/profile.md) predicts, checked with numbers.
 
@@ -30,7 +30,7 @@ from bench import procs
 from bench.corpus import load_or_build
 from bench.load import Workload
 from bench.run import FULL, ROOT, Bench, _interrupt, deploy, describe_point, local_serve
-from deployments import serve_env
+from embserve.launch import serve_env
 
 # Serve runs user code and the handle's router each on a thread of its own, with a hop between loops per call.
 SAME_LOOP = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
@@ -41,7 +41,7 @@ THROUGHPUT = {**SAME_LOOP, "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1", "RAY_SERVE_REQU
 # straight to the ingress replicas, which serve HTTP themselves ("direct ingress").
 HAPROXY = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 # Ray's documented high-throughput mode, HAProxy plus everything RAY_SERVE_THROUGHPUT_OPTIMIZED sets: what
-# ./run.sh serve runs (deployments/serve_env.py). The other variants run on Serve's plain setup.
+# ./run.sh serve runs (embserve/launch/serve_env.py). The other variants run on Serve's plain setup.
 HAPROXY_THROUGHPUT = dict(serve_env.FAST_PATH)
 # Ray sets OMP_NUM_THREADS to a worker's num_cpus (1 for a replica) unless it is already set.
 TWO_THREADS = {"OMP_NUM_THREADS": "2"}

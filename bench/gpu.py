@@ -39,7 +39,7 @@ def export(folder: Path) -> None:
     """Everything the device needs that it cannot fetch: the bundled model's config and tokenizer (not its
     weights), the benchmark corpus, and the wheels of embserve's pure-Python dependencies."""
     from bench.corpus import load_or_build
-    from embserve.model import resolve_source
+    from embserve.engine.model import resolve_source
 
     source = Path(resolve_source("bundled"))
     (folder / "model").mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,8 @@ async def engine_point(scheduler: Any, seen: list[Any], texts: list[str], client
     """`clients` closed-loop callers of one text each, through the replica's scheduler as a replica on a
     GPU drives it (one forward worker; each request admitted as it comes and answered when its own inputs
     are done)."""
-    from embserve.scheduler import EmbedJob, Forward
+    from embserve.api.contracts import EmbedJob
+    from embserve.metrics.events import Forward
 
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
@@ -183,14 +184,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from bench.corpus import load_or_build
-    from embserve.hardware import gpu_limits
-    from embserve.model import EmbeddingModel
-    from embserve.scheduler import Scheduler, forward_layout
+    from embserve.engine.hardware import gpu_limits
+    from embserve.engine.model import EmbeddingModel
+    from embserve.engine.scheduler import Scheduler, forward_layout
     from embserve.settings import CPU_MAX_BATCH_TOKENS, BatchingConfig, ModelSpec
 
     folder = random_weights(Path(args.model), args.dtype)
     model = EmbeddingModel(ModelSpec(name="minilm-random", source=str(folder)), device=args.device, dtype=args.dtype)
-    # The budget and forward size a replica would choose on this card (embserve.gpu_memory), as production
+    # The budget and forward size a replica would choose on this card (embserve.engine.gpu_memory), as production
     # runs it.
     limits = gpu_limits(model, 0.8, 1) if model.device == "cuda" else None
     budget = limits.max_batch_tokens if limits else CPU_MAX_BATCH_TOKENS

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-import embserve.model as model_module
-from embserve.cpu_memory import ONEDNN_CACHE_ENTRIES
+import embserve.engine.model as model_module
+from embserve.engine.cpu_memory import ONEDNN_CACHE_ENTRIES
 from embserve.settings import ModelSpec
 
 

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from embserve.model import EmbeddingModel
+from embserve.engine.model import EmbeddingModel
+from embserve.engine.tokenize import Tokenizer
 from embserve.settings import ModelSpec
-from embserve.tokenize import Tokenizer
 
 MAX_BATCH_TOKENS = 8192  # the replicas' CPU token budget (embserve.settings.CPU_MAX_BATCH_TOKENS)
 # The limit is measured in both: float32 (sentence-transformers' numbers) and bf16 autocast (the default
@@ -113,7 +113,9 @@ class OfflineModel:
         replica's scheduler could do with what it is given under load, with no serving around it.
         `batch_size` in the result is `run_inputs`, `streams` the forward workers, `threads` the torch
         threads of each."""
-        from embserve.scheduler import EmbedJob, Forward, Scheduler, embed_jobs, forward_layout
+        from embserve.api.contracts import EmbedJob
+        from embserve.engine.scheduler import Scheduler, embed_jobs, forward_layout
+        from embserve.metrics.events import Forward
         from embserve.settings import BatchingConfig
 
         layout = forward_layout("cpu", threads)

@@ -1,4 +1,4 @@
-"""How long one plan takes (embserve/batching.py next_group) at 64 to 512 pending inputs, on the benchmark's
+"""How long one plan takes (embserve/engine/batching.py next_group) at 64 to 512 pending inputs, on the benchmark's
 mixed texts as the bundled tokenizer counts them, with a CPU replica's settings and a GPU replica's. The
 planner runs under the queue lock before each forward, so on a GPU the card waits for it.
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from embserve.batching import next_group
+from embserve.engine.batching import next_group
 
 # (name, settings): a CPU replica's defaults, and a GPU replica's on a 24 GB+ card (tier 256 inputs, the
 # MiniLM budget such a card gets, and a forward's fixed cost worth 512 or 8192 tokens; with tolerance
@@ -57,9 +57,10 @@ def plain_next_group(lengths: list[int], *, max_batch_tokens: int, max_inputs: i
 
 def token_lengths(n: int, seed: int) -> list[int]:
     """Token lengths of `n` mixed benchmark texts (queries, passages, long documents cut at the maximum)."""
-    from bench.corpus import load_or_build
-    from embserve.model import resolve_source
     from transformers import AutoTokenizer
+
+    from bench.corpus import load_or_build
+    from embserve.engine.model import resolve_source
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_source("bundled"))
     texts = load_or_build(None).mixed(n, seed=seed)

@@ -82,7 +82,7 @@ def _system_ticks() -> tuple[int, int]:
     return sum(values) - idle, idle
 
 
-FORWARD_THREAD = "forward-"  # the OS name of a replica's forward workers (embserve.scheduler.name_os_thread)
+FORWARD_THREAD = "forward-"  # the OS name of a replica's forward workers (embserve.engine.scheduler.name_os_thread)
 
 
 def forward_thread_times(pid: int) -> dict[int, tuple[int, int]]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import timeit
 
-from embserve.scheduler import Admitted, Answered, Forward
-from embserve.stats import IngressReporter, ReplicaReporter
+from embserve.metrics.events import Admitted, Answered, Forward
+from embserve.metrics.stats import IngressReporter, ReplicaReporter
 
 CALLS = 200_000
 ROUNDS = 7

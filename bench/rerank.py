@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench.corpus import load_or_build
-from deployments import serve_env
+from embserve.launch import serve_env
 
 DOCUMENTS_PER_QUERY = 100
 CLIENTS = 8
@@ -37,7 +37,7 @@ def build_reranker(path: Path) -> str:
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from embserve.model import resolve_source
+    from embserve.engine.model import resolve_source
 
     torch.manual_seed(0)
     source = resolve_source("bundled")
@@ -59,7 +59,8 @@ def offline_limit(source: str, dtype: str, requests: list[tuple[str, list[str]]]
     batches from one list); the best, as bench.offline measures the embedding model's limit."""
     import torch
 
-    from embserve.rerank import CrossEncoderModel, RerankJob
+    from embserve.api.contracts import RerankJob
+    from embserve.engine.rerank import CrossEncoderModel
     from embserve.settings import ModelSpec
 
     model = CrossEncoderModel(ModelSpec(name="offline", source=source, task="rerank"), device="cpu", dtype=dtype)

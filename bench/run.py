@@ -25,9 +25,9 @@ from bench import procs
 from bench.corpus import Corpus, load_or_build
 from bench.load import EmbeddingsClient, LoadResult, Workload, closed_loop, open_loop
 from bench.offline import DTYPES, OfflineModel, best_by_dtype
-from deployments import serve_env
-from embserve.hardware import cpu_cores
-from embserve.model import choose_dtype
+from embserve.engine.hardware import cpu_cores
+from embserve.engine.model import choose_dtype
+from embserve.launch import serve_env
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "bench"
@@ -259,8 +259,8 @@ def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, A
 
 
 def served_runtime() -> str:
-    """The runtime `runtime: auto` gives a CPU replica here (embserve.openvino_runtime.choose_runtime)."""
-    from embserve.openvino_runtime import choose_runtime, openvino_installed
+    """The runtime `runtime: auto` gives a CPU replica here (embserve.engine.openvino_runtime.choose_runtime)."""
+    from embserve.engine.openvino_runtime import choose_runtime, openvino_installed
 
     return choose_runtime("auto", "cpu", True, openvino_installed())[0]
 
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torch-threads", type=int, default=None, help="the replica's torch_threads "
                         "(default: the shipped one, every core the replica sees)")
     parser.add_argument("--plain-serve", action="store_true", help="Serve's Python proxy and plain handles "
-                        "instead of the fast path that ./run.sh serve starts (deployments/serve_env.py)")
+                        "instead of the fast path that ./run.sh serve starts (embserve/launch/serve_env.py)")
     args = parser.parse_args(argv)
 
     mode = QUICK if args.quick else FULL

@@ -34,9 +34,9 @@ DIM = 4
 
 
 class SimulatedGpu:
-    """A "model" for embserve.scheduler.Scheduler: the bundled model's tokenizer, and forwards that take
+    """A "model" for embserve.engine.scheduler.Scheduler: the bundled model's tokenizer, and forwards that take
     `fixed_s + per_token_s x padded tokens` on one device thread. `launch` queues a forward and returns at
-    once (embserve.gpu_pipeline.Launcher); `forward` waits for it. Each vector names its input (length,
+    once (embserve.engine.gpu_pipeline.Launcher); `forward` waits for it. Each vector names its input (length,
     first and last token) so that a test can tell whose it is. `gate`, where given, holds every forward
     until it is set."""
 
@@ -46,9 +46,8 @@ class SimulatedGpu:
                  max_length: int = 256) -> None:
         from transformers import AutoTokenizer
 
-        from embserve.model import resolve_source
-
-        from embserve.pipeline import ModelInfo
+        from embserve.api.contracts import ModelInfo
+        from embserve.engine.model import resolve_source
 
         self.fixed_s, self.per_token_s, self.gate = fixed_s, per_token_s, gate
         self.max_length = max_length
@@ -61,7 +60,7 @@ class SimulatedGpu:
         self.runs: list[tuple[float, float, int]] = []  # (start, end, inputs) on the device, in run order
 
     def request_tokenizer(self) -> Any:
-        from embserve.tokenize import Tokenizer
+        from embserve.engine.tokenize import Tokenizer
 
         return Tokenizer(self._hf, self.max_length, len(self._hf))
 
@@ -103,9 +102,9 @@ class _Pending:
 
 
 def measured_cost(device: SimulatedGpu, max_batch_size: int) -> Any:
-    """The device's cost line, fitted as embserve.warmup does on a card: a lone short input and a full group
+    """The device's cost line, fitted as embserve.engine.warmup does on a card: a lone short input and a full group
     at a mid length, each timed once warm."""
-    from embserve.forward_cost import fit_forward_cost
+    from embserve.engine.forward_cost import fit_forward_cost
 
     timings = []
     for inputs, length in ((1, 8), (max_batch_size, 128)):
@@ -131,7 +130,7 @@ async def closed_loop(scheduler: Any, texts: list[Any], clients: int, seconds: f
                       admit_size: int) -> dict[str, Any]:
     """`clients` callers of one text (a string, or its token ids) each; an admitter hands what arrived to the
     scheduler in one call, as @serve.batch does."""
-    from embserve.scheduler import EmbedJob
+    from embserve.api.contracts import EmbedJob
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -172,7 +171,8 @@ async def closed_loop(scheduler: Any, texts: list[Any], clients: int, seconds: f
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from bench.corpus import load_or_build
-    from embserve.scheduler import Forward, ForwardLayout, Scheduler
+    from embserve.engine.scheduler import ForwardLayout, Scheduler
+    from embserve.metrics.events import Forward
     from embserve.settings import BatchingConfig
 
     device = SimulatedGpu(args.fixed_ms / 1000, args.per_token_us / 1e6)

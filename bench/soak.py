@@ -21,7 +21,7 @@ from bench import procs
 from bench.corpus import load_or_build
 from bench.load import EmbeddingsClient, Workload, closed_loop
 from bench.run import ROOT, deploy, local_serve
-from deployments import serve_env
+from embserve.launch import serve_env
 
 MODEL = "all-MiniLM-L6-v2"
 

@@ -11,7 +11,7 @@ from ray.serve import Application
 
 from deployments.embedder import Embedder
 from deployments.ingress import Ingress
-from embserve.layout import INGRESS_OPTIONS, embedder_options, is_fixed_size, needed, unmet
+from embserve.engine.layout import INGRESS_OPTIONS, embedder_options, is_fixed_size, needed, unmet
 from embserve.settings import Settings
 
 log = logging.getLogger("ray.serve")

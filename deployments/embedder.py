@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from ray import serve
 
-from embserve.hardware import assigned_gpu_share, assigned_gpus, start_replica
-from embserve.pipeline import ModelInfo
-from embserve.scheduler import EmbedJob, EmbedResult, Forward, Scheduler
-from embserve.settings import ModelSpec, Settings
-from embserve.stats import ReplicaReporter
-from deployments import serve_env
 from deployments.metrics import MetricsShipper, ReplicaRayMetrics
+from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo
+from embserve.engine.hardware import assigned_gpu_share, assigned_gpus, start_replica
+from embserve.engine.scheduler import Scheduler
+from embserve.launch import serve_env
+from embserve.metrics.events import Forward
+from embserve.metrics.stats import ReplicaReporter
+from embserve.settings import ModelSpec, Settings
 
 log = logging.getLogger("ray.serve")
 
@@ -107,12 +108,15 @@ class Embedder:
         job.received = time.perf_counter()
         self._ongoing += 1
         try:
-            return await (await self._admit(job))
+            result = await (await self._admit(job))
         except asyncio.CancelledError:
             job.cancelled = True  # its inputs still queued are dropped, never computed
             raise
         finally:
             self._ongoing -= 1
+        if result.error is not None:  # Serve's request context puts the request's id in the line
+            log.info("answered %s: %s", type(result.error).__name__, result.error.message)
+        return result
 
     # Ray forms admissions (admit_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
     # at once, so a batch never holds its requests back and Ray forms the next batch while these compute.

@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import ray
 
-from embserve.prometheus import render
-from embserve.stats import Accumulator, Aggregate, Event, process_memory
+from embserve.metrics.prometheus import render
+from embserve.metrics.stats import Accumulator, Aggregate, Event, process_memory
 
 log = logging.getLogger("ray.serve")
 
@@ -155,7 +155,7 @@ class ReplicaRayMetrics:
             metric.set_default_tags({"model": model})
 
     def forward(self, event: Any) -> None:
-        """One forward's `embserve.scheduler.Forward` report."""
+        """One forward's `embserve.metrics.events.Forward` report."""
         self.inputs.inc(event.inputs)
         self.padded.inc(event.padded_tokens)
         self.seconds.observe(event.seconds)

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 BUNDLED_MODEL = "bundled"
 BUNDLED_MODEL_NAME = "all-MiniLM-L6-v2"
 ENV_PREFIX = "EMB_PROVIDER_"
-# What a CPU replica batches when nothing is set; a GPU replica sizes both from its card (embserve.hardware).
+# What a CPU replica batches when nothing is set; a GPU replica sizes both from its card (embserve.engine.hardware).
 CPU_MAX_BATCH_SIZE = 32
 CPU_MAX_BATCH_TOKENS = 8192
 # On a GPU, the longest one forward may take unless max_forward_ms says otherwise: a lone query waits at

@@ -10,13 +10,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # of 30 s is for load balancers in front of many nodes; HAProxy on the same node notices in about 1 s).
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
 
-from deployments import serve_env  # noqa: E402
+from embserve.launch import serve_env  # noqa: E402
 
 serve_env.apply()
 
 import pytest  # noqa: E402
 
-from embserve.model import EmbeddingModel, resolve_source  # noqa: E402
+from embserve.engine.model import EmbeddingModel, resolve_source  # noqa: E402
 from embserve.settings import ModelSpec  # noqa: E402
 
 

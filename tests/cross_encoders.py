@@ -26,7 +26,7 @@ def build_cross_encoder(path: Path, activation: str | None = "sigmoid", max_leng
     from sentence_transformers import CrossEncoder
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from embserve.model import resolve_source
+    from embserve.engine.model import resolve_source
 
     source = resolve_source("bundled")
     torch.manual_seed(seed)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from embserve.ports import free_port
+from embserve.launch.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "embserve"

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import httpx
 import pytest
 
-from embserve.ports import free_port
+from embserve.launch.ports import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Bulk embedding on the session's Ray (embserve.bulk, `embserve embed`): real Ray Data actor pools and the real
+"""Bulk embedding on the session's Ray (embserve.bulk.job, `embserve embed`): real Ray Data actor pools and the real
 bundled model. Vectors equal the model's own forward (float32), and the server's /v1/embeddings; a killed run
 is finished by a rerun with every id once; bad rows go to the rejects; JSONL, Parquet and plain text inputs."""
 
@@ -15,16 +15,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embserve.bulk import embed_corpus
+from embserve.bulk.job import embed_corpus
+from embserve.bulk.shards import REJECTS_DIR
+from embserve.engine.tokenize import Tokenizer
 from embserve.settings import Settings
-from embserve.shards import REJECTS_DIR
-from embserve.tokenize import Tokenizer
 from tests.doc_blocks import fenced_blocks
 from tests.integration.conftest import ROOT, set_env
 
 pytestmark = pytest.mark.integration
 F32 = Settings(dtype="float32")
-CLI = [sys.executable, "-m", "embserve.cli"]
+CLI = [sys.executable, "-m", "embserve.launch.cli"]
 WORDS = "the cat sits on a mat while dogs run through green fields under a wide blue sky".split()
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from embserve.batching import plan_batches
+from embserve.engine.batching import plan_batches
 from tests.doc_blocks import the_block
-from tests.integration.conftest import BASE, call_deployment, deploy, load_config, set_env, app_config
+from tests.integration.conftest import BASE, app_config, call_deployment, deploy, load_config, set_env
 
 pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"

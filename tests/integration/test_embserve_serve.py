@@ -14,8 +14,8 @@ import httpx
 import pytest
 import yaml
 
-from embserve import install_stamp, serving
-from embserve.ports import free_port, holder, is_free
+from embserve.launch import install_stamp, procfs, serving
+from embserve.launch.ports import free_port, holder, is_free
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,7 +79,7 @@ def wait_for_embeddings(proc, port: int, timeout_s: float = 240) -> None:
 
 def gone(pids, timeout_s: float) -> set[int]:
     deadline = time.monotonic() + timeout_s
-    while (left := {p for p in pids if serving.alive(p)}) and time.monotonic() < deadline:
+    while (left := {p for p in pids if procfs.alive(p)}) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
@@ -87,7 +87,7 @@ def gone(pids, timeout_s: float) -> set[int]:
 def the_runs_processes(proc) -> tuple[set[int], dict[int, str]]:
     """The run's processes now, and its HAProxy processes with their config files (one snapshot: Ray replaces
     HAProxy by a new process on a reload)."""
-    procs = serving.processes()
+    procs = procfs.processes()
     started = serving.descendants(procs, proc.pid)
     haproxies = {pid: serving.haproxy_config(procs[pid].argv) for pid in started}
     return started, {pid: config for pid, config in haproxies.items() if config}
@@ -120,7 +120,7 @@ def test_an_haproxy_whose_ray_is_killed_goes_at_once_and_the_port_is_free_again(
     proc, port, env = server()
     wait_for_embeddings(proc, port)
     started, haproxies = the_runs_processes(proc)
-    procs = serving.processes()
+    procs = procfs.processes()
     [serve_run] = [pid for pid in started if pid in procs and procs[pid].ppid == proc.pid and "run" in procs[pid].argv]
     for pid in started - haproxies.keys() - {serve_run}:
         try:

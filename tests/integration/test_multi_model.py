@@ -11,7 +11,7 @@ import yaml
 from openai import NotFoundError, OpenAI
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from embserve.model import resolve_source
+from embserve.engine.model import resolve_source
 from tests.doc_blocks import the_block
 from tests.integration.conftest import APP, BASE, set_env
 

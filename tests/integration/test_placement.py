@@ -1,10 +1,10 @@
 """What a process learns from Ray about its GPUs: a driver is no replica, and an actor that asked for no GPU
-has none, even where torch could see one (embserve.hardware.choose_device then picks the CPU)."""
+has none, even where torch could see one (embserve.engine.hardware.choose_device then picks the CPU)."""
 
 import pytest
 import ray
 
-from embserve.hardware import assigned_gpu_share, assigned_gpus
+from embserve.engine.hardware import assigned_gpu_share, assigned_gpus
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from openai import BadRequestError, OpenAI
 
-from embserve.model import resolve_source
+from embserve.engine.model import resolve_source
 from tests.doc_blocks import the_block
 from tests.integration.conftest import BASE, deploy, load_config, set_env
 

@@ -25,7 +25,7 @@ def nan_model():
     NaN, every other input exactly as from the unpoisoned model. A model of its own, never the shared one."""
     import torch
 
-    from embserve.model import EmbeddingModel
+    from embserve.engine.model import EmbeddingModel
     from embserve.settings import ModelSpec
 
     model = EmbeddingModel(ModelSpec(name="all-MiniLM-L6-v2"), device="cpu", dtype="float32")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from embserve.batching import merge_small_groups, padded_size, plan_batches, plan_stats
+from embserve.engine.batching import merge_small_groups, padded_size, plan_batches, plan_stats
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=512), min_size=0, max_size=120)
 budget_st = st.integers(min_value=1, max_value=8192)

@@ -1,4 +1,4 @@
-"""The bulk job's parts that need no Ray (embserve.bulk, embserve.cli): the actor layout, model and settings
+"""The bulk job's parts that need no Ray (embserve.bulk.job, embserve.launch.cli): the actor layout, model and settings
 choice, the summary, and a shard embedded by ShardEmbedder in this process with the real bundled model."""
 
 import json
@@ -10,13 +10,20 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from embserve.bulk import (BulkSummary, ShardEmbedder, ShardReport, actor_layout, pick_spec, settings_from_config,
-                           tokenize_and_plan)
-from embserve.bulk_options import BulkInputError, parse_actors
-from embserve.cli import main, parser
+from embserve.bulk.job import (
+    BulkSummary,
+    ShardEmbedder,
+    ShardReport,
+    actor_layout,
+    pick_spec,
+    settings_from_config,
+    tokenize_and_plan,
+)
+from embserve.bulk.options import BulkInputError, parse_actors
+from embserve.bulk.shards import PLAN_FILE, REJECTS_DIR, list_inputs, plan_shards, prepare_output
+from embserve.engine.tokenize import Tokenizer
+from embserve.launch.cli import main, parser
 from embserve.settings import ModelSpec, Settings
-from embserve.shards import PLAN_FILE, REJECTS_DIR, list_inputs, plan_shards, prepare_output
-from embserve.tokenize import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
-from deployments import serve_env
+from embserve.launch import serve_env
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "embserve"
@@ -201,7 +201,7 @@ def test_rayservice_serve_config_is_serve_config_yaml_with_the_documented_differ
 def test_every_cluster_node_exports_the_fast_path_before_ray_starts(cluster):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         start = next(c for c in cluster[key] if "ray start" in c)
-        assert start.index("deployments.serve_env") < start.index("ray start")
+        assert start.index("embserve.launch.serve_env") < start.index("ray start")
 
 
 def test_every_rayservice_pod_gets_the_fast_path_env(rayservice):

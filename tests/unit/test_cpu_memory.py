@@ -4,7 +4,7 @@ import ctypes
 
 import pytest
 
-from embserve.cpu_memory import ONEDNN_CACHE_ENTRIES, HeapTrimmer, bound_primitive_cache
+from embserve.engine.cpu_memory import ONEDNN_CACHE_ENTRIES, HeapTrimmer, bound_primitive_cache
 
 
 def test_the_primitive_cache_is_bounded_unless_the_user_set_it():

@@ -7,14 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from embserve.encode import apply_dimensions, to_base64
-from embserve.errors import InvalidRequest
-from embserve.pipeline import ModelInfo
-from embserve.responses import embeddings_body, model_card
+from embserve.api.contracts import ModelInfo
+from embserve.api.encode import apply_dimensions, to_base64
+from embserve.api.errors import InvalidRequest
+from embserve.api.responses import embeddings_body, model_card
 
 
 def _unit_rows(n: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from embserve.forward_cost import ForwardCost, capped_budget, fit_forward_cost
-from embserve.hardware import Choice, Profile, forward_timing
+from embserve.engine.forward_cost import ForwardCost, capped_budget, fit_forward_cost
+from embserve.engine.hardware import Choice, Profile, forward_timing
 from embserve.settings import Settings
 
 

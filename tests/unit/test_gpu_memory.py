@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from transformers import AutoModel, BertConfig, GPT2Config, LlamaConfig
 
-from embserve.gpu_memory import (
+from embserve.engine.gpu_memory import (
     GIB,
     ModelShape,
     forward_peak_bytes,
@@ -22,7 +22,7 @@ from embserve.gpu_memory import (
     tier_max_batch_size,
     weights_bytes,
 )
-from embserve.model import pool
+from embserve.engine.model import pool
 
 FRACTION = 0.8
 # How far above the measured peak the estimate may be for eager attention: safe but not wasteful.

@@ -8,9 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from embserve.hardware import Profile, assigned_gpus, choose_batch_sizes, choose_device, choose_threads, cpu_cores
+from embserve.engine.hardware import (
+    Profile,
+    assigned_gpus,
+    choose_batch_sizes,
+    choose_device,
+    choose_threads,
+    cpu_cores,
+)
 from embserve.settings import Settings
-
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -89,7 +95,7 @@ def test_user_config_marks_its_knobs_and_warns_where_it_shadows_the_environment(
 
 @pytest.mark.parametrize(("share", "want"), [(0.5, 0.4), (0.25, 0.2), (1.0, 0.8), (2.0, 0.8), (None, 0.8), (0.0, 0.8)])
 def test_a_replica_caps_its_gpu_memory_at_its_share_of_the_card(share, want):
-    from embserve.hardware import memory_fraction
+    from embserve.engine.hardware import memory_fraction
 
     chosen = memory_fraction(0.8, share)
     assert chosen.value == pytest.approx(want)
@@ -97,7 +103,7 @@ def test_a_replica_caps_its_gpu_memory_at_its_share_of_the_card(share, want):
 
 
 def test_expandable_segments_are_the_default_and_the_environment_wins():
-    from embserve.hardware import cuda_allocator_defaults
+    from embserve.engine.hardware import cuda_allocator_defaults
 
     env: dict[str, str] = {}
     cuda_allocator_defaults(env)
@@ -115,7 +121,7 @@ def test_expandable_segments_reach_torchs_allocator_even_after_it_read_its_confi
 import os, torch
 os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None); os.environ.pop("PYTORCH_ALLOC_CONF", None)
 torch._C._accelerator_getAllocatorSettings()
-from embserve.hardware import cuda_allocator_defaults
+from embserve.engine.hardware import cuda_allocator_defaults
 cuda_allocator_defaults()
 print(torch._C._accelerator_getAllocatorSettings())
 """
@@ -127,7 +133,7 @@ print(torch._C._accelerator_getAllocatorSettings())
 
 
 def test_gpu_replicas_start_with_the_allocator_variable_in_their_runtime_env():
-    from embserve.layout import embedder_options, with_allocator_env
+    from embserve.engine.layout import embedder_options, with_allocator_env
 
     spec = Settings().model_specs()[0]
     actor = embedder_options(Settings(num_gpus=1), spec, 0)["ray_actor_options"]
@@ -143,14 +149,14 @@ def test_gpu_replicas_start_with_the_allocator_variable_in_their_runtime_env():
 
 
 def test_outside_a_ray_worker_no_gpu_share_is_known():
-    from embserve.hardware import assigned_gpu_share
+    from embserve.engine.hardware import assigned_gpu_share
 
     assert assigned_gpu_share() is None
 
 
 def test_the_profile_shows_the_attention_and_the_memory_share():
-    from embserve.hardware import Choice, replica_profile
-    from embserve.scheduler import ForwardLayout
+    from embserve.engine.hardware import Choice, replica_profile
+    from embserve.engine.scheduler import ForwardLayout
 
     profile = replica_profile(Settings(), device=Choice("cuda", "auto"), dtype=Choice("bfloat16", "auto"),
                               threads=Choice(None, "auto"), layout=ForwardLayout(1, 8),

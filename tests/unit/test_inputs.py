@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from embserve.errors import InvalidRequest, PayloadTooLarge
-from embserve.inputs import Limits, NormalizedInput, check_text, normalize_input
-from embserve.protocol import EmbeddingRequest
+from embserve.api.errors import InvalidRequest, PayloadTooLarge
+from embserve.api.inputs import Limits, NormalizedInput, check_text, normalize_input
+from embserve.api.protocol import EmbeddingRequest
 
 LIMITS = Limits(max_inputs=4, max_chars=50)
 

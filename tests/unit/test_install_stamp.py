@@ -1,10 +1,10 @@
-"""embserve.install_stamp: run.sh installs once per change of pyproject.toml, not on every start."""
+"""embserve.launch.install_stamp: run.sh installs once per change of pyproject.toml, not on every start."""
 
 import subprocess
 import sys
 from pathlib import Path
 
-from embserve import install_stamp as stamp
+from embserve.launch import install_stamp as stamp
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ def test_a_changed_pyproject_or_python_needs_an_install_and_forgets_the_old_extr
 
 def test_run_sh_checks_then_records_with_the_venvs_python(tmp_path):
     """As run.sh calls the file, with no embserve installed: check fails, record, check passes."""
-    script = str(ROOT / "embserve" / "install_stamp.py")
+    script = str(ROOT / "embserve" / "launch" / "install_stamp.py")
 
     def run(*args):
         return subprocess.run([sys.executable, "-S", script, *args], capture_output=True, text=True).returncode

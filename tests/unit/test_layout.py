@@ -2,7 +2,7 @@
 
 import pytest
 
-from embserve.layout import INGRESS_OPTIONS, embedder_options, is_fixed_size, needed, unmet
+from embserve.engine.layout import INGRESS_OPTIONS, embedder_options, is_fixed_size, needed, unmet
 from embserve.settings import ModelSpec, Settings
 
 

@@ -8,26 +8,26 @@ import numpy as np
 import pytest
 import torch
 
-from embserve.errors import NonFiniteOutput
-from embserve.model import (
+from embserve.api.errors import NonFiniteOutput
+from embserve.engine.model import (
     EmbeddingModel,
     attention_choice,
     choose_dtype,
     cpu_bf16_choice,
     cuda_dtype_choice,
     device_map_loading,
+    padded_inputs,
     pick_device,
     pick_dtype,
-    padded_inputs,
     pool,
     read_cpu_flags,
     resolve_source,
     to_device,
     torch_bf16_gemm_supported,
 )
-from embserve.pipeline import read_pipeline
+from embserve.engine.pipeline import read_pipeline
+from embserve.engine.tokenize import Tokenizer
 from embserve.settings import ModelSpec
-from embserve.tokenize import Tokenizer
 from tests.texts import mixed_texts
 
 # The bf16 contract (docs/precision.md): every vector within this cosine of the float32 one, and a text's
@@ -427,7 +427,7 @@ def test_flash_attention_only_on_cards_of_sm_80_and_later(capability, want):
 def test_flash_attention_only_where_the_models_class_has_it():
     from transformers import BertConfig, MPNetConfig
 
-    from embserve.model import model_supports_flash_attention
+    from embserve.engine.model import model_supports_flash_attention
 
     assert model_supports_flash_attention(BertConfig())
     assert not model_supports_flash_attention(MPNetConfig())  # all-mpnet-base-v2: transformers would refuse it

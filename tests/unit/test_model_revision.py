@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embserve.model import EmbeddingModel, resolve_source
+from embserve.engine.model import EmbeddingModel, resolve_source
 from embserve.settings import ModelSpec, Settings
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from embserve import openvino_runtime as ovr
-from embserve.model import EmbeddingModel, resolve_source
+from embserve.engine import openvino_runtime as ovr
+from embserve.engine.model import EmbeddingModel, resolve_source
 from embserve.settings import ModelSpec
 from tests.unit.test_pipeline import PROMPTS, TEXTS, _build
 

@@ -5,8 +5,9 @@ import importlib.metadata
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -31,7 +32,7 @@ def test_the_license_is_apache_2_and_declared():
     assert PYPROJECT["project"]["license"] == "Apache-2.0"
 
 
-BULK_MODULES = {"bulk.py", "shards.py"}  # embserve embed's: their packages come with the bulk extra
+BULK = ROOT / "embserve" / "bulk"  # embserve embed's package: its packages come with the bulk extra
 
 
 def top_level_imports(paths) -> set[str]:
@@ -63,11 +64,11 @@ def undeclared(paths, declared: set[str]) -> list[str]:
 
 def test_every_package_that_serving_imports_is_a_dependency_and_embeds_are_in_the_bulk_extra():
     base = distribution_names(PYPROJECT["project"]["dependencies"])
-    serving = [p for p in [*(ROOT / "embserve").glob("*.py"), *(ROOT / "deployments").glob("*.py")]
-               if p.name not in BULK_MODULES or p.parent.name != "embserve"]
+    serving = [p for p in [*(ROOT / "embserve").rglob("*.py"), *(ROOT / "deployments").glob("*.py")]
+               if BULK not in p.parents]
     assert undeclared(serving, base) == []
     bulk = distribution_names(PYPROJECT["project"]["optional-dependencies"]["bulk"])
-    assert undeclared([ROOT / "embserve" / name for name in BULK_MODULES], base | bulk) == []
+    assert undeclared(list(BULK.glob("*.py")), base | bulk) == []
     assert {"pyarrow", "ray"} <= bulk and "pyarrow" not in base  # `./run.sh serve` installs no Ray Data
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert "embserve[bulk]" in extras["test"] and "embserve[bulk]" in extras["bench"]
@@ -78,16 +79,16 @@ def test_serving_and_the_console_command_import_without_the_bulk_extra_and_embed
     code = ("import sys\n"
             "for m in ('pyarrow', 'ray.data', 'pandas'):\n"
             "    sys.modules[m] = None\n"
-            "import deployments.app, embserve.cli\n"
-            "embserve.cli.parser().parse_args(['serve'])\n"
-            "sys.exit(embserve.cli.main(['embed', 'corpus.jsonl', '--output', 'out']))\n")
+            "import deployments.app, embserve.launch.cli\n"
+            "embserve.launch.cli.parser().parse_args(['serve'])\n"
+            "sys.exit(embserve.launch.cli.main(['embed', 'corpus.jsonl', '--output', 'out']))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "pip install 'embserve[bulk]'" in done.stderr and "pyarrow is missing" in done.stderr
 
 
 def test_only_a_package_of_the_bulk_extra_is_blamed_on_it():
-    from embserve.bulk_options import missing_bulk_extra
+    from embserve.bulk.options import missing_bulk_extra
 
     assert "ray.data is missing" in missing_bulk_extra(ModuleNotFoundError("no ray.data", name="ray.data"))
     assert "pyarrow.parquet is missing" in missing_bulk_extra(ModuleNotFoundError("x", name="pyarrow.parquet"))

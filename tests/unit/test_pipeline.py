@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from embserve.encode import apply_dimensions
-from embserve.errors import InvalidRequest, UnsupportedModel
-from embserve.model import EmbeddingModel, build_dense, resolve_source
-from embserve.pipeline import SUPPORTED_PIPELINE, DenseSpec, read_pipeline
-from embserve.scheduler import EmbedJob, ForwardLayout, Scheduler, embed_jobs
+from embserve.api.contracts import EmbedJob
+from embserve.api.encode import apply_dimensions
+from embserve.api.errors import InvalidRequest, UnsupportedModel
+from embserve.engine.model import EmbeddingModel, build_dense, resolve_source
+from embserve.engine.pipeline import SUPPORTED_PIPELINE, DenseSpec, read_pipeline
+from embserve.engine.scheduler import ForwardLayout, Scheduler, embed_jobs
 from embserve.settings import BatchingConfig, ModelSpec
 
 TEXTS = ["The cat sits on the mat.", "Where is the nearest train station?",
@@ -186,8 +187,8 @@ def test_dense_runs_in_float32_under_bf16_autocast(built, served):
 
 
 def test_lowercasing_models_get_lowercased_texts_and_prompts(float32_model):
-    from embserve.pipeline import Prompts
-    from embserve.tokenize import Tokenizer
+    from embserve.engine.pipeline import Prompts
+    from embserve.engine.tokenize import Tokenizer
 
     tok = Tokenizer(float32_model.tokenizer, 64, float32_model.vocab_size, prompts=Prompts({"q": "Query: "}),
                     lowercase=True)

@@ -1,4 +1,4 @@
-"""embserve.ports: whether a port is free, and who holds it when it is not."""
+"""embserve.launch.ports: whether a port is free, and who holds it when it is not."""
 
 import os
 import socket
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from embserve import ports
+from embserve.launch import ports, procfs
 
 PROC_NET_TCP = """\
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
@@ -17,9 +17,9 @@ PROC_NET_TCP = """\
 
 
 def test_listeners_reads_only_listening_sockets_on_the_port():
-    assert ports.listeners(PROC_NET_TCP, 8000) == [ports.Listener(uid=1000, inode=4242)]  # not the connection
-    assert ports.listeners(PROC_NET_TCP, 8404) == [ports.Listener(uid=0, inode=777)]
-    assert ports.listeners(PROC_NET_TCP, 9101) == []
+    assert procfs.listeners(PROC_NET_TCP, 8000) == [procfs.Listener(uid=1000, inode=4242)]  # not the connection
+    assert procfs.listeners(PROC_NET_TCP, 8404) == [procfs.Listener(uid=0, inode=777)]
+    assert procfs.listeners(PROC_NET_TCP, 9101) == []
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from embserve.scheduler import Admitted, Answered, Forward
-from embserve.prometheus import render
-from embserve.stats import Aggregate, Event, Responded
+from embserve.metrics.events import Admitted, Answered, Forward, Responded
+from embserve.metrics.prometheus import render
+from embserve.metrics.stats import Aggregate, Event
 
 
 def _families(agg: Aggregate) -> dict:

@@ -12,13 +12,15 @@ import shutil
 import numpy as np
 import pytest
 
-from embserve.errors import InputTooLong, InvalidRequest, PayloadTooLarge, UnsupportedModel
-from embserve.inputs import Limits, check_rerank_input
-from embserve.rerank import CrossEncoderModel, RerankJob, activate, longest_first, read_cross_encoder
-from embserve.responses import rerank_body, tei_rerank_body
-from embserve.scheduler import Admitted, ForwardLayout, Scheduler, embed_jobs
+from embserve.api.contracts import RerankJob
+from embserve.api.errors import InputTooLong, InvalidRequest, PayloadTooLarge, UnsupportedModel
+from embserve.api.inputs import Limits, check_rerank_input
+from embserve.api.responses import rerank_body, tei_rerank_body
+from embserve.engine.rerank import CrossEncoderModel, activate, longest_first, read_cross_encoder
+from embserve.engine.scheduler import ForwardLayout, Scheduler, embed_jobs
+from embserve.metrics.events import Admitted
+from embserve.metrics.stats import Aggregate, Event
 from embserve.settings import BatchingConfig, ModelSpec
-from embserve.stats import Aggregate, Event
 from tests.cross_encoders import DOCUMENTS, LONG_DOCUMENT, QUERY, build_cross_encoder, set_config
 from tests.texts import mixed_texts
 
@@ -142,7 +144,7 @@ def test_the_pipelined_scheduler_of_a_gpu_replica_scores_pairs_as_the_plain_one(
     """A GPU replica's one worker is pipelined (Scheduler._pipeline): run here on the CPU, it must score pairs
     through the cross-encoder's own launch (the stream launcher runs an embedding model's pooling on a GPU), as
     the plain workers do."""
-    from embserve.gpu_pipeline import launcher_for
+    from embserve.engine.gpu_pipeline import launcher_for
 
     model = CrossEncoderModel(ModelSpec(name="p", source=built["sigmoid"], task="rerank"), device="cpu",
                               dtype="float32")
@@ -177,7 +179,7 @@ def test_admission_reports_the_rerank_task(built):
 
 
 def test_rerank_requests_and_pairs_are_counted_per_model():
-    from embserve.prometheus import render
+    from embserve.metrics.prometheus import render
 
     aggregate = Aggregate()
     events = [Event(1.0, Admitted(2, 7, 0.001, "rerank"))]
@@ -217,7 +219,7 @@ def test_activation_tanh_and_sigmoid_match_torch():
 
 
 def test_models_that_are_not_one_label_cross_encoders_are_refused(built, tmp_path):
-    from embserve.model import resolve_source
+    from embserve.engine.model import resolve_source
 
     with pytest.raises(UnsupportedModel, match="ForSequenceClassification"):
         read_cross_encoder(resolve_source("bundled"))  # an embedding model

@@ -8,18 +8,18 @@ import contextlib
 import logging
 import threading
 import weakref
-
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from embserve.batching import next_group, plan_batches
-from embserve.errors import Cancelled, InputTooLong, InvalidRequest, NonFiniteOutput, OutOfMemory, Unavailable
-from embserve.forward_cost import ForwardCost
-from embserve.scheduler import (Admitted, Answered, EmbedJob, Forward, ForwardLayout, Scheduler, embed_jobs,
-                                forward_layout)
+from embserve.api.contracts import EmbedJob
+from embserve.api.errors import Cancelled, InputTooLong, InvalidRequest, NonFiniteOutput, OutOfMemory, Unavailable
+from embserve.engine.batching import next_group, plan_batches
+from embserve.engine.forward_cost import ForwardCost
+from embserve.engine.scheduler import ForwardLayout, Scheduler, embed_jobs, forward_layout
+from embserve.metrics.events import Admitted, Answered, Forward
 from embserve.settings import BatchingConfig
 from tests.texts import mixed_texts
 
@@ -316,7 +316,7 @@ def test_out_of_memory_splits_the_group_and_every_vector_is_the_normal_ones(floa
     oom = OutOfMemoryAbove(float32_model.forward, inputs=3)
     s.model.forward = oom
     try:
-        with caplog.at_level(logging.WARNING, logger="embserve.scheduler"):
+        with caplog.at_level(logging.WARNING, logger="embserve.engine.scheduler"):
             jobs = [EmbedJob(texts=texts[:10], truncate=True), EmbedJob(texts=texts[10:13], truncate=True)]
             results = embed_jobs(s, jobs)
     finally:

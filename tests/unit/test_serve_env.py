@@ -1,4 +1,4 @@
-"""deployments.serve_env: the environment that `./run.sh serve` and the tests give Ray before it starts."""
+"""embserve.launch.serve_env: the environment that `./run.sh serve` and the tests give Ray before it starts."""
 
 import logging
 import logging.handlers
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments import serve_env
+from embserve.launch import serve_env
 from embserve.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +46,7 @@ def test_the_shell_gets_exports_it_can_eval():
     """What run.sh does: eval the module's output, then the variables are in the shell's environment."""
     env = {k: v for k, v in os.environ.items() if k not in serve_env.FAST_PATH}
     env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"
-    script = (f'eval "$("{sys.executable}" -m deployments.serve_env)"; echo "$RAY_SERVE_ENABLE_HA_PROXY '
+    script = (f'eval "$("{sys.executable}" -m embserve.launch.serve_env)"; echo "$RAY_SERVE_ENABLE_HA_PROXY '
               '$RAY_SERVE_THROUGHPUT_OPTIMIZED $RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"')
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "0", serve_env.FAST_PATH["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]]

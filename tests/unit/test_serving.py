@@ -1,4 +1,4 @@
-"""embserve.serving: what `embserve serve` runs, the ports it checks, and that a run leaves no process behind.
+"""embserve.launch.serving: what `embserve serve` runs, the ports it checks, and that a run leaves no process behind.
 
 The supervision is tested here with stand-ins (a fake `serve run` whose worker starts a fake HAProxy), in
 seconds and without Ray; tests/integration/test_embserve_serve.py runs the real thing."""
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from embserve import serving
-from embserve.serving import Port, Proc
+from embserve.launch import procfs, serving
+from embserve.launch.procfs import Proc
+from embserve.launch.serving import Port
 
 ROOT = Path(__file__).resolve().parents[2]
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the supervision reads /proc")
@@ -98,7 +99,7 @@ def test_haproxies_of_a_run_are_told_apart_by_their_config_folder_and_orphans_by
 def test_processes_reads_this_process_from_proc():
     if sys.platform != "linux":
         pytest.skip("reads /proc")
-    me = serving.processes()[os.getpid()]
+    me = procfs.processes()[os.getpid()]
     assert me.ppid == os.getppid() and me.state in "RS" and "python" in me.argv[0]
 
 
@@ -139,7 +140,7 @@ FAKE_SERVE = textwrap.dedent("""
 SUPERVISE = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from embserve.serving import Run
+    from embserve.launch.serving import Run
     fake, out, run_dir, mode, grace = sys.argv[1:6]
     if mode == "threaded":
         # A thread that exists before Run.start, as coverage's saver or a library's would, and that takes
@@ -198,7 +199,7 @@ def supervise(tmp_path, request):
 
 def wait_gone(pids, timeout_s: float = 10) -> set[int]:
     deadline = time.monotonic() + timeout_s
-    while (left := {p for p in pids if serving.alive(p)}) and time.monotonic() < deadline:
+    while (left := {p for p in pids if procfs.alive(p)}) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 
@@ -207,7 +208,7 @@ def wait_gone(pids, timeout_s: float = 10) -> set[int]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stop_signal_leaves_no_process_of_the_run_and_no_folder(supervise, sig):
     proc, pids, run_dir = supervise()
-    assert all(serving.alive(p) for p in pids.values())
+    assert all(procfs.alive(p) for p in pids.values())
     proc.send_signal(sig)
     assert proc.wait(30) != 0  # the fake serve run died of the SIGINT it was sent
     assert wait_gone(pids.values(), 1) == set()
@@ -234,7 +235,7 @@ def test_an_haproxy_whose_manager_dies_is_stopped_while_the_run_goes_on(supervis
     proc, pids, _ = supervise()
     os.kill(pids["worker"], signal.SIGKILL)
     assert wait_gone([pids["haproxy"]], 5) == set()
-    assert proc.poll() is None and serving.alive(pids["serve"])
+    assert proc.poll() is None and procfs.alive(pids["serve"])
     proc.terminate()
     proc.wait(30)
     assert "lost its Ray manager" in proc.stderr.read()
@@ -280,7 +281,7 @@ def test_embserve_stop_stops_haproxy_left_by_a_run_killed_with_sigkill(supervise
     proc.wait()
     os.kill(pids["serve"], signal.SIGKILL)
     os.kill(pids["worker"], signal.SIGKILL)
-    assert serving.alive(pids["haproxy"])
+    assert procfs.alive(pids["haproxy"])
     done = serving.stop(base=tmp_path, timeout_s=5)
     assert done == [f"stopped HAProxy [{pids['haproxy']}] left by an earlier embserve serve"]
     assert wait_gone([pids["haproxy"]], 1) == set() and not run_dir.exists()
@@ -296,7 +297,7 @@ def test_embserve_stop_stops_serve_run_and_everything_in_its_session_after_embse
     assert (run_dir / serving.SERVE_RUN_FILE).read_text() == str(pids["serve"])
     proc.kill()
     proc.wait()
-    assert all(serving.alive(p) for p in pids.values())
+    assert all(procfs.alive(p) for p in pids.values())
     done = serving.stop(base=tmp_path, timeout_s=5)
     assert done == ["stopped serve run and its Ray (2 processes) left by an earlier embserve serve",
                     f"stopped HAProxy [{pids['haproxy']}] left by an earlier embserve serve"]
@@ -334,10 +335,10 @@ def test_embserve_stop_also_stops_the_haproxy_that_ray_starts_while_it_is_stoppe
 
 
 def test_a_session_counts_only_where_the_run_wrote_it_and_ray_or_serve_runs_in_it(tmp_path):
-    procs = {10: serving.Proc(10, 1, "S", ("/venv/bin/serve", "run", "c.yaml"), sid=10),
-             11: serving.Proc(11, 10, "S", ("ray::ServeReplica",), sid=10),
-             12: serving.Proc(12, 11, "Z", ("",), sid=10),
-             20: serving.Proc(20, 1, "S", ("vim",), sid=20)}
+    procs = {10: procfs.Proc(10, 1, "S", ("/venv/bin/serve", "run", "c.yaml"), sid=10),
+             11: procfs.Proc(11, 10, "S", ("ray::ServeReplica",), sid=10),
+             12: procfs.Proc(12, 11, "Z", ("",), sid=10),
+             20: procfs.Proc(20, 1, "S", ("vim",), sid=20)}
     assert serving.run_session(procs, tmp_path) == set()  # no pid written
     (tmp_path / serving.SERVE_RUN_FILE).write_text("10")
     assert serving.run_session(procs, tmp_path) == {10, 11}

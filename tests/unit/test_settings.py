@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 from pydantic import ValidationError
 
 from embserve.settings import BUNDLED_MODEL, BUNDLED_MODEL_NAME, BatchingConfig, ModelSpec, Settings
-
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 

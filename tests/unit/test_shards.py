@@ -1,4 +1,4 @@
-"""Sharding, ids, refusing bad rows and resuming (embserve.shards): plain files, no model, no Ray."""
+"""Sharding, ids, refusing bad rows and resuming (embserve.bulk.shards): plain files, no model, no Ray."""
 
 import json
 from pathlib import Path
@@ -8,9 +8,22 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from embserve.shards import (PLAN_FILE, TMP_DIR, BulkInputError, classify_text, done_parts, group_spans,
-                             line_spans, list_inputs, open_fs, pending, plan_shards, prepare_output, read_shard,
-                             save_plan)
+from embserve.bulk.shards import (
+    PLAN_FILE,
+    TMP_DIR,
+    BulkInputError,
+    classify_text,
+    done_parts,
+    group_spans,
+    line_spans,
+    list_inputs,
+    open_fs,
+    pending,
+    plan_shards,
+    prepare_output,
+    read_shard,
+    save_plan,
+)
 
 LOCAL = pafs.LocalFileSystem()
 

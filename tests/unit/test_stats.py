@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from embserve.scheduler import Admitted, Answered, Forward
-from embserve.stats import (
+from embserve.metrics.events import Admitted, Answered, Forward, Responded
+from embserve.metrics.stats import (
     COUNTERS,
     INPUT_BUCKETS,
     RECENT,
@@ -23,7 +23,6 @@ from embserve.stats import (
     Histogram,
     IngressReporter,
     ReplicaReporter,
-    Responded,
     UnknownEvent,
     error_rate,
     process_memory,
@@ -196,7 +195,7 @@ def test_the_ingress_metrics_path_never_imports_torch():
 import asyncio, sys
 import deployments.ingress
 from deployments import metrics
-from embserve.stats import IngressReporter
+from embserve.metrics.stats import IngressReporter
 
 class Actor:
     class record:
@@ -714,7 +713,8 @@ def test_an_unknown_report_type_fails_loudly_instead_of_counting_nothing():
 
 
 def test_every_report_the_real_scheduler_makes_is_counted(float32_model):
-    from embserve.scheduler import EmbedJob, ForwardLayout, Scheduler, embed_jobs
+    from embserve.api.contracts import EmbedJob
+    from embserve.engine.scheduler import ForwardLayout, Scheduler, embed_jobs
     from embserve.settings import BatchingConfig
 
     reporter = ReplicaReporter("m")

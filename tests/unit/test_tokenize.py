@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from embserve.errors import InputTooLong, InvalidRequest
-from embserve.tokenize import SpecialTokens, Tokenizer, probe_special_tokens
+from embserve.api.errors import InputTooLong, InvalidRequest
+from embserve.engine.tokenize import SpecialTokens, Tokenizer, probe_special_tokens
 from tests.texts import mixed_texts
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from embserve.warmup import CPU_WARM_UP_TOKENS, warm_up, warm_up_shapes
+from embserve.engine.warmup import CPU_WARM_UP_TOKENS, warm_up, warm_up_shapes
 
 
 @pytest.mark.parametrize(("tokens", "size", "max_length", "device", "want"), [

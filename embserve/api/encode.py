@@ -6,7 +6,7 @@ import base64
 
 import numpy as np
 
-from embserve.errors import InvalidRequest
+from embserve.api.errors import InvalidRequest
 
 
 def apply_dimensions(vectors: np.ndarray, dimensions: int | None, normalize: bool = True) -> np.ndarray:

@@ -25,14 +25,14 @@ INGRESS_OPTIONS: dict[str, Any] = {
 # (`embedder_options`): a card is busy only once a full forward of one-text requests is in flight.
 GPU_AUTOSCALING: dict[str, Any] = {"min_replicas": 1, "max_replicas": 4, "upscale_delay_s": 10,
                                    "downscale_delay_s": 300}
-GPU_MAX_BATCH_SIZE = 256  # the largest batch a card's size can give (embserve.gpu_memory's tiers)
+GPU_MAX_BATCH_SIZE = 256  # the largest batch a card's size can give (embserve.engine.gpu_memory's tiers)
 
 
 def embedder_options(settings: Settings, spec: ModelSpec, cpu_models: int) -> dict[str, Any]:
     """A model's embedder deployment options: its `deployment` settings over these defaults.
 
     On GPUs: one card per replica (`num_gpus`), autoscaled. On CPUs: one replica per model, which runs a
-    forward on every core it sees (embserve.hardware); the models of one app share the cores, so each
+    forward on every core it sees (embserve.engine.hardware); the models of one app share the cores, so each
     reserves its share of one CPU and all of them fit beside the ingress on a 2-core machine.
     """
     bound = settings.admit_batch_size or settings.max_batch_size or (

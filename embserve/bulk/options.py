@@ -1,5 +1,5 @@
 """What `embserve embed` parses and refuses before it needs Ray Data or pyarrow, which come with the `bulk` extra
-(`pip install 'embserve[bulk]'`): the console command imports this module, not embserve.bulk, so that `embserve
+(`pip install 'embserve[bulk]'`): the console command imports this module, not embserve.bulk.job, so that `embserve
 serve` and `stop` run without them (the server imports neither)."""
 
 from __future__ import annotations

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from embserve.errors import NonFiniteOutput
+from embserve.api.errors import NonFiniteOutput
 
 if TYPE_CHECKING:
-    from embserve.model import EmbeddingModel
+    from embserve.engine.model import EmbeddingModel
 
 
 class Pending(Protocol):
@@ -82,7 +82,7 @@ class StreamLauncher:
     def _launch_cuda(self, sequences: list[list[int]]) -> Pending:
         import torch
 
-        from embserve.model import padded_inputs, pool
+        from embserve.engine.model import padded_inputs, pool
 
         model = self.model
         ids, mask = padded_inputs(sequences, model.pad_id)

@@ -25,13 +25,26 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from embserve.batching import Plan, plan_batches, plan_stats
-from embserve.bulk_options import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS
-from embserve.errors import InputTooLong, NonFiniteOutput
+from embserve.api.errors import InputTooLong, NonFiniteOutput
+from embserve.bulk.options import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS
+from embserve.bulk.shards import (
+    REJECTS_DIR,
+    BulkInputError,
+    Shard,
+    ShardRows,
+    done_parts,
+    list_inputs,
+    open_fs,
+    pending,
+    plan_shards,
+    prepare_output,
+    read_shard,
+    save_plan,
+    tmp_path,
+    write_atomically,
+)
+from embserve.engine.batching import Plan, plan_batches, plan_stats
 from embserve.settings import BatchingConfig, ModelSpec, Settings
-from embserve.shards import (REJECTS_DIR, BulkInputError, Shard, ShardRows, list_inputs, open_fs, pending,
-                             plan_shards, prepare_output, read_shard, save_plan, tmp_path, done_parts,
-                             write_atomically)
 
 # Small enough that the run's last shards, which leave the other actors idle, are a short tail (10,000-row
 # shards left one of two CPU actors idle through a fifth of a 50,000-row run: docs/benchmarks.md, "Bulk
@@ -150,8 +163,8 @@ class ShardEmbedder:
                  threads: int | None = None) -> None:
         import torch
 
-        from embserve.hardware import assigned_gpus, choose_batch_sizes, choose_device, gpu_limits
-        from embserve.model import EmbeddingModel
+        from embserve.engine.hardware import assigned_gpus, choose_batch_sizes, choose_device, gpu_limits
+        from embserve.engine.model import EmbeddingModel
 
         device = choose_device(settings, torch.cuda.is_available(), assigned_gpus()).value
         # One forward at a time per actor: one OpenVINO stream on all of the actor's threads.
@@ -185,7 +198,7 @@ class ShardEmbedder:
         rows = read_shard(self.in_fs, shard, self.column, self.id_column, self.settings.max_input_chars)
         report = ShardReport(index=shard.index, rows=len(rows.texts), pid=os.getpid())
         schema = pa.schema([(self.id_column or "id", rows.ids.type), ("embedding", pa.list_(pa.float32(), self.dim))],
-                           metadata={"embserve.model": self.model.info.name, "embserve.dtype": self.model.info.dtype,
+                           metadata={"embserve.engine.model": self.model.info.name, "embserve.dtype": self.model.info.dtype,
                                      "embserve.runtime": self.model.runtime})
         todo = [k for k, text in enumerate(rows.texts) if text is not None]
         tmp = tmp_path(self.out, shard.part)

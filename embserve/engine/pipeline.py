@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from embserve.errors import UnsupportedModel
+from embserve.api.errors import UnsupportedModel
 
 # Pooling modes as sentence-transformers names them (its `pooling_mode`, or the legacy `pooling_mode_*` flags, in
 # the order it concatenates them), and the name embserve gives the ones it runs.
@@ -235,19 +235,3 @@ def read_pipeline(source: str, revision: str | None = None, default_prompt_name:
                     prompts=prompts)
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a served model is, as the ingress needs it: torch-free, so the ingress never imports torch."""
-
-    name: str
-    aliases: tuple[str, ...]
-    dimensions: int
-    max_length: int
-    vocab_size: int
-    pooling: str
-    device: str
-    dtype: str
-    prompts: tuple[str, ...] = ()  # the names a request's prompt_name may take
-    default_prompt_name: str | None = None
-    task: str = "embed"  # "rerank": a cross-encoder (embserve/rerank.py), served at /v1/rerank
-    activation: str | None = None  # a cross-encoder's activation on its logit (embserve.rerank.ACTIVATIONS)

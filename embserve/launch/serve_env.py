@@ -71,7 +71,7 @@ def flush_warnings_at_once(logger: logging.Logger | None = None) -> None:
 
 
 def main() -> None:
-    """`eval "$(python -m deployments.serve_env)"` in a shell: exports what is missing."""
+    """`eval "$(python -m embserve.launch.serve_env)"` in a shell: exports what is missing."""
     for key, value in missing(os.environ).items():
         sys.stdout.write(f"export {key}={shlex.quote(value)}\n")
 

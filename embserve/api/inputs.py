@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from embserve.errors import InvalidRequest, PayloadTooLarge
-from embserve.protocol import EmbeddingRequest
+from embserve.api.errors import InvalidRequest, PayloadTooLarge
+from embserve.api.protocol import EmbeddingRequest
 
 
 @dataclass(frozen=True)

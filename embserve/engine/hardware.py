@@ -7,15 +7,14 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from embserve.layout import ALLOCATOR_DEFAULT, ALLOCATOR_ENV
-from embserve.settings import (CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, GPU_MAX_FORWARD_MS, USER_CONFIG_FIELD,
-                               Settings)
+from embserve.engine.layout import ALLOCATOR_DEFAULT, ALLOCATOR_ENV
+from embserve.settings import CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, GPU_MAX_FORWARD_MS, USER_CONFIG_FIELD, Settings
 
 if TYPE_CHECKING:
-    from embserve.forward_cost import ForwardCost
-    from embserve.model import EmbeddingModel
-    from embserve.warmup import WarmUp
-    from embserve.scheduler import ForwardLayout
+    from embserve.engine.forward_cost import ForwardCost
+    from embserve.engine.model import EmbeddingModel
+    from embserve.engine.scheduler import ForwardLayout
+    from embserve.engine.warmup import WarmUp
     from embserve.settings import ModelSpec
 
 BATCHING_KNOBS = ("max_wait_time_ms", "min_batch_size", "enable_dynamic_batching", "enable_length_grouping",
@@ -105,7 +104,7 @@ def memory_fraction(setting: float, gpu_share: float | None) -> Choice:
 def cuda_allocator_defaults(environ: dict[str, str] | None = None) -> None:
     """Expandable segments for torch's CUDA allocator unless the environment says otherwise: a group of a
     new shape grows the segment it has instead of leaving holes that the next one cannot use. A Ray GPU
-    replica has it from its runtime_env (embserve.layout.with_allocator_env); elsewhere (a script, bench)
+    replica has it from its runtime_env (embserve.engine.layout.with_allocator_env); elsewhere (a script, bench)
     it is set here, and handed to torch's allocator-settings call too, since torch reads the variable once,
     when its allocator config is first used, and may have done so already."""
     env = os.environ if environ is None else environ
@@ -146,7 +145,7 @@ def choose_threads(settings: Settings, device: str, cores: int) -> Choice:
 
 def choose_batch_sizes(settings: Settings, gpu: Any = None) -> tuple[Choice, Choice]:
     """max_batch_size and max_batch_tokens: the settings where given, else the card's limits on a GPU
-    (`gpu`, an embserve.gpu_memory.GpuLimits), else the CPU defaults."""
+    (`gpu`, an embserve.engine.gpu_memory.GpuLimits), else the CPU defaults."""
     out = []
     for name, cpu_value in (("max_batch_size", CPU_MAX_BATCH_SIZE), ("max_batch_tokens", CPU_MAX_BATCH_TOKENS)):
         if getattr(settings, name) is not None:
@@ -213,11 +212,11 @@ def replica_profile(settings: Settings, *, device: Choice, dtype: Choice, thread
 
 
 def gpu_limits(model: "EmbeddingModel", fraction: float, forwards_at_once: int) -> Any:
-    """This card's batch limits for this model (embserve.gpu_memory), from the card's total memory and the
+    """This card's batch limits for this model (embserve.engine.gpu_memory), from the card's total memory and the
     model's own config; its weights are already resident, so their real size counts."""
     import torch
 
-    from embserve.gpu_memory import ModelShape, gpu_batch_limits
+    from embserve.engine.gpu_memory import ModelShape, gpu_batch_limits
 
     net = model.model
     weights = sum(p.numel() * p.element_size() for p in net.parameters())
@@ -250,10 +249,10 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
     it up on the shapes its first requests will have. `gpu_share`: the GPUs Ray reserved (num_gpus)."""
     import torch
 
-    from embserve.model import EmbeddingModel
-    from embserve.rerank import CrossEncoderModel
-    from embserve.scheduler import forward_layout
-    from embserve.warmup import warm_up, warm_up_shapes
+    from embserve.engine.model import EmbeddingModel
+    from embserve.engine.rerank import CrossEncoderModel
+    from embserve.engine.scheduler import forward_layout
+    from embserve.engine.warmup import warm_up, warm_up_shapes
 
     device = choose_device(settings, cuda_available, gpus_assigned)
     memory = None
@@ -314,11 +313,11 @@ class ForwardTiming:
 
 def forward_timing(settings: Settings, profile: Profile, batch_tokens: Choice, cost: Any, limit_ms: float | None,
                    max_length: int, gpu: bool) -> ForwardTiming:
-    """What the warm-up's cost line (`cost`, an embserve.forward_cost.ForwardCost or None) changes, each
+    """What the warm-up's cost line (`cost`, an embserve.engine.forward_cost.ForwardCost or None) changes, each
     shown in the profile: the automatic token budget bounded by `limit_ms` (max_forward_ms); on a GPU, a
     forward's fixed cost as the planner's group cost, the length tolerance a preference, and the line itself
     for the pipelined worker (Scheduler._pipeline). A setting given explicitly keeps its value."""
-    from embserve.forward_cost import capped_budget
+    from embserve.engine.forward_cost import capped_budget
 
     budget = batch_tokens.value
     if cost is not None:

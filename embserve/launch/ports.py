@@ -6,59 +6,9 @@ import errno
 import os
 import random
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
-LISTEN = "0A"  # the TCP state column of /proc/net/tcp for a listening socket
-
-
-@dataclass(frozen=True)
-class Listener:
-    """A listening socket from /proc/net/tcp{,6}: its owner's uid and its inode."""
-
-    uid: int
-    inode: int
-
-
-def listeners(proc_net_tcp: str, port: int) -> list[Listener]:
-    """The listening sockets on `port` in the text of /proc/net/tcp or /proc/net/tcp6 (any address)."""
-    found = []
-    for line in proc_net_tcp.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 10 or fields[3] != LISTEN:
-            continue
-        if int(fields[1].rsplit(":", 1)[1], 16) == port:
-            found.append(Listener(uid=int(fields[7]), inode=int(fields[9])))
-    return found
-
-
-def socket_owners(inodes: set[int], proc: Path = Path("/proc")) -> dict[int, int]:
-    """inode -> pid of a process that has the socket open, for the processes this user may look into."""
-    wanted = {f"socket:[{inode}]": inode for inode in inodes}
-    owners: dict[int, int] = {}
-    for entry in proc.iterdir() if wanted else ():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fds = list((entry / "fd").iterdir())
-        except OSError:  # another user's process, or gone
-            continue
-        for fd in fds:
-            try:
-                inode = wanted.get(os.readlink(fd))
-            except OSError:
-                continue
-            if inode is not None:
-                owners.setdefault(inode, int(entry.name))
-    return owners
-
-
-def command_line(pid: int, proc: Path = Path("/proc")) -> str:
-    """The process's command line as one string, or '' when it cannot be read."""
-    try:
-        return (proc / str(pid) / "cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
+from embserve.launch.procfs import Listener, command_line, listeners, socket_owners
 
 
 def holder(port: int, proc: Path = Path("/proc"), uid: int | None = None) -> str:

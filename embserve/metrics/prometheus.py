@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from embserve.stats import Aggregate, Histogram, error_rate
+from embserve.metrics.stats import Aggregate, Histogram, error_rate
 
 
 def _histogram(name: str, doc: str, hist: Histogram | dict[str, Histogram]) -> HistogramMetricFamily:

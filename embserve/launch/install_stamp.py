@@ -1,7 +1,8 @@
 """run.sh's install stamp: whether the venv already holds this pyproject.toml's packages with the extras asked.
 
 Standard library only: run.sh runs this file with the venv's Python before the package is installed
-(`python embserve/install_stamp.py check|record VENV [EXTRA ...]`; `check` exits 0 when nothing needs installing).
+(`python embserve/launch/install_stamp.py check|record VENV [EXTRA ...]`; `check` exits 0 when nothing
+needs installing).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def updated(stamp: dict | None, current: str, extras: Iterable[str]) -> dict:
 
 def main(argv: Sequence[str]) -> int:
     action, venv, extras = argv[0], Path(argv[1]), [e for e in argv[2:] if e]
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     current = fingerprint((root / "pyproject.toml").read_bytes(), sys.version)
     stamp = read(venv)
     if action == "check":

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from embserve.scheduler import Admitted, Answered, Forward
+from embserve.metrics.events import Admitted, Answered, Forward, Responded
 
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INPUT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -120,15 +120,6 @@ class Event:
     report: Any
 
 
-@dataclass(slots=True)
-class Responded:
-    """One HTTP request's end at the ingress: its status, how long it took, and its error kind if it failed."""
-
-    status: int
-    seconds: float
-    error_kind: str | None = None
-
-
 class UnknownEvent(TypeError):
     """A report of a type the aggregate does not count: a new report type needs a case in `SourceState.apply`."""
 
@@ -185,7 +176,7 @@ class ReplicaReporter(Accumulator):
         super().__init__("replica", model)
 
     def record(self, report: Any) -> None:
-        """One of the scheduler's reports (embserve.scheduler's Admitted, Forward or Answered). Its type is
+        """One of the scheduler's reports (embserve.engine.scheduler's Admitted, Forward or Answered). Its type is
         checked where it is counted, in the metrics actor, not here on the serving path."""
         self.add(Event(time.time(), report))
 
@@ -251,7 +242,7 @@ class SourceState:
                     self.add_error(report.error_kind)
             case other:
                 raise UnknownEvent(f"no metric counts a {type(other).__module__}.{type(other).__qualname__} "
-                                   "report; add a case for it in embserve.stats.SourceState.apply")
+                                   "report; add a case for it in embserve.metrics.stats.SourceState.apply")
 
     def trim_window(self, now: float) -> None:
         while self.window and self.window[0][0] < now - WINDOW_S:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embserve import ports
+from embserve.launch import ports
+from embserve.launch.procfs import Proc, alive, processes
 
 RUN_PREFIX = "embserve-"
 OWNER_FILE = "embserve-serve.pid"
@@ -91,9 +92,9 @@ def refusal(busy: Sequence[tuple[Port, str]]) -> str:
 
 
 def serve_environment(environ: Mapping[str, str], run_dir: Path) -> dict[str, str]:
-    """`environ` plus Serve's fast path (deployments/serve_env.py), a short drain on one node, and HAProxy's
+    """`environ` plus Serve's fast path (embserve/launch/serve_env.py), a short drain on one node, and HAProxy's
     files in `run_dir`; what the user set wins."""
-    from deployments import serve_env
+    from embserve.launch import serve_env
 
     env = dict(environ)
     serve_env.apply(env)
@@ -110,32 +111,6 @@ def serve_command(config: str, extra: Sequence[str] = (), python: str = sys.exec
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script), "run", config, *extra]
     return [python, "-c", "import sys; from ray.serve.scripts import cli; sys.exit(cli())", "run", config, *extra]
-
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    state: str
-    argv: tuple[str, ...]
-    sid: int = 0
-
-
-def processes(proc: Path = Path("/proc")) -> dict[int, Proc]:
-    """Every process /proc shows, by pid."""
-    found = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-        except OSError:
-            continue
-        state, ppid, _pgrp, sid = stat[stat.rindex(")") + 2:].split()[:4]  # the name may hold spaces and ')'
-        found[int(entry.name)] = Proc(int(entry.name), int(ppid), state,
-                                      tuple(a.decode(errors="replace") for a in argv if a), int(sid))
-    return found
 
 
 def descendants(procs: Mapping[int, Proc], root: int) -> set[int]:
@@ -300,14 +275,6 @@ class Run:
 
 def describe(procs: Mapping[int, Proc], pids: Iterable[int]) -> str:
     return ", ".join(f"{pid} ({' '.join(procs[pid].argv)[:80] or '?'})" for pid in sorted(pids))
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def terminate(pids: Iterable[int], reap=lambda: None, wait_s: float = KILL_WAIT_S) -> None:

@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from embserve.forward_cost import ForwardCost, fit_forward_cost
+from embserve.engine.forward_cost import ForwardCost, fit_forward_cost
 
 if TYPE_CHECKING:
-    from embserve.model import EmbeddingModel
+    from embserve.engine.model import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def warm_up(model: EmbeddingModel, shapes: list[tuple[int, int]], timed: bool = 
             out_of_memory = True
             break
     if out_of_memory:
-        from embserve.scheduler import release_gpu_cache
+        from embserve.engine.scheduler import release_gpu_cache
 
         release_gpu_cache()
     if model.device == "cuda":

@@ -7,8 +7,8 @@ import uuid
 import numpy as np
 import orjson
 
-from embserve.encode import to_base64
-from embserve.pipeline import ModelInfo
+from embserve.api.contracts import ModelInfo
+from embserve.api.encode import to_base64
 
 
 def embeddings_body(vectors: np.ndarray, model: str, prompt_tokens: int, encoding_format: str) -> bytes:

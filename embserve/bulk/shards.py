@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from embserve.bulk_options import FORMATS, BulkInputError
-from embserve.errors import InvalidRequest
-from embserve.inputs import check_text
+from embserve.api.errors import InvalidRequest
+from embserve.api.inputs import check_text
+from embserve.bulk.options import FORMATS, BulkInputError
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet",
               ".txt": "text", ".text": "text"}

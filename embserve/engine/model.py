@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from embserve.cpu_memory import HeapTrimmer, bound_primitive_cache
-from embserve.errors import NonFiniteOutput, UnsupportedModel
-from embserve.pipeline import DenseSpec, ModelInfo, Pipeline, Prompts, read_pipeline
+from embserve.api.contracts import ModelInfo
+from embserve.api.errors import NonFiniteOutput, UnsupportedModel
+from embserve.engine.cpu_memory import HeapTrimmer, bound_primitive_cache
+from embserve.engine.pipeline import DenseSpec, Pipeline, Prompts, read_pipeline
+from embserve.engine.tokenize import Tokenizer
 from embserve.settings import BUNDLED_MODEL, ModelSpec
-from embserve.tokenize import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ class EmbeddingModel:
         `allow_tf32`: float32 matmuls on a GPU's TF32 units (the setting; off keeps float32's 1e-5)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        from embserve import openvino_runtime
+        from embserve.engine import openvino_runtime
 
         if threads is not None:
             torch.set_num_threads(threads)  # per process: this replica's forwards
@@ -323,7 +324,7 @@ class EmbeddingModel:
                         cache_dir: str | None, streams: int, threads: int, config: object) -> None:
         """The OpenVINO encoder, from the cache or converted now; where that fails, torch runs the model and the
         reason is kept in the profile: a model that does not convert is served all the same."""
-        from embserve import openvino_runtime as ovr
+        from embserve.engine import openvino_runtime as ovr
 
         def convert_now() -> object:
             self.model = load_transformer()

@@ -3,7 +3,7 @@ pairs, and the activation its sentence-transformers CrossEncoder applies.
 
 A pair is tokenized as the model's tokenizer would tokenize it (its pair template and token types), with the
 tokenizer's own `longest_first` truncation done here on plain lists, so that the Rust tokenizer is always
-called with the same arguments (embserve/tokenize.py says why). Scores equal `CrossEncoder.predict`'s.
+called with the same arguments (embserve/engine/tokenize.py says why). Scores equal `CrossEncoder.predict`'s.
 Importing this module does not import torch: the ingress reads `RerankJob` and `activate` from it.
 """
 
@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from embserve.errors import EmbservError, InputTooLong, NonFiniteOutput, UnsupportedModel
-from embserve.pipeline import ModelInfo, read_json
+from embserve.api.contracts import ModelInfo, RerankJob
+from embserve.api.errors import EmbservError, InputTooLong, NonFiniteOutput, UnsupportedModel
+from embserve.engine.pipeline import read_json
+from embserve.engine.tokenize import Tokenizer
 from embserve.settings import ModelSpec
-from embserve.tokenize import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +31,6 @@ ACTIVATIONS = {
     "torch.nn.modules.linear.Identity": "identity",
     "torch.nn.modules.activation.Tanh": "tanh",
 }
-
-
-@dataclass
-class RerankJob:
-    """One rerank request: its query and documents, each pair one input of the replica's scheduler."""
-
-    query: str
-    documents: list[str]
-    truncate: bool = False
-    field: str = "documents"  # what the route calls the documents (TEI: "texts"), for error messages
-    weight: int = 1  # what it counts for in max_batch_size; set by the replica
-    received: float = 0.0  # time.perf_counter() when the replica got it
-    cancelled: bool = False  # the caller went away: its pairs still pending are never computed
-
-    def __len__(self) -> int:
-        return len(self.documents)
-
-    @property
-    def chars(self) -> int:
-        """Characters to tokenize at admission: the query once, and each document."""
-        return len(self.query) + sum(map(len, self.documents))
 
 
 @dataclass(frozen=True)
@@ -237,9 +217,16 @@ class CrossEncoderModel:
         import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        from embserve.cpu_memory import HeapTrimmer, bound_primitive_cache
-        from embserve.model import (attention_choice, choose_dtype, device_map_loading, enable_tf32,
-                                    flash_attn_installed, pick_device, resolve_source)
+        from embserve.engine.cpu_memory import HeapTrimmer, bound_primitive_cache
+        from embserve.engine.model import (
+            attention_choice,
+            choose_dtype,
+            device_map_loading,
+            enable_tf32,
+            flash_attn_installed,
+            pick_device,
+            resolve_source,
+        )
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -299,10 +286,10 @@ class CrossEncoderModel:
         return logits
 
     def launch(self, sequences: list[list[int]]) -> Any:
-        """The pipelined scheduler's launch (embserve/gpu_pipeline.py; a GPU replica's one worker): the group's
+        """The pipelined scheduler's launch (embserve/engine/gpu_pipeline.py; a GPU replica's one worker): the group's
         forward run to its end, its logits handed back as a finished Pending. A cross-encoder does not overlap
         its copies with the previous group's forward, as an embedding model's stream launcher does."""
-        from embserve.gpu_pipeline import Done
+        from embserve.engine.gpu_pipeline import Done
 
         try:
             return Done(self.forward(sequences))
@@ -312,7 +299,7 @@ class CrossEncoderModel:
     def _score(self, sequences: list[list[int]]) -> np.ndarray:
         import torch
 
-        from embserve.model import padded_inputs, to_device
+        from embserve.engine.model import padded_inputs, to_device
 
         ids, mask = padded_inputs(sequences, self.pad_id)
         inputs = {"input_ids": to_device(ids, self.device), "attention_mask": to_device(mask, self.device)}

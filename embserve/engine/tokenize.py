@@ -19,9 +19,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from embserve.errors import EmbservError, InputTooLong, InvalidRequest
-from embserve.inputs import check_prompt_name
-from embserve.pipeline import Prompts
+from embserve.api.errors import EmbservError, InputTooLong, InvalidRequest
+from embserve.api.inputs import check_prompt_name
+from embserve.engine.pipeline import Prompts
 
 
 @dataclass(frozen=True)

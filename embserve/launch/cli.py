@@ -7,11 +7,11 @@ import json
 import sys
 from collections.abc import Sequence
 
-from embserve.bulk_options import FORMATS, BulkInputError, missing_bulk_extra
+from embserve.bulk.options import FORMATS, BulkInputError, missing_bulk_extra
 
 
 def _add_embed(commands: argparse._SubParsersAction) -> None:
-    from embserve.bulk_options import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS, parse_actors
+    from embserve.bulk.options import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS, parse_actors
 
     p = commands.add_parser(
         "embed", help="embed a whole corpus into Parquet files, on Ray Data, as the server would embed each text",
@@ -46,7 +46,7 @@ def _add_embed(commands: argparse._SubParsersAction) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     try:
-        from embserve.bulk import embed_corpus, settings_from_config
+        from embserve.bulk.job import embed_corpus, settings_from_config
     except ModuleNotFoundError as err:
         message = missing_bulk_extra(err)
         if message is None:
@@ -67,7 +67,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def _add_serve(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "serve", help="serve a Serve config (serve_config.yaml) on Serve's fast path; stops all it started",
-        description="Run `serve run CONFIG` with Serve's fast path (deployments/serve_env.py; a variable you set "
+        description="Run `serve run CONFIG` with Serve's fast path (embserve/launch/serve_env.py; a variable you set "
         "wins). Refuses to start when a port it needs is taken, naming the process that holds it. On Ctrl-C, "
         "SIGTERM or SIGHUP it asks Serve to shut down, then stops every process the run started, HAProxy "
         "included; an HAProxy whose Ray went away (`ray stop`) is stopped at once. Other options are passed to "
@@ -80,7 +80,7 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from embserve.serving import serve
+    from embserve.launch.serving import serve
 
     return serve(args.config, args.extra, grace_s=args.grace_s)
 
@@ -97,7 +97,7 @@ def _add_stop(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from embserve.serving import stop
+    from embserve.launch.serving import stop
 
     done = stop(timeout_s=args.timeout_s)
     print("\n".join(done) if done else "embserve stop: nothing to stop", flush=True)

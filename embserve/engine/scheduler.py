@@ -23,13 +23,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embserve.batching import next_group, padded_size
-from embserve.errors import Cancelled, EmbservError, NonFiniteOutput, OutOfMemory, Unavailable
-from embserve.forward_cost import ForwardCost
+from embserve.api.contracts import EmbedJob, EmbedResult
+from embserve.api.errors import Cancelled, EmbservError, NonFiniteOutput, OutOfMemory, Unavailable
+from embserve.engine.batching import next_group, padded_size
+from embserve.engine.forward_cost import ForwardCost
+from embserve.metrics.events import Admitted, Answered, Forward
 from embserve.settings import BatchingConfig
 
 if TYPE_CHECKING:  # the ingress imports this module for EmbedJob, and must not import torch
-    from embserve.model import EmbeddingModel
+    from embserve.engine.model import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
@@ -46,67 +48,6 @@ LEAD_FLOOR_S = 0.0005
 # average), so that a slower than average take still launches before the card runs dry.
 LEAD_MARGIN = 2.0
 HOST_TIME_WEIGHT = 0.2  # of the newest take in that average
-
-
-@dataclass
-class EmbedJob:
-    """One HTTP request's inputs, as the ingress normalized them."""
-
-    texts: list[str] | None = None
-    token_ids: list[list[int]] | None = None
-    truncate: bool = False
-    prompt_name: str | None = None  # a prompt of the model's; None: its default prompt, if it has one
-    weight: int = 1  # what it counts for in an admission (admit_batch_size); set by the replica
-    received: float = 0.0  # time.perf_counter() when the replica got it (its wait for a batch counts)
-    cancelled: bool = False  # the caller went away: its inputs still pending are dropped, never computed
-
-    def __len__(self) -> int:
-        return len(self.texts if self.texts is not None else self.token_ids or [])
-
-    @property
-    def chars(self) -> int:
-        """Characters to tokenize at admission."""
-        return sum(map(len, self.texts or ()))
-
-
-@dataclass
-class EmbedResult:
-    """A request's answer: its vectors, or the error that is its answer (errors travel as values)."""
-
-    vectors: np.ndarray | None
-    prompt_tokens: int = 0
-    error: EmbservError | None = None
-    queue_s: float = 0.0
-    tokenize_s: float = 0.0
-    forward_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class Admitted:
-    """What one admission did (a @serve.batch call), for the metrics."""
-
-    requests: int
-    inputs: int
-    tokenize_s: float
-    task: str = "embed"  # the replica's model's: "rerank" counts its requests and pairs apart
-
-
-@dataclass(frozen=True)
-class Forward:
-    """What one forward did, for the metrics."""
-
-    inputs: int
-    tokens: int
-    padded_tokens: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Answered:
-    """One request's end, for the metrics: how long its first input queued, and its error kind if any."""
-
-    queue_s: float
-    error: str | None
 
 
 @dataclass(eq=False)
@@ -148,7 +89,7 @@ class Launched:
 
     taken: list[tuple[Request, int]]
     seqs: list[list[int]]
-    pending: object  # embserve.gpu_pipeline.Pending
+    pending: object  # embserve.engine.gpu_pipeline.Pending
     launched: float  # when its launch began (its requests' start)
     queued: float  # when its launch returned: the device may start it from here
     cost_s: float  # its forward's time by the cost line; 0.0 without one
@@ -194,7 +135,7 @@ class Scheduler:
         self._closed = False
         self.threads_seen: set[int] = set()  # torch threads per forward, as each worker reads them back
         # One worker on a GPU overlaps: it plans, pads and copies the next group while the card computes
-        # (embserve/gpu_pipeline.py). None: so on a GPU with one forward worker.
+        # (embserve/engine/gpu_pipeline.py). None: so on a GPU with one forward worker.
         self.pipelined = (model.device == "cuda" and layout.workers == 1) if pipelined is None else pipelined
         target = self._pipeline if self.pipelined else self._work
         ready = threading.Barrier(layout.workers + 1)
@@ -325,7 +266,7 @@ class Scheduler:
         predicted end is one lead time away (twice the host's measured take-to-launch time, at least
         LEAD_FLOOR_S), so that a forward's fixed cost is paid for what arrived meanwhile too. Nothing waits
         with nothing in flight: a lone request on an idle device is launched at once."""
-        from embserve.gpu_pipeline import Done, launcher_for
+        from embserve.engine.gpu_pipeline import Done, launcher_for
 
         self._start_thread(threads, ready)
         launcher = launcher_for(self.model)

@@ -1,0 +1,110 @@
+"""What Linux's /proc says about processes and sockets, read in one place: the process table (pid, parent,
+state, session, command line), whether a pid still runs, and who listens on a TCP port.
+
+Every reader takes the /proc root as an argument so that tests can hand it a folder of their own.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+LISTEN = "0A"  # the TCP state column of /proc/net/tcp for a listening socket
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    state: str
+    argv: tuple[str, ...]
+    sid: int = 0
+
+
+
+def processes(proc: Path = Path("/proc")) -> dict[int, Proc]:
+    """Every process /proc shows, by pid."""
+    found = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        except OSError:
+            continue
+        state, ppid, _pgrp, sid = after_name(stat)[:4]
+        found[int(entry.name)] = Proc(int(entry.name), int(ppid), state,
+                                      tuple(a.decode(errors="replace") for a in argv if a), int(sid))
+    return found
+
+
+
+def alive(pid: int, proc: Path = Path("/proc")) -> bool:
+    """Whether `pid` runs: it exists and is not a zombie."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return after_name(stat)[0] != "Z"
+
+
+def after_name(stat: str) -> list[str]:
+    """The fields of a /proc/PID/stat line after the command's name (state, ppid, pgrp, session, ...): the name
+    is in parentheses and may hold spaces and ')' itself."""
+    return stat[stat.rindex(")") + 2:].split()
+
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A listening socket from /proc/net/tcp{,6}: its owner's uid and its inode."""
+
+    uid: int
+    inode: int
+
+
+
+def listeners(proc_net_tcp: str, port: int) -> list[Listener]:
+    """The listening sockets on `port` in the text of /proc/net/tcp or /proc/net/tcp6 (any address)."""
+    found = []
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != LISTEN:
+            continue
+        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            found.append(Listener(uid=int(fields[7]), inode=int(fields[9])))
+    return found
+
+
+
+def socket_owners(inodes: set[int], proc: Path = Path("/proc")) -> dict[int, int]:
+    """inode -> pid of a process that has the socket open, for the processes this user may look into."""
+    wanted = {f"socket:[{inode}]": inode for inode in inodes}
+    owners: dict[int, int] = {}
+    for entry in proc.iterdir() if wanted else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:  # another user's process, or gone
+            continue
+        for fd in fds:
+            try:
+                inode = wanted.get(os.readlink(fd))
+            except OSError:
+                continue
+            if inode is not None:
+                owners.setdefault(inode, int(entry.name))
+    return owners
+
+
+
+def command_line(pid: int, proc: Path = Path("/proc")) -> str:
+    """The process's command line as one string, or '' when it cannot be read."""
+    try:
+        return (proc / str(pid) / "cmdline").read_bytes().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
