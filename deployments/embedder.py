@@ -120,7 +120,8 @@ class Embedder:
 
     # Ray forms admissions (admit_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
     # at once, so a batch never holds its requests back and Ray forms the next batch while these compute.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=count_inputs)
+    # Its size and wait come from the settings at start and on every user_config (_apply_batching).
+    @serve.batch(batch_size_fn=count_inputs)
     async def _admit(self, arrivals: list[Arrival]) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in arrivals]
