@@ -139,7 +139,7 @@ class CardClock:
 def forward_layout(device: str, threads: int, workers: int | None = None) -> ForwardLayout:
     """Split a replica's `threads` among concurrent forwards. `workers` None: one single-thread forward
     per thread on a CPU, so that no forward waits at an OpenMP barrier for a thread the OS descheduled
-    (bench/profile.md); one forward at a time on a GPU, which one forward already fills."""
+    (docs/benchmarks.md); one forward at a time on a GPU, which one forward already fills."""
     threads = max(1, threads)
     if workers is None:
         workers = 1 if device == "cuda" else threads
