@@ -27,13 +27,17 @@ class Mode:
     extras: bool  # multi-text, open loop and long documents
     profile_s: float  # 0: no py-spy
     torch_threads: int | None = None  # None: the shipped default (every core the replica sees)
+    only: tuple[str, ...] | None = None  # bench.run's configurations to serve (None: all)
 
     def served(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """A configuration's Settings: the shipped defaults, with `overrides` and any --torch-threads."""
         return {**({"torch_threads": self.torch_threads} if self.torch_threads else {}), **overrides}
 
 
-QUICK = Mode("quick", (1, 32), 3.0, 1.0, (1,), 128, (32,), 1, extras=False, profile_s=0)
+# Each configuration is an `embserve serve` of its own (about a minute to start on 2 cores): a smoke run serves
+# the two that the headline compares, and no sweep.
+QUICK = Mode("quick", (1, 32), 3.0, 1.0, (), 128, (32,), 1, extras=False, profile_s=0,
+             only=("batching off", "full engine"))
 FULL = Mode("full", (1, 4, 16, 32, 64), 8.0, 2.0, (1, 2, 4, 8, 16, 32, 64, 128), 256, (8, 32, 128), 2,
             extras=True, profile_s=12)
 

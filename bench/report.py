@@ -75,7 +75,7 @@ def setup(results: dict[str, Any]) -> str:
     results.json, which name Serve's environment)."""
     service = results.get("service")
     if service:
-        front = ("Serve's fast path, as `embserve serve` starts it (HAProxy, gRPC between deployments)"
+        front = ("Serve's fast path (HAProxy, gRPC between deployments)"
                  if service.get("fast_path") else "Serve's plain setup (its Python proxy)")
         tuned = f"; `{service['tuned']}` is the tuned layout" if service.get("tuned") else ""
         return (f"Each configuration is served as a user starts it: `embserve serve` of `{service['config']}` with "
@@ -431,7 +431,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
           "![throughput](bench/throughput.png)", "", "![latency](bench/latency.png)", "",
           "![padding](bench/padding.png)", ""]
     for name, cfg in results["configs"].items():
-        settings = ", ".join(f"{k}={v}" for k, v in cfg["settings"].items()) or "defaults (serve_config.yaml's values)"
+        settings = ", ".join(f"{k}={v}" for k, v in cfg["settings"].items()) or (
+            f"its own config, {Path(cfg['config']).name}" if cfg.get("config") else "defaults (serve_config.yaml's values)")
         L += [f"### {name} ({settings})", ""]
         L += _points_table(cfg["points"], limit, token_limit, floor)
         q = cfg["single_query"]
@@ -488,7 +489,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     L += ["Analysis and proposed changes: [bench/profile.md](../bench/profile.md).", "",
           "## Reproduce", "", "```bash", ". .venv/bin/activate",
           "python -m bench --help          # every benchmark (the suite) and study",
-          "python -m bench run --quick     # ~5 min smoke run, writes build/bench-quick/",
+          "python -m bench run --quick     # ~4 min smoke run, writes build/bench-quick/",
           "python -m bench run             # full run (~20 min), rewrites this part of docs/benchmarks.md and docs/bench/",
           "python -m bench run --tuned my_config.yaml   # also a tuned layout, reported beside the defaults",
           "python -m bench load --base-url http://127.0.0.1:8000/v1 --concurrency 1 4 16 32 64   # any running server",

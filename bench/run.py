@@ -2,7 +2,7 @@
 it (`embserve serve serve_config.yaml`, the configuration's settings in the application's args, one fresh
 local Ray each), then docs/benchmarks.md with plots.
 
-    python -m bench run --quick     # about 5 minutes, writes build/bench-quick/
+    python -m bench run --quick     # about 4 minutes, writes build/bench-quick/
     python -m bench run             # the full run (about 20 minutes), writes docs/benchmarks.md + docs/bench/
     python -m bench run --tuned my_config.yaml   # also a tuned layout, reported beside the defaults
 
@@ -70,7 +70,8 @@ def run_served(service: Service, corpus: Corpus, mixed: list[str], offline: dict
     queries = Workload("queries", corpus.queries)
     out: dict[str, Any] = {"configs": {}, "sweep": [], "extras": []}
 
-    layouts = {name: (overrides, None) for name, overrides in CONFIGS.items()}
+    layouts = {name: (overrides, None) for name, overrides in CONFIGS.items()
+               if mode.only is None or name in mode.only}
     if tuned:  # a tuned layout as its own config file, measured like the defaults and reported beside them
         layouts[f"tuned ({tuned.name})"] = ({}, tuned)
     for name, (overrides, config) in layouts.items():
@@ -171,7 +172,7 @@ def run_profile(bench: Bench, workload: Workload, mode: Mode, out_dir: Path) -> 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="a 5-minute smoke run (build/bench-quick/)")
+    parser.add_argument("--quick", action="store_true", help="a 4-minute smoke run: the batching-off and full-engine configurations (build/bench-quick/)")
     parser.add_argument("--out", type=Path, default=None, help="where benchmarks.md goes (default: docs/, "
                         "or build/bench-quick/ with --quick)")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the serve config every configuration "
