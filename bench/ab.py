@@ -125,8 +125,8 @@ def run(args: argparse.Namespace) -> None:
                   f"{run['single_query']['latency_ms'].get('p50')} ms", flush=True)
     report = {arm: summary(runs) for arm, runs in results.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"here": short_commit(), "checkouts": {r: short_commit(cwd=p) for r, p in where.items()},
-                                    "arms": report, "rounds": results}, indent=1, default=str))
+    checkouts = {rev: short_commit(cwd=path) for rev, path in where.items()}
+    args.out.write_text(json.dumps({"checkouts": checkouts, "arms": report, "rounds": results}, indent=1, default=str))
     print(json.dumps(report, indent=1))
 
 

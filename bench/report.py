@@ -490,7 +490,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
           "## Reproduce", "", "```bash", ". .venv/bin/activate",
           "python -m bench --help          # every benchmark (the suite) and study",
           "python -m bench run --quick     # ~4 min smoke run, writes build/bench-quick/",
-          "python -m bench run             # full run (~20 min), rewrites this part of docs/benchmarks.md and docs/bench/",
+          "python -m bench run             # full run (~30 min), rewrites this part of docs/benchmarks.md and docs/bench/",
           "python -m bench run --tuned my_config.yaml   # also a tuned layout, reported beside the defaults",
           "python -m bench load --base-url http://127.0.0.1:8000/v1 --concurrency 1 4 16 32 64   # any running server",
           "python -m bench offline         # the offline limit alone",

@@ -3,7 +3,7 @@ it (`embserve serve serve_config.yaml`, the configuration's settings in the appl
 local Ray each), then docs/benchmarks.md with plots.
 
     python -m bench run --quick     # about 4 minutes, writes build/bench-quick/
-    python -m bench run             # the full run (about 20 minutes), writes docs/benchmarks.md + docs/bench/
+    python -m bench run             # the full run (about 30 minutes), writes docs/benchmarks.md + docs/bench/
     python -m bench run --tuned my_config.yaml   # also a tuned layout, reported beside the defaults
 
 Every served figure is set against the offline limit measured at the start of the same run, on the same
