@@ -44,7 +44,16 @@ class InvalidRequest(EmbservError):
 
 
 class InputTooLong(InvalidRequest):
+    """An input over the model's maximum without truncate. `tokens` and `maximum` (inside a process only; they
+    do not cross to the ingress, which needs the message alone) let another front end word it its own way."""
+
     default_code = "context_length_exceeded"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 tokens: int | None = None, maximum: int | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.tokens = tokens
+        self.maximum = maximum
 
 
 class Unauthorized(EmbservError):
