@@ -108,12 +108,15 @@ class Embedder:
         job.received = time.perf_counter()
         self._ongoing += 1
         try:
-            return await (await self._admit(job))
+            result = await (await self._admit(job))
         except asyncio.CancelledError:
             job.cancelled = True  # its inputs still queued are dropped, never computed
             raise
         finally:
             self._ongoing -= 1
+        if result.error is not None:  # Serve's request context puts the request's id in the line
+            log.info("answered %s: %s", type(result.error).__name__, result.error.message)
+        return result
 
     # Ray forms admissions (admit_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
     # at once, so a batch never holds its requests back and Ray forms the next batch while these compute.

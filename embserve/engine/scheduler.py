@@ -95,6 +95,35 @@ class Launched:
     cost_s: float  # its forward's time by the cost line; 0.0 without one
 
 
+class CardClock:
+    """When the device runs out of launched work, by the warm-up's cost line, and how long before that the
+    pipelined worker must take its next group: twice the host's measured take-to-launch time (a running
+    average), at least LEAD_FLOOR_S. Without a cost line it predicts nothing and costs nothing."""
+
+    def __init__(self, cost: ForwardCost | None) -> None:
+        self.cost = cost
+        self.busy_until = 0.0
+        self.host_s = LEAD_FLOOR_S / LEAD_MARGIN
+
+    def take_by(self) -> float:
+        return self.busy_until - max(LEAD_FLOOR_S, LEAD_MARGIN * self.host_s)
+
+    def launched(self, seqs: list[list[int]], due: float, queued: float) -> float:
+        """A group was queued at `queued`, taken when it was `due`: its predicted seconds on the device."""
+        if self.cost is None:
+            return 0.0
+        self.host_s += HOST_TIME_WEIGHT * (queued - due - self.host_s)
+        cost_s = self.cost.seconds(padded_size(list(map(len, seqs)), range(len(seqs))))
+        self.busy_until = max(queued, self.busy_until) + cost_s
+        return cost_s
+
+    def landed(self, end: float, inflight: "deque[Launched]") -> None:
+        """What the device really did moves the prediction for the groups queued behind the one that ended."""
+        self.busy_until = end
+        for group in inflight:
+            self.busy_until = max(self.busy_until, group.queued) + group.cost_s
+
+
 def forward_layout(device: str, threads: int, workers: int | None = None) -> ForwardLayout:
     """Split a replica's `threads` among concurrent forwards. `workers` None: one single-thread forward
     per thread on a CPU, so that no forward waits at an OpenMP barrier for a thread the OS descheduled
@@ -263,17 +292,16 @@ class Scheduler:
 
         With a cost line (`forward_cost`), a group is not taken while another computes as soon as anything
         is pending: the worker waits until the pending inputs fill a group, or until the launched work's
-        predicted end is one lead time away (twice the host's measured take-to-launch time, at least
-        LEAD_FLOOR_S), so that a forward's fixed cost is paid for what arrived meanwhile too. Nothing waits
-        with nothing in flight: a lone request on an idle device is launched at once."""
-        from embserve.engine.gpu_pipeline import Done, launcher_for
+        predicted end is one lead time away (`CardClock`), so that a forward's fixed cost is paid for what
+        arrived meanwhile too. Nothing waits with nothing in flight: a lone request on an idle device is
+        launched at once."""
+        from embserve.engine.gpu_pipeline import launcher_for
 
         self._start_thread(threads, ready)
         launcher = launcher_for(self.model)
         inflight: deque[Launched] = deque()
+        clock = CardClock(self.forward_cost)
         last_end = 0.0
-        busy_until = 0.0  # when the device runs out of launched work, by the cost line
-        host_s = LEAD_FLOOR_S / LEAD_MARGIN  # the host's take-to-launch time, a running average
         while True:
             with self._wake:
                 while not self._pending and not self._closed and not inflight:
@@ -282,35 +310,36 @@ class Scheduler:
                     return
                 due = time.perf_counter()
                 if inflight and self.forward_cost is not None:
-                    due = self._await_next_group(busy_until - max(LEAD_FLOOR_S, LEAD_MARGIN * host_s))
+                    due = self._await_next_group(clock.take_by())
                 taken = self._take() if self._pending and not self._closed else []
             if taken:
-                seqs = [request.seqs[i] for request, i in taken]
-                launched = time.perf_counter()
-                for request, _ in taken:
-                    request.started_at = request.started_at or launched
-                try:
-                    pending = launcher.launch(seqs)
-                except Exception as exc:  # noqa: BLE001 - raised again by result(), in order, and handled there
-                    pending = Done(error=exc)
-                queued = time.perf_counter()
-                cost_s = 0.0
-                if self.forward_cost is not None and not isinstance(pending, Done):  # Done: nothing queued
-                    host_s += HOST_TIME_WEIGHT * (queued - due - host_s)
-                    cost_s = self.forward_cost.seconds(padded_size(list(map(len, seqs)), range(len(seqs))))
-                    busy_until = max(queued, busy_until) + cost_s
-                inflight.append(Launched(taken, seqs, pending, launched, queued, cost_s))
+                inflight.append(self._launch(launcher, taken, due, clock))
             if inflight and (len(inflight) >= PIPELINE_DEPTH or not taken):
                 done = inflight.popleft()
                 rows = self._run(done.seqs, done.pending.result)  # type: ignore[attr-defined]
                 end = time.perf_counter()
-                # What the device really did moves the prediction for the groups queued behind this one.
-                busy_until = end
-                for group in inflight:
-                    busy_until = max(busy_until, group.queued) + group.cost_s
+                clock.landed(end, inflight)
                 # Its time on the device: from its launch, or from the end of the one queued before it.
                 self._finish(done.taken, done.seqs, rows, end - max(done.launched, last_end))
                 last_end = end
+
+    def _launch(self, launcher, taken: list[tuple[Request, int]], due: float, clock: "CardClock") -> Launched:
+        """Pad, copy and queue one group on the device; its launch time starts its requests' forward time."""
+        from embserve.engine.gpu_pipeline import Done
+
+        seqs = [request.seqs[i] for request, i in taken]
+        launched = time.perf_counter()
+        for request, _ in taken:
+            request.started_at = request.started_at or launched
+        try:
+            pending = launcher.launch(seqs)
+        except Exception as exc:  # noqa: BLE001 - raised again by result(), in order, and handled there
+            pending = Done(error=exc)
+        queued = time.perf_counter()
+        cost_s = 0.0
+        if not isinstance(pending, Done):  # Done: nothing was queued on the device
+            cost_s = clock.launched(seqs, due, queued)
+        return Launched(taken, seqs, pending, launched, queued, cost_s)
 
     def _forward(self, taken: list[tuple[Request, int]]) -> None:
         started = time.perf_counter()
