@@ -16,14 +16,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embserve.api.contracts import EmbedJob, EmbedResult
+from embserve.api.contracts import EmbedJob, EmbedResult, RerankJob
 from embserve.api.errors import Cancelled, EmbservError, NonFiniteOutput, OutOfMemory, Unavailable
 from embserve.engine.batching import next_group, padded_size
 from embserve.engine.forward_cost import ForwardCost
@@ -51,8 +51,20 @@ HOST_TIME_WEIGHT = 0.2  # of the newest take in that average
 
 
 @dataclass(eq=False)
+class Arrival:
+    """A job as the replica got it: what it counts for in an admission (Ray's batch_size_fn), when it came (its
+    wait for a batch counts as queueing), and whether its caller went away (its inputs still pending are then
+    dropped, never computed). A plain job given to `admit` arrives when admitted, and stays wanted."""
+
+    job: EmbedJob | RerankJob
+    weight: int = 1
+    received: float = 0.0
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
 class Request:
-    job: EmbedJob
+    arrival: Arrival
     seqs: list[list[int]]
     reply: Callable[[EmbedResult], None]
     admitted_at: float  # time.perf_counter() when the replica got it
@@ -127,7 +139,7 @@ class CardClock:
 def forward_layout(device: str, threads: int, workers: int | None = None) -> ForwardLayout:
     """Split a replica's `threads` among concurrent forwards. `workers` None: one single-thread forward
     per thread on a CPU, so that no forward waits at an OpenMP barrier for a thread the OS descheduled
-    (bench/profile.md); one forward at a time on a GPU, which one forward already fills."""
+    (docs/benchmarks.md); one forward at a time on a GPU, which one forward already fills."""
     threads = max(1, threads)
     if workers is None:
         workers = 1 if device == "cuda" else threads
@@ -178,24 +190,26 @@ class Scheduler:
     def pending(self) -> int:
         return len(self._pending)
 
-    def admit(self, jobs: list[EmbedJob], replies: list[Callable[[EmbedResult], None]]) -> None:
+    def admit(self, jobs: Sequence[Arrival | EmbedJob | RerankJob],
+              replies: list[Callable[[EmbedResult], None]]) -> None:
         """Tokenizes every job's inputs in one tokenizer call (the model's request tokenizer: texts or token
         ids, or a reranker's pairs) and queues them. A job that fails its checks (too long, bad token ids) is
         answered at once and alone; the others queue."""
+        arrivals = [job if isinstance(job, Arrival) else Arrival(job) for job in jobs]
         t0 = time.perf_counter()
-        prepared = list(zip(jobs, self.tokenizer.prepare(jobs), replies))
+        prepared = list(zip(arrivals, self.tokenizer.prepare([a.job for a in arrivals]), replies))
         tokenize_s = time.perf_counter() - t0
-        self.report(Admitted(len(jobs), sum(map(len, jobs)), tokenize_s, self.model.info.task))
+        self.report(Admitted(len(arrivals), sum(len(a.job) for a in arrivals), tokenize_s, self.model.info.task))
         now = time.perf_counter()
         with self._wake:
-            for job, seqs, reply in prepared:
+            for arrival, seqs, reply in prepared:
                 if isinstance(seqs, EmbservError) or not seqs:
                     error = seqs if isinstance(seqs, EmbservError) else None
-                    request = Request(job, [], reply, job.received or now, tokenize_s, error=error)
+                    request = Request(arrival, [], reply, arrival.received or now, tokenize_s, error=error)
                     self._answer(request, now)
                     continue
-                request = Request(job, seqs, reply, job.received or now, tokenize_s, vectors=[None] * len(seqs),
-                                  left=len(seqs))
+                request = Request(arrival, seqs, reply, arrival.received or now, tokenize_s,
+                                  vectors=[None] * len(seqs), left=len(seqs))
                 self._pending.extend((request, i) for i in range(len(seqs)))
             self._wake.notify_all()
 
@@ -215,7 +229,7 @@ class Scheduler:
     def _take(self) -> list[tuple[Request, int]]:
         """Under the lock: the next group, taken out of the queue. Inputs of requests whose caller went away
         are dropped first; each such request is answered (nobody hears it) and counted."""
-        gone = {request for request, _ in self._pending if request.job.cancelled}
+        gone = {request for request, _ in self._pending if request.arrival.cancelled}
         if gone:
             self._pending = [item for item in self._pending if item[0] not in gone]
             for request in gone:
