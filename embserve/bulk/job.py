@@ -12,6 +12,7 @@ Each actor holds one shard at a time, so memory is bounded by `shard_rows`, what
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import time
@@ -53,6 +54,8 @@ from embserve.settings import BatchingConfig, ModelSpec, Settings
 # "Bulk embedding"), as no forward waits at an OpenMP barrier for a descheduled thread; it is the layout the
 # server's replica uses for its forward workers too.
 CPU_THREADS_PER_ACTOR = 1
+
+log = logging.getLogger(__name__)
 
 
 def settings_from_config(path: str, app: str | None = None) -> Settings:
@@ -163,21 +166,23 @@ class ShardEmbedder:
                  threads: int | None = None) -> None:
         import torch
 
-        from embserve.engine.hardware import assigned_gpus, choose_batch_sizes, choose_device, gpu_limits
-        from embserve.engine.model import EmbeddingModel
+        from embserve.engine.hardware import assigned_gpu_share, assigned_gpus, start_replica
 
-        device = choose_device(settings, torch.cuda.is_available(), assigned_gpus()).value
-        # One forward at a time per actor: one OpenVINO stream on all of the actor's threads.
-        self.model = EmbeddingModel(spec, device=device, dtype=settings.dtype, threads=threads, runtime=settings.runtime,
-                                    streams=1, cache_dir=settings.openvino_cache_dir)
+        # The server's replica start, for one forward at a time per actor on the actor's threads (one OpenVINO
+        # stream on all of them): device, model, token budget, warm-up and group cost as a replica has them.
+        actor = {"forward_workers": 1} | ({"torch_threads": threads} if threads is not None else {})
+        start = start_replica(spec, settings.model_copy(update=actor), torch.cuda.is_available(), assigned_gpus(),
+                              assigned_gpu_share())
+        for warning in start.warnings:
+            log.warning(warning)
+        self.model = start.model
         self.tokenizer = self.model.request_tokenizer()
-        gpu = gpu_limits(self.model, settings.gpu_memory_fraction, 1) if device == "cuda" else None
-        _, budget = choose_batch_sizes(settings, gpu)
-        self.budget = int(budget.value)
-        self.cfg = settings.batching(max_batch_tokens=self.budget)
+        self.budget = start.batch_tokens
+        self.cfg = settings.batching(start.batch_size, start.batch_tokens)
+        if not start.tolerance_wall:  # as the server's scheduler: a measured group cost alone weighs padding
+            self.cfg = self.cfg.model_copy(update={"length_group_tolerance": 1.0})
         # What one more forward costs in the plan: as the server's engine weighs it on this device.
-        self.group_cost = self.cfg.group_cost_tokens if self.cfg.group_cost_tokens is not None else (
-            512 if device == "cuda" else 32)
+        self.group_cost = start.group_cost_tokens
         self.settings, self.in_fs, self.out_fs, self.out = settings, in_fs, out_fs, out
         self.column, self.id_column, self.truncate, self.chunk_rows = column, id_column, truncate, chunk_rows
         self.dim = self.model.info.dimensions
