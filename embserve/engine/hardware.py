@@ -49,7 +49,7 @@ def source(settings: Settings, name: str, otherwise: str) -> str:
 
 
 def choose_device(setting: str, cuda_available: bool, gpus_assigned: int | None = None,
-                  where: str = "args") -> Choice:
+                  where: str = "as given") -> Choice:
     """The device a replica (or an EmbeddingModel built on its own) runs on: the one place that resolves the
     `device` setting. `where`: where the setting came from (Settings.source_of). `gpus_assigned`: the GPUs Ray
     gave this replica (its `num_gpus`), None outside Ray. Ray 2.60 no longer hides a GPU host's cards from a
@@ -245,10 +245,10 @@ class ReplicaStart:
     batch_tokens: int
     profile: Profile
     warnings: list[str]
-    warm_up: "WarmUp | None" = None
     # What one more forward costs the planner: the setting, else a GPU forward's fixed cost measured at
     # warm-up, else the device's default (embserve.settings.default_group_cost_tokens).
-    group_cost_tokens: int = 0
+    group_cost_tokens: int
+    warm_up: "WarmUp | None" = None
     tolerance_wall: bool = True  # False: length_group_tolerance is a preference (the cost decides)
     forward_cost: "ForwardCost | None" = None  # a GPU forward's cost line, where the warm-up measured it
 
@@ -293,8 +293,8 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
                         "its token budget on its first large groups")
     timing = forward_timing(settings, profile, batch_tokens, warmed.cost, limit_ms, model.max_length,
                             model.device == "cuda")
-    return ReplicaStart(model, layout, batch_size.value, timing.budget, profile, warnings, warmed,
-                        timing.group_cost_tokens, timing.tolerance_wall, timing.cost)
+    return ReplicaStart(model, layout, batch_size.value, timing.budget, profile, warnings, timing.group_cost_tokens,
+                        warm_up=warmed, tolerance_wall=timing.tolerance_wall, forward_cost=timing.cost)
 
 
 def claim_gpu_memory(settings: Settings, gpu_share: float | None) -> Choice:

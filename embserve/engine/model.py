@@ -242,7 +242,7 @@ def place(device: str, dtype: str, threads: int | None, allow_tf32: bool = False
 
     if threads is not None:
         torch.set_num_threads(threads)  # per process: this replica's forwards
-    device = choose_device(device, torch.cuda.is_available(), where="as given").value
+    device = choose_device(device, torch.cuda.is_available()).value
     heap = None
     if device == "cpu":
         heap = HeapTrimmer()
