@@ -1,1 +1,1 @@
-"""Benchmarks for embserve: corpus, load generator, offline limit, and the one-command report (bench.run)."""
+"""Benchmarks for embserve: `python -m bench COMMAND` (bench/cli.py); studies apart in bench/studies/."""

@@ -2,9 +2,9 @@
 and tokens/s beside the same model in-process on the same kind of texts, and the peak memory (RSS) of the
 driver and of the embedding actors, sampled from /proc, at two corpus sizes to show that it does not grow.
 
-    python -m bench.bulk                          # 200,000 rows against 50,000 (long on 2 cores)
-    python -m bench.bulk --rows 50000 --compare 20000
-    python -m bench.bulk --rows 4000 --compare 0 --cpus-per-actor 2   # one actor on both cores
+    python -m bench bulk                          # 200,000 rows against 50,000 (long on 2 cores)
+    python -m bench bulk --rows 50000 --compare 20000
+    python -m bench bulk --rows 4000 --compare 0 --cpus-per-actor 2   # one actor on both cores
 
 Rows are the benchmark corpus's queries and passages, shuffled (bench.corpus `mixed`), written as JSONL with
 an id. The offline limit is measured before the first run and again after each (the best layout found first,
@@ -170,8 +170,7 @@ def bulk_run(texts: list[str], work: Path, args: argparse.Namespace) -> dict:
             "working_tokens_per_s": round(working * summary.tokens / max(1, summary.texts), 1)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Bulk embedding (embserve embed) against the offline limit.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--compare", type=int, default=50_000, help="a second, smaller run for the memory peak; 0: none")
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="the shipped default unless set")
@@ -182,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show Ray Data's progress bars")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     texts = corpus_texts(args.rows, args.seed)
@@ -222,5 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result))
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("bulk", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

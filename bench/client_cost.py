@@ -4,11 +4,11 @@ loop, on the same server.
 By default the server is a stand-in (uvicorn in a subprocess answering every POST as embserve answers one
 short text: a base64 row of 384 floats, usage and the x-embserve-* headers), so that the measurement needs
 no Ray and the client is the only thing that differs; `--base-url` points both arms at a running server
-instead, `--embserve` deploys one. The CPU is this process's own (getrusage), over each measured window only.
+instead, `--embserve` starts the shipped one (`embserve serve serve_config.yaml`). The CPU is this process's own (getrusage), over each measured window only.
 
-    python -m bench.client_cost                      # 3 rounds of both arms, 32 clients, 8 s each
-    python -m bench.client_cost --base-url http://127.0.0.1:8100/v1
-    flock /tmp/embserve-ray.lock python -m bench.client_cost --embserve   # embserve's shipped defaults
+    python -m bench client-cost                      # 3 rounds of both arms, 32 clients, 8 s each
+    python -m bench client-cost --base-url http://127.0.0.1:8100/v1
+    python -m bench client-cost --embserve           # embserve's shipped defaults (starts a Ray)
 """
 
 from __future__ import annotations
@@ -110,12 +110,6 @@ async def measure(arm: str, base_url: str, model: str, workload: Workload, clien
             "client_cpu_ms_per_request": round(1000 * marks["cpu"] / max(result.requests, 1), 3)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stand_in(port: int, delay_ms: float = 0.0) -> subprocess.Popen:
     """The stand-in server on `port`, answering each request after `delay_ms` (a server's own latency)."""
     env = {**os.environ, "BENCH_STAND_IN_DELAY_MS": str(delay_ms)}
@@ -132,13 +126,11 @@ def stand_in(port: int, delay_ms: float = 0.0) -> subprocess.Popen:
     raise RuntimeError("the stand-in server did not start")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--base-url", default=None, help="a running server (default: start the stand-in)")
     where.add_argument("--embserve", action="store_true",
-                       help="deploy the shipped defaults in a private Ray in this process, as bench.soak does "
-                            "(take the Ray lock); the CPU then includes this process's Ray driver, in both arms")
+                       help="start the shipped service with `embserve serve`, as bench.soak does (it starts a Ray)")
     parser.add_argument("--port", type=int, default=8100, help="with --embserve")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--clients", type=int, default=32)
@@ -146,22 +138,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--delay-ms", type=float, default=100.0,
                         help="the stand-in's latency per request (100 ms: about 300 requests/s at 32 clients)")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> None:
     from bench.corpus import load_or_build
+    from bench.service import Layout, embserve_serve
+    from embserve.launch.ports import free_port
 
     workload = Workload("queries", load_or_build(None, 0).kind("queries"))
     with contextlib.ExitStack() as stack:
         base_url = args.base_url
         if args.embserve:
-            from bench.run import deploy, local_serve
-            from embserve.launch import serve_env
-
-            serve_env.apply()  # the fast path, as ./run.sh serve starts it
-            base_url = stack.enter_context(local_serve(args.port))
-            deploy({})
+            base_url = stack.enter_context(embserve_serve(Layout(), args.port))
         elif base_url is None:
-            port = _free_port()
+            port = free_port()
             server = stand_in(port, args.delay_ms)
             stack.callback(server.wait)
             stack.callback(server.terminate)
@@ -172,5 +162,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps({"round": round_, **point}), flush=True)
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("client-cost", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -239,12 +239,13 @@ def load_or_build(cache: Path | None, seed: int = 0, **kwargs: Any) -> Corpus:
     return corpus
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the benchmark corpus and print its statistics.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=None, help="JSON file to write (and reuse)")
     parser.add_argument("--show", type=int, default=3, help="examples of each kind to print")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     corpus = load_or_build(args.cache, args.seed)
     print(json.dumps(corpus.stats(), indent=2))
     for name in ("queries", "passages", "documents"):
@@ -252,5 +253,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{name}] {text[:160]}{'...' if len(text) > 160 else ''}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("corpus", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,13 +3,13 @@ a card, measured without Ray: a batch sweep of raw forwards, the offline limit o
 texts, and a concurrency sweep through embserve's own scheduler, as a replica runs it
 (HTTP and Ray left out), each as a ratio to that limit.
 
-The device machines lent to some sessions (/work/.library/device) have torch and transformers but not
-Ray, and cannot download. This script needs only embserve/, bench/ and a folder made here beforehand:
+A GPU machine without network access may have torch and transformers but not Ray, and cannot download.
+This script needs only embserve/, bench/ and a folder made here beforehand:
 
     python -m bench.gpu --export .gpu            # here: config, tokenizer, corpus and wheels into .gpu/
     # there (carry .gpu):
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels/*.whl
-    PYTHONPATH=/tmp/site:. python3 -m bench.gpu --model .gpu/model --corpus .gpu/corpus.json --out $OUT
+    python3 -m pip install -q --no-index --no-deps --target "$SITE" .gpu/wheels/*.whl   # any scratch folder
+    PYTHONPATH="$SITE":. python3 -m bench.gpu --model .gpu/model --corpus .gpu/corpus.json --out "$OUT"
 
 On a machine without a GPU, `--device cpu --dtype float32 --quick` runs the same code as a smoke test.
 """
@@ -222,8 +222,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", type=Path, help="write what the device needs into this folder, and stop")
     parser.add_argument("--model", help="a folder with the bundled model's config and tokenizer (--export's model/)")
     parser.add_argument("--corpus", help="bench/corpus.py's JSON (--export's corpus.json)")
@@ -233,12 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per concurrency point")
     parser.add_argument("--quick", action="store_true", help="a smoke test: few sizes, few points")
     parser.add_argument("--out", type=Path, default=Path("build/bench-gpu"))
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     if args.export:
         export(args.export)
         return
     if not args.model:
-        parser.error("--model is needed (or --export)")
+        raise SystemExit("bench gpu: --model is needed (or --export)")
     report = measure(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(report, indent=1))
@@ -246,5 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(report))
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("gpu", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

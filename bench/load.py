@@ -303,8 +303,7 @@ async def open_loop(client: EmbeddingsClient, workload: Workload, rate: float, d
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Load an OpenAI-compatible embeddings endpoint.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="as the OpenAI SDK takes it")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
@@ -318,8 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--truncate", action="store_true", help="send truncate=true (embserve extension)")
     parser.add_argument("--encoding-format", default="base64", choices=("base64", "float"))
     parser.add_argument("--json", action="store_true", help="print one JSON object per point")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> None:
     from bench.corpus import load_or_build
 
     corpus = load_or_build(None, args.seed)
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     workload = Workload(args.kind, texts, args.per_request, True if args.truncate else None, args.seed)
     points = [("closed", c) for c in args.concurrency] + [("open", r) for r in args.rate]
 
-    async def run() -> None:
+    async def go() -> None:
         most = max([c for m, c in points if m == "closed"] + [256])
         async with EmbeddingsClient(args.base_url, args.model, most + 8, args.api_key,
                                     args.encoding_format) as client:
@@ -341,8 +341,14 @@ def main(argv: list[str] | None = None) -> None:
                                              seed=args.seed, progress=label)
                 print(json.dumps(result.to_dict()) if args.json else result.line(), flush=True)
 
-    asyncio.run(run())
+    asyncio.run(go())
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("load", argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,6 +15,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,12 @@ from embserve.engine.model import EmbeddingModel
 from embserve.engine.tokenize import Tokenizer
 from embserve.settings import ModelSpec
 
+if TYPE_CHECKING:
+    from bench.corpus import Corpus
+    from bench.measure import Mode
+
+# A replica's runs at 32 clients hold about 20 one-text jobs (20.45 inputs per run measured in full runs).
+ENGINE_RUN_INPUTS = 20
 MAX_BATCH_TOKENS = 8192  # the replicas' CPU token budget (embserve.settings.CPU_MAX_BATCH_TOKENS)
 # The limit is measured in both: float32 (sentence-transformers' numbers) and bf16 autocast (the default
 # where the CPU multiplies bf16 natively), set explicitly so that both are measured on any CPU.
@@ -201,8 +208,89 @@ def best_by_dtype(models: dict[str, OfflineModel], texts: list[str], batch_sizes
     return {d: (max(found.values(), key=lambda r: r.texts_per_s), list(found.values())) for d, found in kept.items()}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Measure the in-process (offline) embedding limit.")
+def measure_offline(corpus: Corpus, mixed: list[str], mode: Mode) -> dict[str, Any]:
+    """The limits every served figure is compared with, measured before Ray starts (nothing else runs)."""
+    from bench import procs
+    from embserve.engine.hardware import cpu_cores
+    from embserve.engine.model import choose_dtype
+
+    print("offline limit (in-process, sorted batching) ...", flush=True)
+    before = procs.cpu_snapshot()
+    # The replicas run `dtype: auto`; the limit is measured in both dtypes, and the served default's is the
+    # one every ratio below is to (the others are set against both in the report).
+    served = choose_dtype("auto", "cpu")
+    models = offline_arms(served.autocast)
+    # The arm the replicas run: OpenVINO where it converts, else (it fell back) torch's of the same dtype.
+    served_label = next((label for label, m in models.items()
+                         if m.model.info.dtype == served.name and m.runtime == served_runtime()),
+                        f"torch {served.name}")
+    model = models[served_label]
+    threads = tuple(sorted({1, os.cpu_count() or 1}))
+    # One forward at a time on 1 or all threads, and one single-thread forward per core at once (what a
+    # replica's forward_workers do): the limit is the best of them.
+    layouts = tuple(sorted({(t, 1) for t in threads} | {(1, max(threads))}))
+    limits = best_by_dtype(models, mixed[: mode.offline_texts], mode.offline_batch_sizes, layouts, mode.offline_rounds)
+    best, tried = limits[served_label]
+    out: dict[str, Any] = {"mixed": best.to_dict(), "mixed_tried": [r.to_dict() for r in tried],
+                           "served_dtype": served_label, "served_dtype_reason": served.reason,
+                           "mixed_by_dtype": {d: b.to_dict() for d, (b, _) in limits.items()}}
+    for d, (b, _) in limits.items():
+        print(f"  mixed, {d}{' (served default)' if d == served_label else ''}: {b.texts_per_s:.1f} texts/s, "
+              f"{b.tokens_per_s:.0f} tokens/s (batch {b.batch_size}, {b.streams} x {b.threads} threads)", flush=True)
+    # The short-text mix (queries of 10-20 tokens, ~50-token passage heads): where a request's cost around
+    # its forward shows most.
+    short = best_by_dtype(models, corpus.short(mode.offline_texts, 0), mode.offline_batch_sizes, layouts,
+                          mode.offline_rounds)
+    out["short"] = short[served_label][0].to_dict()
+    out["short_by_dtype"] = {d: b.to_dict() for d, (b, _) in short.items()}
+    for d, (b, _) in short.items():
+        print(f"  short, {d}{' (served default)' if d == served_label else ''}: {b.texts_per_s:.1f} texts/s",
+              flush=True)
+    if mode.extras:
+        docs, _ = model.best(corpus.documents[:48], (8, 32), ((best.threads, best.streams),))
+        out["documents"] = docs.to_dict()
+        print(f"  documents (truncated to 256 tokens): {docs.texts_per_s:.1f} texts/s", flush=True)
+    # The replica under 32 clients gets runs of about 20 one-text jobs (the rest of the clients are in
+    # the other run in flight, or on their way): the same texts through embserve's Engine in such runs,
+    # on the replica's forward layout for these threads.
+    engine = max((model.engine_runs(mixed[: mode.offline_texts], ENGINE_RUN_INPUTS, threads=mode.torch_threads or cpu_cores())
+                  for _ in range(mode.offline_rounds)), key=lambda r: r.texts_per_s)
+    out["engine_runs"] = engine.to_dict()
+    print(f"  embserve Engine, runs of {ENGINE_RUN_INPUTS} texts, {engine.streams} forward worker(s) x "
+          f"{engine.threads} thread(s): {engine.texts_per_s:.1f} texts/s",
+          flush=True)
+    floors = {t: model.single_latency_ms(corpus.queries[:40], t) for t in threads}
+    out["single_forward"] = {str(t): v for t, v in floors.items()}
+    out["single_forward_floor_ms"] = min(v["p50"] for v in floors.values())
+    cold = model.single_latency_ms(corpus.queries[:20], 1, repeats=2, gap_s=0.03)
+    out["single_forward_cold"] = cold
+    print(f"  one short query, tokenize + forward: p50 {out['single_forward_floor_ms']:.1f} ms "
+          f"({cold['p50']:.1f} ms at 1 thread with 30 ms idle before each)", flush=True)
+    del model, models
+    out["other_load"] = procs.cpu_usage(before, procs.cpu_snapshot()).foreign
+    return out
+
+
+def served_runtime() -> str:
+    """The runtime `runtime: auto` gives a CPU replica here (embserve.engine.openvino_runtime.choose_runtime)."""
+    from embserve.engine.openvino_runtime import choose_runtime, openvino_installed
+
+    return choose_runtime("auto", "cpu", True, openvino_installed())[0]
+
+
+def offline_arms(native_bf16: bool) -> dict[str, OfflineModel]:
+    """The offline limit's models: torch in float32 and bf16, OpenVINO in float32, and OpenVINO in bf16 where
+    the CPU multiplies bf16 natively (elsewhere OpenVINO emulates it at a tenth of float32's speed, which
+    no replica runs: `dtype: auto` is float32 there)."""
+    arms = {f"torch {d}": OfflineModel(dtype=d, runtime="torch") for d in DTYPES}
+    if served_runtime() == "openvino":
+        for d in DTYPES:
+            if d == "float32" or native_bf16:
+                arms[f"openvino {d}"] = OfflineModel(dtype=d, runtime="openvino")
+    return arms
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", default="mixed", choices=("mixed", "queries", "passages", "documents"))
     parser.add_argument("--n", type=int, default=512, help="texts per pass")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[8, 32, 128])
@@ -210,8 +298,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--rounds", type=int, default=1, help="passes over every pair, interleaved across dtypes")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> None:
     from bench.corpus import load_or_build
 
     corpus = load_or_build(None, args.seed)
@@ -228,5 +317,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"single query forward, {dtype}:", json.dumps(offline.single_latency_ms(corpus.queries[:40], t)))
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("offline", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

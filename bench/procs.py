@@ -299,12 +299,13 @@ def _short(frame: str) -> str:
     func, path = match.groups()
     path = re.sub(r".*site-packages/", "", path)
     path = re.sub(r".*/lib/python3\.\d+/", "", path)
-    path = re.sub(r".*/work/main/", "", path)
+    root = str(Path(__file__).resolve().parents[1]) + "/"
+    path = path.split(root, 1)[-1]  # this checkout's own files, relative to it
     return f"{func} ({path})"
 
 
 def py_spy() -> str:
-    """The py-spy that pyproject installs next to this interpreter, so that `.venv/bin/python -m bench.run`
+    """The py-spy that pyproject installs next to this interpreter, so that `.venv/bin/python -m bench run`
     finds it without an activated venv; else the one on the PATH."""
     beside = Path(sys.executable).parent / "py-spy"
     return str(beside) if beside.exists() else (shutil.which("py-spy") or "py-spy")

@@ -2,13 +2,13 @@
 POST /v1/rerank, beside the same cross-encoder in-process on the same pairs (tokenize, sort by pair length,
 batch within the token budget; the best of the layouts tried), measured before and after the served run.
 
-    python -m bench.rerank                     # 32 requests (3,200 pairs), the MiniLM-L6-shaped cross-encoder built here
-    python -m bench.rerank --rounds 2 --model /models/ms-marco-MiniLM-L6-v2
+    python -m bench rerank                     # 32 requests (3,200 pairs), the MiniLM-L6-shaped cross-encoder built here
+    python -m bench rerank --rounds 2 --model PATH/TO/ms-marco-MiniLM-L6-v2
 
 Without --model the cross-encoder is the bundled MiniLM-L6 encoder under a one-label head of random weights:
 the compute of a MiniLM-L6 cross-encoder (ms-marco-MiniLM-L6-v2 has this shape), with no download. Queries and
-documents are the benchmark corpus's queries and passages (bench.corpus). Starts its own local Ray, as
-bench.run does: run it alone on the machine.
+documents are the benchmark corpus's queries and passages (bench.corpus). Starts the service with `embserve
+serve` (serve_config.yaml with the reranker as its one model), a fresh local Ray: run it alone on the machine.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ import concurrent.futures
 import json
 import os
 import random
-import signal
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import offline_env, stop_on_signals
 from bench.corpus import load_or_build
-from embserve.launch import serve_env
+from bench.service import Layout, embserve_serve
 
 DOCUMENTS_PER_QUERY = 100
 CLIENTS = 8
@@ -119,9 +119,7 @@ def served(base_url: str, requests: list[tuple[str, list[str]]], rounds: int) ->
             "request_ms_p50": round(1000 * latencies[len(latencies) // 2], 1)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Reranking (1 query x 100 documents, 8 clients) against the "
-                                     "offline limit for the same pairs.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a cross-encoder folder; default: the MiniLM-L6-shaped one built here")
     parser.add_argument("--dtype", default="auto", help="the server's and the offline limit's (default auto)")
     parser.add_argument("--rounds", type=int, default=4, help="requests each client sends (default 4: 3,200 pairs)")
@@ -129,14 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8123)
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    serve_env.apply()  # before Ray starts
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    from bench.run import deploy, local_serve
 
+def run(args: argparse.Namespace) -> None:
+    offline_env()
+    stop_on_signals()
     with tempfile.TemporaryDirectory() as tmp:
         source = args.model or build_reranker(Path(tmp) / "reranker")
         requests = requests_of(args.seed, args.requests)
@@ -144,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         before = offline_limit(source, args.dtype, offline_pairs)
         print(f"offline limit before: {before['pairs_per_s']} pairs/s ({before['dtype']}, batch "
               f"{before['batch_size']}, {before['streams']} stream(s))", flush=True)
-        with local_serve(args.port) as base_url:
-            deploy({"models": [{"name": MODEL, "source": source, "task": "rerank"}], "dtype": args.dtype})
+        layout = Layout(settings={"models": [{"name": MODEL, "source": source, "task": "rerank"}], "dtype": args.dtype})
+        with embserve_serve(layout, args.port) as base_url:
             result = served(base_url.removesuffix("/v1"), requests, args.rounds)
         after = offline_limit(source, args.dtype, offline_pairs)
     limit = (before["pairs_per_s"] + after["pairs_per_s"]) / 2
@@ -161,5 +156,11 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(report, indent=2))
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("rerank", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

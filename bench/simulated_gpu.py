@@ -2,7 +2,7 @@
 padded token by default) on a device of its own, where queued forwards run one after another as on a CUDA
 stream while the host goes on. It measures how busy the scheduler keeps a card, without a card:
 
-    python -m bench.simulated_gpu [--clients 256] [--seconds 5] [--out build/bench-simulated-gpu.json]
+    python -m bench simulated-gpu [--clients 256] [--seconds 5] [--out build/bench-simulated-gpu.json]
 
 256 closed-loop clients of one text each are admitted the way a replica's @serve.batch does (whatever
 arrived since the last admission, up to admit_batch_size inputs, in one call), and answered as soon as
@@ -206,8 +206,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return point
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=int, default=256)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--texts", type=int, default=2048)
@@ -220,12 +219,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="give the scheduler no cost line: the next group is taken at once, not just in time")
     parser.add_argument("--raw-texts", action="store_true", help="send texts, tokenized by the scheduler")
     parser.add_argument("--out", type=Path, default=Path("build/bench-simulated-gpu.json"))
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     point = measure(args)
     print(json.dumps(point, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(point, indent=1))
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("simulated-gpu", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,8 +1,8 @@
-"""A soak: the shipped defaults on Serve's fast path under a steady closed loop, with the replica's memory
-sampled as it goes. A replica whose memory keeps growing under steady load leaks; one that levels off
+"""A soak: the shipped service (`embserve serve serve_config.yaml`) under a steady closed loop, with the
+replica's memory sampled as it goes. A replica whose memory keeps growing under steady load leaks; one that levels off
 after warm-up does not.
 
-    python -m bench.soak --minutes 10 --clients 16      # the replica's RSS every 10 s, growth from minute 2
+    python -m bench soak --minutes 10 --clients 16      # the replica's RSS every 10 s, growth from minute 2
 
 It prints the growth between `--from-minute` (after warm-up) and the end, and writes build/soak.json.
 """
@@ -18,12 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
+from bench.common import MODEL, ROOT, offline_env, stop_on_signals
 from bench.corpus import load_or_build
 from bench.load import EmbeddingsClient, Workload, closed_loop
-from bench.run import ROOT, deploy, local_serve
-from embserve.launch import serve_env
-
-MODEL = "all-MiniLM-L6-v2"
+from bench.service import DEFAULT_CONFIG, Layout, embserve_serve
 
 
 def replica_rss() -> int:
@@ -55,20 +53,22 @@ async def soak(base_url: str, texts: list[str], clients: int, seconds: float, ev
     return {"texts_per_s": round(result.texts_per_s, 1), "errors": result.errors, "rss": samples}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--from-minute", type=float, default=2.0, help="growth is measured from here")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "soak.json")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    serve_env.apply()  # the fast path, as ./run.sh serve starts it
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the serve config (default: the "
+                        "checkout's serve_config.yaml)")
+
+
+def run(args: argparse.Namespace) -> None:
+    offline_env()
+    stop_on_signals()
     texts = load_or_build(None, 0).mixed(2000, 0)
-    with local_serve(args.port) as base_url:
-        deploy({})
+    with embserve_serve(Layout(config=args.config.resolve()), args.port) as base_url:
         report = asyncio.run(soak(base_url, texts, args.clients, args.minutes * 60, args.every))
     rss = report["rss"]
     start = min(rss, key=lambda s: abs(s[0] - args.from_minute * 60))
@@ -87,5 +87,11 @@ def main(argv: list[str] | None = None) -> None:
           f"warm-up: {window_growth * 100:+.1f}% ({len(rss)} samples; {args.out})")
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("soak", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,7 +16,7 @@ from deployments.metrics import MetricsShipper, ReplicaRayMetrics
 from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo
 from embserve.engine.hardware import assigned_gpu_share, assigned_gpus, start_replica
 from embserve.engine.layout import EMBEDDER_MIN_ONGOING_REQUESTS
-from embserve.engine.scheduler import Scheduler
+from embserve.engine.scheduler import Arrival, Scheduler
 from embserve.launch import serve_env
 from embserve.metrics.events import Forward
 from embserve.metrics.stats import ReplicaReporter
@@ -35,9 +35,9 @@ def _settle(future: asyncio.Future, result: EmbedResult) -> None:
         future.set_result(result)
 
 
-def count_inputs(jobs: list[EmbedJob]) -> int:
+def count_inputs(arrivals: list[Arrival]) -> int:
     """An admission's size counts inputs, not requests (Ray's batch_size_fn)."""
-    return sum(job.weight for job in jobs)
+    return sum(arrival.weight for arrival in arrivals)
 
 
 # The builder gives each embedder its options (embserve.engine.layout.embedder_options); these are the floor.
@@ -103,28 +103,32 @@ class Embedder:
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         # A request larger than a batch still fits one: it counts as a full batch.
-        job.weight = max(1, min(len(job), self.batching.effective_admit_batch_size))
-        job.received = time.perf_counter()
+        arrival = Arrival(job, weight=max(1, min(len(job), self.batching.effective_admit_batch_size)),
+                          received=time.perf_counter())
         self._ongoing += 1
         try:
-            return await (await self._admit(job))
+            result = await (await self._admit(arrival))
         except asyncio.CancelledError:
-            job.cancelled = True  # its inputs still queued are dropped, never computed
+            arrival.cancelled = True  # its inputs still queued are dropped, never computed
             raise
         finally:
             self._ongoing -= 1
+        if result.error is not None:  # Serve's request context puts the request's id in the line
+            log.info("answered %s: %s", type(result.error).__name__, result.error.message)
+        return result
 
     # Ray forms admissions (admit_batch_size inputs, batch_wait_timeout_s); each request gets a future of its own
     # at once, so a batch never holds its requests back and Ray forms the next batch while these compute.
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0, batch_size_fn=count_inputs)
-    async def _admit(self, jobs: list[EmbedJob]) -> list[asyncio.Future]:
+    # Its size and wait come from the settings at start and on every user_config (_apply_batching).
+    @serve.batch(batch_size_fn=count_inputs)
+    async def _admit(self, arrivals: list[Arrival]) -> list[asyncio.Future]:
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in jobs]
+        futures = [loop.create_future() for _ in arrivals]
         replies = [lambda result, f=f: loop.call_soon_threadsafe(_settle, f, result) for f in futures]
-        if sum(job.chars for job in jobs) > INLINE_CHARS:
-            await asyncio.to_thread(self.scheduler.admit, jobs, replies)
+        if sum(arrival.job.chars for arrival in arrivals) > INLINE_CHARS:
+            await asyncio.to_thread(self.scheduler.admit, arrivals, replies)
         else:
-            self.scheduler.admit(jobs, replies)
+            self.scheduler.admit(arrivals, replies)
         return futures
 
     def _report(self, event: object) -> None:

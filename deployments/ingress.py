@@ -25,6 +25,7 @@ from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo, RerankJob
 from embserve.api.encode import apply_dimensions
 from embserve.api.errors import (
     EmbservError,
+    error_body,
     InvalidRequest,
     ModelNotFound,
     Overloaded,
@@ -61,10 +62,25 @@ app = FastAPI(title="embserve", version="0.1.0",
 # The routes that serve a model: Accounting checks their key and body size and counts them.
 SERVING_PATHS = frozenset({"/v1/embeddings", "/v1/rerank", "/v2/rerank", "/rerank"})
 ROUTE_OF_TASK = {"embed": "POST /v1/embeddings", "rerank": "POST /v1/rerank (or TEI's POST /rerank)"}
+REQUEST_ID_HEADER = "x-request-id"
 
 
-def error_response(err: EmbservError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.to_body(), status_code=err.status, headers=headers)
+def request_id(headers: Headers) -> str:
+    """The request's id: the X-Request-Id it came with, or the one Serve (or HAProxy) gave it on the way in,
+    which Serve also sends back in the response's X-Request-ID."""
+    return headers.get(REQUEST_ID_HEADER, "")
+
+
+def error_response(err: EmbservError, rid: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The error's answer, with the request's id in the body, and one log line that names both."""
+    answered(err.status, err.type, err.message)
+    return JSONResponse(err.to_body(rid), status_code=err.status, headers=headers)
+
+
+def answered(status: int, kind: str, message: str) -> None:
+    """A failed request's log line: what the user was told. Serve puts the request's id in the line (its
+    request context, which is also the one a replica's lines about the request carry)."""
+    log.log(logging.WARNING if status >= 500 else logging.INFO, "answered %d %s: %s", status, kind, message)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -83,30 +99,31 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 async def _embserv_error(request: Request, exc: EmbservError) -> JSONResponse:
     request.state.error_kind = type(exc).__name__
     headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-    return error_response(exc, headers)
+    return error_response(exc, request_id(request.headers), headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     request.state.error_kind = "InvalidRequest"
     message, param = _validation_message(exc)
-    return error_response(InvalidRequest(message, param=param))
+    return error_response(InvalidRequest(message, param=param), request_id(request.headers))
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
-    return JSONResponse(body, status_code=exc.status_code)
+    rid = request_id(request.headers)
+    answered(exc.status_code, kind, str(exc.detail))
+    return JSONResponse(error_body(str(exc.detail), kind, request_id=rid), status_code=exc.status_code)
 
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     """A bug or an infrastructure failure: still OpenAI's shape, and logged with its traceback."""
+    rid = request_id(request.headers)
     log.exception("unexpected error on %s", request.url.path)
     request.state.error_kind = type(exc).__name__
-    body = {"error": {"message": f"internal error ({type(exc).__name__})", "type": "server_error",
-                      "param": None, "code": None}}
+    body = error_body(f"internal error ({type(exc).__name__})", "server_error", request_id=rid)
     return JSONResponse(body, status_code=500)
 
 
@@ -115,7 +132,7 @@ class Accounting:
     key and the body size before the route parses anything.
 
     A plain ASGI middleware: Starlette's `@app.middleware("http")` runs a task group and memory streams per
-    request, which was an eighth of the ingress's CPU (bench/profile.md)."""
+    request, which was an eighth of the ingress's CPU (measured with py-spy)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -144,7 +161,7 @@ class Accounting:
                 body, error = await _read_limited(headers, receive, owner.max_body_bytes)
             if error is not None:
                 state["error_kind"] = type(error).__name__
-                await error_response(error)(scope, receive, send_timed)
+                await error_response(error, request_id(headers))(scope, receive, send_timed)
             else:
                 await self.app(scope, _replay(body, receive), send_timed)
         except Exception as exc:  # answered by Starlette's outermost handler (_unexpected) as a 500
@@ -361,7 +378,7 @@ class Ingress:
             raise result.error
         return result, info
 
-    async def _call(self, route: ModelRoute, job: EmbedJob) -> Any:
+    async def _call(self, route: ModelRoute, job: EmbedJob | RerankJob) -> Any:
         """One call to the model's replicas; a replica that dies under it gets one retry elsewhere."""
         deadline = time.monotonic() + self.settings.request_timeout_s
         for attempt in (1, 2):

@@ -1,8 +1,7 @@
 """What the ingress and a replica send each other: a request's inputs (`EmbedJob`, `RerankJob`), its answer
 (`EmbedResult`), and what a served model is (`ModelInfo`). Torch-free, so that the ingress never imports torch.
-
-The fields after the request's own (`weight`, `received`, `cancelled`) are the replica's: it sets them when the
-job arrives, and the ingress leaves them at their defaults.
+The replica never changes them: what it knows about a job (when it came, whether its caller left) it keeps
+beside it (`embserve.engine.scheduler.Arrival`).
 """
 
 from __future__ import annotations
@@ -22,9 +21,6 @@ class EmbedJob:
     token_ids: list[list[int]] | None = None
     truncate: bool = False
     prompt_name: str | None = None  # a prompt of the model's; None: its default prompt, if it has one
-    weight: int = 1  # what it counts for in an admission (admit_batch_size); set by the replica
-    received: float = 0.0  # time.perf_counter() when the replica got it (its wait for a batch counts)
-    cancelled: bool = False  # the caller went away: its inputs still pending are dropped, never computed
 
     def __len__(self) -> int:
         return len(self.texts if self.texts is not None else self.token_ids or [])
@@ -55,9 +51,6 @@ class RerankJob:
     documents: list[str]
     truncate: bool = False
     field: str = "documents"  # what the route calls the documents (TEI: "texts"), for error messages
-    weight: int = 1  # what it counts for in max_batch_size; set by the replica
-    received: float = 0.0  # time.perf_counter() when the replica got it
-    cancelled: bool = False  # the caller went away: its pairs still pending are never computed
 
     def __len__(self) -> int:
         return len(self.documents)

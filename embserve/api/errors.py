@@ -20,8 +20,18 @@ class EmbservError(Exception):
         # Errors cross process boundaries (replica -> ingress); keep param and code on the way.
         return (_rebuild, (type(self), self.message, self.param, self.code))
 
-    def to_body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def to_body(self, request_id: str | None = None) -> dict:
+        return error_body(self.message, self.type, self.param, self.code, request_id)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None,
+               request_id: str | None = None) -> dict:
+    """OpenAI's error shape, its four keys exactly; the request's id beside it (`request_id`, as Anthropic's API
+    puts it), so that a user who reports an error hands the operator the id that its log lines carry."""
+    body: dict = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
 
 
 def _rebuild(cls: type[EmbservError], message: str, param: str | None, code: str | None) -> EmbservError:
@@ -34,7 +44,16 @@ class InvalidRequest(EmbservError):
 
 
 class InputTooLong(InvalidRequest):
+    """An input over the model's maximum without truncate. `tokens` and `maximum` (inside a process only; they
+    do not cross to the ingress, which needs the message alone) let another front end word it its own way."""
+
     default_code = "context_length_exceeded"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 tokens: int | None = None, maximum: int | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.tokens = tokens
+        self.maximum = maximum
 
 
 class Unauthorized(EmbservError):

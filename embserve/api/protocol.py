@@ -137,3 +137,5 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+    request_id: str | None = Field(None, description="The request's X-Request-Id (the one sent, or the one the "
+                                   "server made), which the server's log lines about it carry.")

@@ -136,7 +136,8 @@ def tokenize_and_plan(tokenizer: Any, texts: Sequence[str], truncate: bool, cfg:
             sequences.append(tokenizer.finish(ids, i, truncate))
             kept.append(i)
         except InputTooLong as err:
-            too_long[i] = err.message.replace(f"input[{i}]", "the text").replace("pass truncate=true", "pass --truncate")
+            too_long[i] = (f"the text has {err.tokens} tokens, more than this model's maximum of {err.maximum}; "
+                           "shorten it or pass --truncate")
     plan = plan_batches([len(s) for s in sequences], max_batch_tokens=budget,
                         group_by_length=cfg.enable_length_grouping, tolerance=cfg.length_group_tolerance,
                         min_group_size=cfg.min_batch_size, group_cost_tokens=group_cost) if sequences else []

@@ -100,12 +100,7 @@ def _partition_sorted(lengths: Sequence[int], max_batch_tokens: int, tolerance: 
     keys = np.asarray(lengths, dtype=np.int64)
     order_np = np.argsort(keys, kind="stable")
     ordered = keys[order_np]
-    # The earliest start each group end j may have: within the tolerance of its longest, and within
-    # the budget and max_inputs (at least one input, which may alone exceed the budget).
-    tolerated = np.searchsorted(ordered, ordered * (1.0 - tolerance), side="left")
-    most = np.minimum(max_inputs, np.maximum(1, max_batch_tokens // np.maximum(ordered, 1)))
-    ends = np.arange(1, n + 1)
-    lowest = np.maximum(tolerated, ends - most).tolist()
+    lowest = _earliest_starts(ordered, max_batch_tokens, tolerance, max_inputs)
     longest = ordered.tolist()
     best = [0] * (n + 1)
     start = [0] * (n + 1)
@@ -135,9 +130,24 @@ def _partition_sorted(lengths: Sequence[int], max_batch_tokens: int, tolerance: 
         first = queue[0]
         best[j] = best[first] + (j - first) * length + group_cost
         start[j] = first
-    order = order_np.tolist()
+    return _groups_ending_at(start, order_np.tolist())
+
+
+def _earliest_starts(ordered: np.ndarray, max_batch_tokens: int, tolerance: float, max_inputs: int) -> list[int]:
+    """The earliest start each group end j (index j - 1) may have in the sorted lengths: within the tolerance
+    of its longest, and within the budget and max_inputs (at least one input, which may alone exceed the
+    budget)."""
+    tolerated = np.searchsorted(ordered, ordered * (1.0 - tolerance), side="left")
+    most = np.minimum(max_inputs, np.maximum(1, max_batch_tokens // np.maximum(ordered, 1)))
+    ends = np.arange(1, len(ordered) + 1)
+    return np.maximum(tolerated, ends - most).tolist()
+
+
+def _groups_ending_at(start: list[int], order: list[int]) -> Plan:
+    """The plan that the dynamic programme chose, walked back from the last input: `start[j]` begins the
+    group that ends at j; groups hold the inputs' original indices, shortest group first."""
     groups: Plan = []
-    j = n
+    j = len(start) - 1
     while j > 0:
         i = start[j]
         groups.append(order[i:j])

@@ -13,7 +13,7 @@ from typing import Any, Callable, MutableMapping
 ONEDNN_CACHE_ENTRIES = 64
 # glibc keeps freed activations in its arenas, where blocks of ever new sizes fragment them: two forward
 # threads over random shapes doubled their RSS in 45 s. malloc_trim hands whole free pages back. Measured
-# in-process (bench/profile.md, "Memory"): every 5 s keeps RSS near its start for 2-3% of tokens/s, where
+# in-process: every 5 s keeps RSS near its start for 2-3% of tokens/s, where
 # a fixed mmap threshold did it for 17-30%.
 TRIM_INTERVAL_S = 5.0
 

@@ -95,7 +95,7 @@ def choose_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | None = Non
                  allow_tf32: bool = False) -> DtypeChoice:
     """The dtype setting resolved for a device. On a CPU, bf16 runs as autocast over float32 weights, so
     layer norms, softmax and GELU stay float32: within 6% of bf16 weights' speed here, with half their
-    error (bench/profile.md). `cpu_flags`: the CPU's flags, read from /proc/cpuinfo when not given."""
+    error (measured on this project's box, docs/benchmarks.md). `cpu_flags`: the CPU's flags, read from /proc/cpuinfo when not given."""
     if device == "cuda":
         return cuda_dtype_choice(dtype, torch.cuda.get_device_capability(), cuda_bf16_native(), allow_tf32)
     if device != "cpu":

@@ -16,14 +16,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embserve.api.contracts import EmbedJob, EmbedResult
+from embserve.api.contracts import EmbedJob, EmbedResult, RerankJob
 from embserve.api.errors import Cancelled, EmbservError, NonFiniteOutput, OutOfMemory, Unavailable
 from embserve.engine.batching import next_group, padded_size
 from embserve.engine.forward_cost import ForwardCost
@@ -51,8 +51,20 @@ HOST_TIME_WEIGHT = 0.2  # of the newest take in that average
 
 
 @dataclass(eq=False)
+class Arrival:
+    """A job as the replica got it: what it counts for in an admission (Ray's batch_size_fn), when it came (its
+    wait for a batch counts as queueing), and whether its caller went away (its inputs still pending are then
+    dropped, never computed). A plain job given to `admit` arrives when admitted, and stays wanted."""
+
+    job: EmbedJob | RerankJob
+    weight: int = 1
+    received: float = 0.0
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
 class Request:
-    job: EmbedJob
+    arrival: Arrival
     seqs: list[list[int]]
     reply: Callable[[EmbedResult], None]
     admitted_at: float  # time.perf_counter() when the replica got it
@@ -95,10 +107,39 @@ class Launched:
     cost_s: float  # its forward's time by the cost line; 0.0 without one
 
 
+class CardClock:
+    """When the device runs out of launched work, by the warm-up's cost line, and how long before that the
+    pipelined worker must take its next group: twice the host's measured take-to-launch time (a running
+    average), at least LEAD_FLOOR_S. Without a cost line it predicts nothing and costs nothing."""
+
+    def __init__(self, cost: ForwardCost | None) -> None:
+        self.cost = cost
+        self.busy_until = 0.0
+        self.host_s = LEAD_FLOOR_S / LEAD_MARGIN
+
+    def take_by(self) -> float:
+        return self.busy_until - max(LEAD_FLOOR_S, LEAD_MARGIN * self.host_s)
+
+    def launched(self, seqs: list[list[int]], due: float, queued: float) -> float:
+        """A group was queued at `queued`, taken when it was `due`: its predicted seconds on the device."""
+        if self.cost is None:
+            return 0.0
+        self.host_s += HOST_TIME_WEIGHT * (queued - due - self.host_s)
+        cost_s = self.cost.seconds(padded_size(list(map(len, seqs)), range(len(seqs))))
+        self.busy_until = max(queued, self.busy_until) + cost_s
+        return cost_s
+
+    def landed(self, end: float, inflight: "deque[Launched]") -> None:
+        """What the device really did moves the prediction for the groups queued behind the one that ended."""
+        self.busy_until = end
+        for group in inflight:
+            self.busy_until = max(self.busy_until, group.queued) + group.cost_s
+
+
 def forward_layout(device: str, threads: int, workers: int | None = None) -> ForwardLayout:
     """Split a replica's `threads` among concurrent forwards. `workers` None: one single-thread forward
     per thread on a CPU, so that no forward waits at an OpenMP barrier for a thread the OS descheduled
-    (bench/profile.md); one forward at a time on a GPU, which one forward already fills."""
+    (docs/benchmarks.md); one forward at a time on a GPU, which one forward already fills."""
     threads = max(1, threads)
     if workers is None:
         workers = 1 if device == "cuda" else threads
@@ -149,24 +190,26 @@ class Scheduler:
     def pending(self) -> int:
         return len(self._pending)
 
-    def admit(self, jobs: list[EmbedJob], replies: list[Callable[[EmbedResult], None]]) -> None:
+    def admit(self, jobs: Sequence[Arrival | EmbedJob | RerankJob],
+              replies: list[Callable[[EmbedResult], None]]) -> None:
         """Tokenizes every job's inputs in one tokenizer call (the model's request tokenizer: texts or token
         ids, or a reranker's pairs) and queues them. A job that fails its checks (too long, bad token ids) is
         answered at once and alone; the others queue."""
+        arrivals = [job if isinstance(job, Arrival) else Arrival(job) for job in jobs]
         t0 = time.perf_counter()
-        prepared = list(zip(jobs, self.tokenizer.prepare(jobs), replies))
+        prepared = list(zip(arrivals, self.tokenizer.prepare([a.job for a in arrivals]), replies))
         tokenize_s = time.perf_counter() - t0
-        self.report(Admitted(len(jobs), sum(map(len, jobs)), tokenize_s, self.model.info.task))
+        self.report(Admitted(len(arrivals), sum(len(a.job) for a in arrivals), tokenize_s, self.model.info.task))
         now = time.perf_counter()
         with self._wake:
-            for job, seqs, reply in prepared:
+            for arrival, seqs, reply in prepared:
                 if isinstance(seqs, EmbservError) or not seqs:
                     error = seqs if isinstance(seqs, EmbservError) else None
-                    request = Request(job, [], reply, job.received or now, tokenize_s, error=error)
+                    request = Request(arrival, [], reply, arrival.received or now, tokenize_s, error=error)
                     self._answer(request, now)
                     continue
-                request = Request(job, seqs, reply, job.received or now, tokenize_s, vectors=[None] * len(seqs),
-                                  left=len(seqs))
+                request = Request(arrival, seqs, reply, arrival.received or now, tokenize_s,
+                                  vectors=[None] * len(seqs), left=len(seqs))
                 self._pending.extend((request, i) for i in range(len(seqs)))
             self._wake.notify_all()
 
@@ -186,7 +229,7 @@ class Scheduler:
     def _take(self) -> list[tuple[Request, int]]:
         """Under the lock: the next group, taken out of the queue. Inputs of requests whose caller went away
         are dropped first; each such request is answered (nobody hears it) and counted."""
-        gone = {request for request, _ in self._pending if request.job.cancelled}
+        gone = {request for request, _ in self._pending if request.arrival.cancelled}
         if gone:
             self._pending = [item for item in self._pending if item[0] not in gone]
             for request in gone:
@@ -263,17 +306,16 @@ class Scheduler:
 
         With a cost line (`forward_cost`), a group is not taken while another computes as soon as anything
         is pending: the worker waits until the pending inputs fill a group, or until the launched work's
-        predicted end is one lead time away (twice the host's measured take-to-launch time, at least
-        LEAD_FLOOR_S), so that a forward's fixed cost is paid for what arrived meanwhile too. Nothing waits
-        with nothing in flight: a lone request on an idle device is launched at once."""
-        from embserve.engine.gpu_pipeline import Done, launcher_for
+        predicted end is one lead time away (`CardClock`), so that a forward's fixed cost is paid for what
+        arrived meanwhile too. Nothing waits with nothing in flight: a lone request on an idle device is
+        launched at once."""
+        from embserve.engine.gpu_pipeline import launcher_for
 
         self._start_thread(threads, ready)
         launcher = launcher_for(self.model)
         inflight: deque[Launched] = deque()
+        clock = CardClock(self.forward_cost)
         last_end = 0.0
-        busy_until = 0.0  # when the device runs out of launched work, by the cost line
-        host_s = LEAD_FLOOR_S / LEAD_MARGIN  # the host's take-to-launch time, a running average
         while True:
             with self._wake:
                 while not self._pending and not self._closed and not inflight:
@@ -282,35 +324,36 @@ class Scheduler:
                     return
                 due = time.perf_counter()
                 if inflight and self.forward_cost is not None:
-                    due = self._await_next_group(busy_until - max(LEAD_FLOOR_S, LEAD_MARGIN * host_s))
+                    due = self._await_next_group(clock.take_by())
                 taken = self._take() if self._pending and not self._closed else []
             if taken:
-                seqs = [request.seqs[i] for request, i in taken]
-                launched = time.perf_counter()
-                for request, _ in taken:
-                    request.started_at = request.started_at or launched
-                try:
-                    pending = launcher.launch(seqs)
-                except Exception as exc:  # noqa: BLE001 - raised again by result(), in order, and handled there
-                    pending = Done(error=exc)
-                queued = time.perf_counter()
-                cost_s = 0.0
-                if self.forward_cost is not None and not isinstance(pending, Done):  # Done: nothing queued
-                    host_s += HOST_TIME_WEIGHT * (queued - due - host_s)
-                    cost_s = self.forward_cost.seconds(padded_size(list(map(len, seqs)), range(len(seqs))))
-                    busy_until = max(queued, busy_until) + cost_s
-                inflight.append(Launched(taken, seqs, pending, launched, queued, cost_s))
+                inflight.append(self._launch(launcher, taken, due, clock))
             if inflight and (len(inflight) >= PIPELINE_DEPTH or not taken):
                 done = inflight.popleft()
                 rows = self._run(done.seqs, done.pending.result)  # type: ignore[attr-defined]
                 end = time.perf_counter()
-                # What the device really did moves the prediction for the groups queued behind this one.
-                busy_until = end
-                for group in inflight:
-                    busy_until = max(busy_until, group.queued) + group.cost_s
+                clock.landed(end, inflight)
                 # Its time on the device: from its launch, or from the end of the one queued before it.
                 self._finish(done.taken, done.seqs, rows, end - max(done.launched, last_end))
                 last_end = end
+
+    def _launch(self, launcher, taken: list[tuple[Request, int]], due: float, clock: "CardClock") -> Launched:
+        """Pad, copy and queue one group on the device; its launch time starts its requests' forward time."""
+        from embserve.engine.gpu_pipeline import Done
+
+        seqs = [request.seqs[i] for request, i in taken]
+        launched = time.perf_counter()
+        for request, _ in taken:
+            request.started_at = request.started_at or launched
+        try:
+            pending = launcher.launch(seqs)
+        except Exception as exc:  # noqa: BLE001 - raised again by result(), in order, and handled there
+            pending = Done(error=exc)
+        queued = time.perf_counter()
+        cost_s = 0.0
+        if not isinstance(pending, Done):  # Done: nothing was queued on the device
+            cost_s = clock.launched(seqs, due, queued)
+        return Launched(taken, seqs, pending, launched, queued, cost_s)
 
     def _forward(self, taken: list[tuple[Request, int]]) -> None:
         started = time.perf_counter()

@@ -163,7 +163,7 @@ class Tokenizer:
                 raise InputTooLong(
                     f"input[{index}] has {total} tokens, more than this model's maximum of "
                     f"{self.max_length}; shorten it or pass truncate=true",
-                    param="input",
+                    param="input", tokens=total, maximum=self.max_length,
                 )
             content = content[: self._room]
         return [*self.special.head, *content, *self.special.tail]

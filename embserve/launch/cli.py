@@ -97,11 +97,11 @@ def _add_stop(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from embserve.launch.serving import stop
+    from embserve.launch.serving import StillRuns, stop
 
     done = stop(timeout_s=args.timeout_s)
     print("\n".join(done) if done else "embserve stop: nothing to stop", flush=True)
-    return 1 if any("still runs" in line for line in done) else 0
+    return 1 if any(isinstance(line, StillRuns) for line in done) else 0
 
 
 def parser() -> argparse.ArgumentParser:

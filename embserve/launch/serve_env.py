@@ -15,7 +15,8 @@ in the shell that runs `serve run` or `ray start` (`./run.sh serve` does, from h
 
 A value already in the environment wins, so `RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0
 ./run.sh serve` runs on Serve's Python proxy (with only the first, Ray's direct ingress stays on and a
-cluster keeps a proxy on its head node only). bench.experiments measures each flag against the plain setup.
+cluster keeps a proxy on its head node only). The `bench experiments` study (bench/studies/experiments.py)
+measures each flag against the plain setup.
 """
 
 from __future__ import annotations

@@ -374,6 +374,10 @@ def run_dirs(base: Path | None = None) -> dict[Path, int]:
     return found
 
 
+class StillRuns(str):
+    """A line of `stop`'s report that says a run did not stop: `embserve stop` exits 1 when there is one."""
+
+
 def stop(base: Path | None = None, timeout_s: float = 90.0) -> list[str]:
     """`embserve stop`: every run of this user's `embserve serve` stopped (`stop_run`). Returns what it did,
     in words."""
@@ -390,7 +394,7 @@ def stop_run(run_dir: Path, owner: int, timeout_s: float = 90.0) -> list[str]:
         while alive(owner) and time.monotonic() < deadline:
             time.sleep(0.2)  # not our child: nothing to wait on but /proc
         if alive(owner):
-            return [f"embserve serve (pid {owner}) still runs after {timeout_s:.0f} s"]
+            return [StillRuns(f"embserve serve (pid {owner}) still runs after {timeout_s:.0f} s")]
         done.append(f"stopped embserve serve (pid {owner})")
     ray, haproxies = end_run(run_dir, lambda procs: run_session(procs, run_dir))
     if ray:

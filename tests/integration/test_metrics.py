@@ -158,8 +158,8 @@ def test_prometheus_metrics_parse_and_agree_with_performance(client):
     families = scrape(client)
     for name in ("embserve_requests", "embserve_request_duration_seconds", "embserve_queue_duration_seconds",
                  "embserve_tokenize_duration_seconds", "embserve_forward_duration_seconds",
-                 "embserve_batch_inputs", "embserve_batch_tokens", "embserve_padding_efficiency",
-                 "embserve_queue_size"):
+                 "embserve_batch_inputs", "embserve_forward_inputs", "embserve_batch_tokens",
+                 "embserve_padding_efficiency", "embserve_queue_size"):
         assert name in families, name
 
     def added(family: str, name: str, **labels) -> float:
@@ -173,6 +173,9 @@ def test_prometheus_metrics_parse_and_agree_with_performance(client):
     assert added("embserve_inputs", "embserve_inputs_total", model=MODEL) == 12.0
     assert sum(added("embserve_inputs", "embserve_inputs_total", model=m) for m in models) == 12.0
     assert added("embserve_request_duration_seconds", "embserve_request_duration_seconds_count") == 12.0
+    # Every input ran in exactly one forward, and a forward held one input at least.
+    assert added("embserve_forward_inputs", "embserve_forward_inputs_sum", model=MODEL) == 12.0
+    assert 1 <= added("embserve_forward_inputs", "embserve_forward_inputs_count", model=MODEL) <= 12
     assert sample(families, "embserve_padding_efficiency", "embserve_padding_efficiency", model=MODEL) == \
         pytest.approx(perf["models"][MODEL]["padding_efficiency"], abs=1e-4)
 

@@ -40,7 +40,8 @@ def authed() -> httpx.Client:
 
 def error_of(response: httpx.Response) -> dict:
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert set(body) == {"error", "request_id"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["request_id"] == response.headers["x-request-id"]
     return body["error"]
 
 

@@ -63,3 +63,11 @@ def test_ratios_set_embserve_against_each_infinity_arm_by_medians_and_round_by_r
     assert rel["embserve_to"][INF_BF16]["by_round"] == [1.6]
     assert rel["to_offline"][EMBSERVE_ARM] == {"float32": 1.7, "bfloat16": 0.85}
     assert EMBSERVE_ARM not in rel["embserve_to"]
+
+
+def test_peer_versions_come_from_pip_list_whatever_its_spelling():
+    from bench.peers import installed_versions
+
+    listed = [{"name": "infinity_emb", "version": "0.0.78"}, {"name": "Torch", "version": "2.13.0"}]
+    assert installed_versions(listed, ("infinity-emb", "torch", "optimum")) == {
+        "infinity-emb": "0.0.78", "torch": "2.13.0", "optimum": None}

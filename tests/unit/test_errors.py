@@ -103,3 +103,13 @@ def test_to_body_keeps_null_param_and_code():
     assert InvalidRequest("m").to_body() == {
         "error": {"message": "m", "type": "invalid_request_error", "param": None, "code": None}
     }
+
+
+def test_an_error_body_is_openais_four_keys_with_the_request_id_beside_them():
+    err = errors.InputTooLong("too long", param="input")
+    assert err.to_body() == {"error": {"message": "too long", "type": "invalid_request_error", "param": "input",
+                                       "code": err.code}}
+    with_id = err.to_body(request_id="abc-1")
+    assert with_id["request_id"] == "abc-1" and with_id["error"] == err.to_body()["error"]
+    assert errors.error_body("gone", "server_error", request_id="") == {
+        "error": {"message": "gone", "type": "server_error", "param": None, "code": None}}

@@ -87,6 +87,17 @@ def test_batch_histograms_count_inputs_and_padded_tokens_per_batch(agg):
     assert _value(tokens, "embserve_batch_tokens_bucket", le="256", model="mini") == 1
 
 
+def test_inputs_per_forward_is_its_own_histogram_beside_the_admissions(agg):
+    """Two admissions (3 and 40 inputs) ran as three forwards (3, 20, 20): each histogram counts its own step."""
+    forwards = _families(agg)["embserve_forward_inputs"]
+    assert forwards.type == "histogram"
+    assert _value(forwards, "embserve_forward_inputs_count", model="mini") == 3
+    assert _value(forwards, "embserve_forward_inputs_sum", model="mini") == 43
+    assert _value(forwards, "embserve_forward_inputs_bucket", le="4", model="mini") == 1
+    assert _value(forwards, "embserve_forward_inputs_bucket", le="16", model="mini") == 1
+    assert _value(forwards, "embserve_forward_inputs_bucket", le="32", model="mini") == 3
+
+
 def test_counters_and_gauges_sum_the_replicas(agg):
     families = _families(agg)
     assert _value(families["embserve_inputs"], "embserve_inputs_total", model="mini") == 43

@@ -146,7 +146,9 @@ def test_error_response_model_accepts_an_error_body():
     err = InvalidRequest("bad", param="input", code="empty_input")
     parsed = ErrorResponse.model_validate(err.to_body())
     assert parsed.error.message == "bad" and parsed.error.param == "input" and parsed.error.code == "empty_input"
-    assert parsed.model_dump() == err.to_body()
+    assert parsed.model_dump(exclude_none=True) == err.to_body()
+    with_id = ErrorResponse.model_validate(err.to_body(request_id="req-7"))
+    assert with_id.request_id == "req-7" and with_id.error == parsed.error
 
 
 def test_response_models_dump_in_openai_shape():

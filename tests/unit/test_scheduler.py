@@ -18,7 +18,7 @@ from embserve.api.contracts import EmbedJob
 from embserve.api.errors import Cancelled, InputTooLong, InvalidRequest, NonFiniteOutput, OutOfMemory, Unavailable
 from embserve.engine.batching import next_group, plan_batches
 from embserve.engine.forward_cost import ForwardCost
-from embserve.engine.scheduler import ForwardLayout, Scheduler, embed_jobs, forward_layout
+from embserve.engine.scheduler import Arrival, ForwardLayout, Scheduler, embed_jobs, forward_layout
 from embserve.metrics.events import Admitted, Answered, Forward
 from embserve.settings import BatchingConfig
 from tests.texts import mixed_texts
@@ -141,7 +141,7 @@ def test_a_cancelled_request_is_dropped_before_its_inputs_run(float32_model, tex
     try:
         answers: dict[str, object] = {}
         first = EmbedJob(texts=texts[:1])
-        gone = EmbedJob(texts=texts[1:9])
+        gone = Arrival(EmbedJob(texts=texts[1:9]))
         s.admit([first], [lambda r: answers.setdefault("first", r)])
         while s.pending:  # the worker holds the first request at the gate
             threading.Event().wait(0.01)

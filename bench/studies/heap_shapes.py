@@ -1,8 +1,8 @@
 """A CPU model's RSS under forwards of ever new shapes, in-process: what cpu_memory's bounds are for.
 
-    python -m bench.heap_shapes --seconds 45                        # as shipped: heap trims + 64 cache entries
-    python -m bench.heap_shapes --seconds 45 --no-bounds            # glibc's and oneDNN's own defaults
-    python -m bench.heap_shapes --seconds 45 --no-bounds --mmap-threshold 131072
+    python -m bench heap-shapes --seconds 45                        # as shipped: heap trims + 64 cache entries
+    python -m bench heap-shapes --seconds 45 --no-bounds            # glibc's and oneDNN's own defaults
+    python -m bench heap-shapes --seconds 45 --no-bounds --mmap-threshold 131072
 
 Two forward threads (one torch thread each, as a CPU replica runs them) embed random groups of 1-32 inputs
 of 4-256 tokens for `--seconds`; RSS is sampled every 5 s. Prints tokens/s and the RSS samples (MiB).
@@ -29,15 +29,16 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=45.0)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--runtime", default="torch", choices=("torch", "openvino", "auto"))
     parser.add_argument("--no-bounds", action="store_true", help="no heap trims, oneDNN's default cache")
     parser.add_argument("--cache-entries", type=int, default=None, help="LRU_CACHE_CAPACITY to set")
     parser.add_argument("--mmap-threshold", type=int, default=None, help="a fixed glibc mmap threshold (bytes)")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
     import os
 
     if args.no_bounds:
@@ -77,5 +78,11 @@ def main(argv: list[str] | None = None) -> None:
     print("RSS MiB every 5 s:", samples)
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("heap-shapes", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

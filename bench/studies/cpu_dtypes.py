@@ -2,7 +2,7 @@
 process, on the offline limit's sorted batching: texts/s per round, and each variant's min cosine to float32.
 
 Rounds go over the variants in turn, so that a burst of other load spoils one variant's pass, not all.
-    python -m bench.cpu_dtypes --rounds 3
+    python -m bench cpu-dtypes --rounds 3
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ def as_variant(offline: OfflineModel, variant: str) -> None:
     model.model.to(torch.bfloat16 if variant == "bf16-weights" else torch.float32)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=512, help="mixed texts per pass")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each forward")
     parser.add_argument("--streams", type=int, default=2, help="forwards at once (a replica's forward_workers)")
-    args = parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> None:
     from bench.corpus import load_or_build
 
     texts = load_or_build(None, 0).mixed(args.n, 0)
@@ -63,5 +63,11 @@ def main(argv: list[str] | None = None) -> None:
                           "max_abs_diff_to_float32": float(np.abs(vectors[variant] - vectors["float32"]).max())}))
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("cpu-dtypes", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,7 +1,7 @@
 """What one metrics event costs on the serving path: the sources' record calls, in-process, in ns per event.
 
-    python -m bench.record_cost
-    PYTHONPATH=/path/to/another/checkout python -m bench.record_cost   # the same calls on another tree
+    python -m bench record-cost
+    PYTHONPATH=PATH/TO/another/checkout python -m bench.studies.record_cost   # the same calls on another tree
 
 The replica records one event per admission, per forward and per answered request, from its forward
 threads; the ingress one per HTTP request. Each case makes 200,000 calls, 7 times; it prints the best and
@@ -10,6 +10,7 @@ the median time per call. Run it alone on the machine: other load moves the medi
 
 from __future__ import annotations
 
+import argparse
 import timeit
 
 from embserve.metrics.events import Admitted, Answered, Forward
@@ -19,7 +20,11 @@ CALLS = 200_000
 ROUNDS = 7
 
 
-def main() -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """No options: the cases and their counts are fixed, so that runs compare."""
+
+
+def run(args: argparse.Namespace) -> None:
     replica, ingress = ReplicaReporter("m"), IngressReporter()
     admitted, forward, answered = Admitted(2, 5, 0.001), Forward(5, 100, 120, 0.02), Answered(0.002, None)
     cases = {
@@ -38,5 +43,11 @@ def main() -> None:
         print(f"{name:26s} best {times[0]:6.0f} ns   median {times[ROUNDS // 2]:6.0f} ns")
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("record-cost", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,35 +1,33 @@
-"""Knobs that need no code change, each measured in the same run against embserve's default settings on
-Serve's plain setup (no fast path; see embserve/launch/serve_env.py): Ray Serve's own environment flags, the
-replica's torch thread count and OS scheduling, and the engine's batching settings. What the profile
-(bench/profile.md) predicts, checked with numbers.
+"""Study: knobs that need no code change, each measured in the same run against embserve's default settings
+on Serve's plain setup (no fast path; see embserve/launch/serve_env.py): Ray Serve's own environment flags,
+the replica's torch thread count and OS scheduling, and the engine's batching settings. What the profile
+(bench/profile.md) predicted, checked with numbers.
 
-    python -m bench.experiments            # about 12 minutes; writes docs/bench/experiments.json
-    python -m bench.experiments --repeats 1 --duration 6
+    python -m bench experiments            # about 20 minutes; writes build/experiments.json
+    python -m bench experiments --repeats 1 --duration 6 --only "fast path"
 
-Environment flags reach the Serve processes only when the cluster starts, so each environment gets its own
-private Ray; variants that differ only in Settings share one. Rounds repeat the whole list so that a burst
-of someone else's load on a shared box hits one round, not one variant.
+Each variant is its own `embserve serve` (a fresh local Ray), its environment flags set before it starts
+and its settings in the config's args. Rounds repeat the whole list so that a burst of someone else's load
+on a shared box hits one round, not one variant.
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
-import signal
 import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.corpus import load_or_build
+from bench.common import ROOT, machine, offline_env, stop_on_signals
 from bench.load import Workload
-from bench.run import FULL, ROOT, Bench, _interrupt, deploy, describe_point, local_serve
+from bench.measure import FULL, Bench, Mode, measure_variant
+from bench.service import PLAIN_SERVE, Layout, embserve_serve
 from embserve.launch import serve_env
 
 # Serve runs user code and the handle's router each on a thread of its own, with a hop between loops per call.
@@ -117,45 +115,18 @@ def os_tweak(kind: str | None) -> Iterator[None]:
         procs.restore_affinity(previous)
 
 
-def run_group(env: dict[str, str], members: tuple[Variant, ...], bench_args: dict[str, Any],
-              workloads: dict[str, Workload], port: int) -> dict[str, dict[str, Any]]:
-    """The variants that share one environment, on one private Ray; runs in a process of its own."""
-    for key in serve_env.FAST_PATH:  # the plain setup unless the variant asks for the fast path
-        os.environ.pop(key, None)
-    os.environ.update(env)
-    signal.signal(signal.SIGTERM, _interrupt)  # local_serve's finally shuts Ray down on either signal
-    out: dict[str, dict[str, Any]] = {}
-    with local_serve(port) as base_url:
-        bench = Bench(base_url, **bench_args)
-        for v in members:
-            print(f"{v.name}: deploying ...", flush=True)
-            deploy(v.settings)
-            with os_tweak(v.os_tweak):
-                bench.warm(workloads["mixed"])
-                loaded = bench.point(workloads["mixed"], concurrency=32, label=f"{v.name[:30]} c=32")
-                lone = bench.point(workloads["queries"], concurrency=1, label=f"{v.name[:30]} queries c=1")
-            print(describe_point(v.name[:22], loaded, None), flush=True)
-            print(describe_point(v.name[:22], lone, None), flush=True)
-            out[v.name] = {"env": v.env, "settings": v.settings, "os_tweak": v.os_tweak, "c32": loaded,
-                           "single_query": lone}
-    return out
-
-
-def run_round(variants: tuple[Variant, ...], bench_args: dict[str, Any], workloads: dict[str, Workload],
+def run_round(variants: tuple[Variant, ...], mode: Mode, gate: procs.QuietGate, workloads: dict[str, Workload],
               port: int) -> dict[str, dict[str, Any]]:
-    """Every variant once: one private Ray per distinct environment, each started by a fresh process.
-
-    Serve reads its flags when its modules are first imported, in the driver as in the cluster, so a
-    driver that already ran one environment would mix the old flags into the next one's cluster.
-    """
-    groups: dict[tuple, list[Variant]] = {}
-    for v in variants:
-        groups.setdefault(tuple(sorted(v.env.items())), []).append(v)
+    """Every variant once, each in an `embserve serve` of its own: Serve reads its flags when its processes
+    start, so each variant's environment is set before its Ray starts (Serve's plain setup unless the
+    variant asks for the fast path)."""
     out: dict[str, dict[str, Any]] = {}
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn, max_tasks_per_child=1) as pool:
-        for env_items, members in groups.items():
-            out.update(pool.submit(run_group, dict(env_items), tuple(members), bench_args, workloads, port).result())
+    for v in variants:
+        print(f"{v.name}: embserve serve ...", flush=True)
+        layout = Layout(settings=dict(v.settings), env={**PLAIN_SERVE, **v.env})
+        with embserve_serve(layout, port) as base_url, os_tweak(v.os_tweak):
+            measured = measure_variant(Bench(base_url, mode, progress=False, gate=gate), workloads, v.name)
+        out[v.name] = {"env": v.env, "settings": v.settings, "os_tweak": v.os_tweak, **measured}
     return out
 
 
@@ -196,41 +167,44 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{c['proxy']:.1f} / {c['ingress']:.1f} / {c['replica']:.1f} | {r['other_load']:.2f} |")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Measure Serve/engine knobs against the defaults.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all variants")
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--port", type=int, default=8100)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "experiments.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "experiments.json")
     parser.add_argument("--quiet-wait", type=float, default=120.0)
     parser.add_argument("--only", nargs="*", default=None, help="variants whose name contains any of these "
                         "(the defaults always run, first)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    signal.signal(signal.SIGTERM, _interrupt)  # local_serve's finally shuts Ray down on either signal
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def run(args: argparse.Namespace) -> None:
+    offline_env()
+    stop_on_signals()
+    from bench.corpus import load_or_build
 
     corpus = load_or_build(None, 0)
     workloads = {"mixed": Workload("mixed", corpus.mixed(2000, 0)), "queries": Workload("queries", corpus.queries)}
-    mode = FULL.__class__(**{**FULL.__dict__, "duration_s": args.duration})
+    mode = replace(FULL, duration_s=args.duration)
     gate = procs.QuietGate(args.quiet_wait)
-    bench_args = {"mode": mode, "progress": False, "gate": gate}
     variants = VARIANTS if not args.only else (VARIANTS[0],) + tuple(
         v for v in VARIANTS[1:] if any(word in v.name for word in args.only))
     rounds = []
     for i in range(args.repeats):
         print(f"round {i + 1}/{args.repeats}", flush=True)
-        rounds.append(run_round(variants, bench_args, workloads, args.port))
+        rounds.append(run_round(variants, mode, gate, workloads, args.port))
     rows = summarize(rounds)
     print_table(rows)
-    from bench.run import machine
-
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine(), "duration_s": args.duration, "summary": rows,
                                     "rounds": rounds}, indent=1, default=str))
     print(f"wrote {args.out}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    from bench.cli import module_main
+
+    return module_main("experiments", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,7 @@
+"""`python -m bench <subcommand> [options]`: see bench/cli.py."""
+
+import sys
+
+from bench.cli import main
+
+sys.exit(main())

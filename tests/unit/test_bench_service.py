@@ -1,0 +1,75 @@
+"""bench.service starts what ships, `embserve serve CONFIG`, on a copy of the config that carries a bench's
+port and settings; bench.ab's arms each run their own checkout's command and config."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.ab import arm_layout, checkout_dir, parse_variant
+from bench.report import setup
+from bench.service import AUX_PORTS, DEFAULT_CONFIG, bench_config, cli_module, serve_command, serve_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_default_config_is_the_one_that_ships():
+    assert DEFAULT_CONFIG == ROOT / "serve_config.yaml"
+
+
+def test_bench_config_sets_the_port_and_puts_settings_over_the_application_args():
+    base = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    base["applications"][0]["args"] = {"dtype": "float32", "torch_threads": 2}
+    before = json.dumps(base, sort_keys=True)
+    config = bench_config(base, 8123, {"torch_threads": 1, "enable_dynamic_batching": False})
+    assert config["http_options"] == {**base["http_options"], "host": "127.0.0.1", "port": 8123}
+    assert config["applications"][0]["args"] == {"dtype": "float32", "torch_threads": 1,
+                                                 "enable_dynamic_batching": False}
+    assert config["applications"][0]["import_path"] == base["applications"][0]["import_path"]
+    assert json.dumps(base, sort_keys=True) == before  # the base is left as it was
+
+
+def test_bench_config_of_a_config_without_args_or_http_options():
+    config = bench_config({"applications": [{"name": "x", "import_path": "deployments.app:build_app"}]}, 9000, {})
+    assert config["http_options"]["port"] == 9000
+    assert config["applications"][0]["args"] == {}
+
+
+def test_the_server_command_is_the_console_command_of_the_checkout(tmp_path: Path):
+    assert serve_command(ROOT, Path("c.yaml"), python="py") == ["py", "-m", "embserve.launch.cli", "serve", "c.yaml"]
+    older = tmp_path / "older"
+    (older / "embserve").mkdir(parents=True)
+    (older / "embserve" / "cli.py").write_text("")
+    assert cli_module(older) == "embserve.cli"  # before embserve/launch/
+    with pytest.raises(RuntimeError, match="too old"):
+        cli_module(tmp_path)
+
+
+def test_the_server_runs_its_checkouts_code_on_a_fresh_local_ray_with_free_aux_ports(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    ports = iter(range(30001, 30010))
+    env = serve_env(Path("/checkout"), {"RAY_SERVE_ENABLE_HA_PROXY": "0"}, lambda: next(ports))
+    assert env["PYTHONPATH"].split(":")[0] == "/checkout"
+    assert env["RAY_ADDRESS"] == "local" and env["HF_HUB_OFFLINE"] == "1"
+    assert sorted(int(env[name]) for name in AUX_PORTS) == [30001, 30002, 30003]
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # a layout's environment wins
+
+
+def test_an_ab_arm_serves_its_own_checkouts_config_with_the_variants_settings(tmp_path: Path):
+    layout = arm_layout(tmp_path, {"dtype": "float32"})
+    assert layout.config == tmp_path / "serve_config.yaml"
+    assert layout.settings == {"dtype": "float32"}
+    assert checkout_dir("here", tmp_path) == tmp_path
+
+
+def test_a_variant_is_a_name_with_optional_settings_as_json():
+    assert parse_variant("shipped defaults") == ("shipped defaults", {})
+    assert parse_variant('one thread={"torch_threads": 1}') == ("one thread", {"torch_threads": 1})
+
+
+def test_the_report_says_how_the_configurations_were_served():
+    new = setup({"service": {"config": "serve_config.yaml", "tuned": "tuned.yaml", "fast_path": True}})
+    assert "`embserve serve` of `serve_config.yaml`" in new and "`tuned.yaml` is the tuned layout" in new
+    old = setup({"serve_env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}})  # results.json of runs before embserve serve
+    assert "build_app(Settings(...))" in old and "`RAY_SERVE_ENABLE_HA_PROXY=1`" in old
