@@ -230,7 +230,13 @@ class CrossEncoderModel:
                  runtime: str = "torch") -> None:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        from embserve.engine.model import attention_choice, device_map_loading, flash_attn_installed, place, resolve_source
+        from embserve.engine.model import (
+            attention_choice,
+            device_map_loading,
+            flash_attn_installed,
+            place,
+            resolve_source,
+        )
 
         placed = place(device, dtype, threads)
         self.device, self.heap, choice = placed.device, placed.heap, placed.dtype
