@@ -33,17 +33,37 @@ def embed(client, texts, **extra):
     return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
 
 
-def performance(client, requests: int | None = None) -> dict:
-    """/v1/performance once the replicas have reported `requests` (they ship every 0.5 s)."""
-    time.sleep(1.2)
+def performance(client, requests: int, inputs: int) -> dict:
+    """/v1/performance once the replicas' reports of `requests` admitted and `inputs` embedded have landed:
+    they ship every 0.5 s, after the responses, so the figures are polled for, never waited for blindly."""
     deadline = time.monotonic() + 15
     while True:
         perf = client.get("/v1/performance").json()
-        # Admissions are reported before their forwards end: wait for both.
-        done = requests is None or min(perf["totals"]["requests"], perf["totals"]["inputs"]) >= requests
-        if done or time.monotonic() > deadline:
+        totals = perf["totals"]
+        if totals["requests"] >= requests and totals["inputs"] >= inputs:
             return perf
-        time.sleep(0.3)
+        assert time.monotonic() < deadline, f"reports of {requests} requests, {inputs} inputs never landed: {totals}"
+        time.sleep(0.1)
+
+
+def wait_until_admitted(client, requests: int, timeout_s: float = 30) -> None:
+    """Returns once the replica's own reports count `requests` admitted since the last reset, so that what
+    is sent next arrives after them."""
+    deadline = time.monotonic() + timeout_s
+    while client.get("/v1/performance").json()["totals"]["requests"] < requests:
+        assert time.monotonic() < deadline, f"{requests} requests were never admitted"
+        time.sleep(0.05)
+
+
+def wait_until_every_worker_is_busy(client, admitted: int, timeout_s: float = 30) -> None:
+    """Returns once `admitted` requests are admitted and some of their inputs are still queued. A CPU forward
+    worker takes queued inputs the moment it is free, so inputs that stay queued after their admission mean
+    that every worker is computing: whatever arrives next waits."""
+    deadline = time.monotonic() + timeout_s
+    wait_until_admitted(client, admitted, timeout_s)
+    while not describe()["pending_inputs"]:
+        assert time.monotonic() < deadline, "no inputs stayed queued: a forward worker was free"
+        time.sleep(0.02)
 
 
 def test_user_config_retunes_running_replicas_without_restart(config, client):
@@ -61,7 +81,7 @@ def test_user_config_retunes_running_replicas_without_restart(config, client):
     texts = mixed_texts(24, seed=3)
     with cf.ThreadPoolExecutor(12) as pool:
         list(pool.map(lambda t: embed(client, t), texts))
-    perf = performance(client, requests=24)
+    perf = performance(client, requests=24, inputs=24)
     assert perf["batch_inputs"]["max"] == 1, "without dynamic batching each one-text request runs alone"
     assert perf["totals"]["batches"] == perf["totals"]["forwards"] == 24
 
@@ -71,7 +91,7 @@ def test_user_config_retunes_running_replicas_without_restart(config, client):
     client.post("/v1/performance/reset")
     with cf.ThreadPoolExecutor(12) as pool:
         list(pool.map(lambda t: embed(client, t), texts))
-    perf = performance(client)
+    perf = performance(client, requests=24, inputs=24)
     assert perf["batch_inputs"]["max"] <= 4  # the new max_batch_size holds inputs, not requests
     assert perf["forward_inputs"]["max"] <= 4  # and caps every forward too
 
@@ -126,7 +146,7 @@ def test_32_concurrent_clients_fill_batches_with_little_padding(config, client):
 
     with cf.ThreadPoolExecutor(32) as pool:
         list(pool.map(worker, range(32)))
-    perf = performance(client)
+    perf = performance(client, requests=len(texts), inputs=len(texts))
     assert perf["totals"]["inputs"] == len(texts)
     assert perf["padding_efficiency"] >= 0.95
     # Forwards hold several inputs (one each without batching). A loaded full run once measured 2.95 with
@@ -143,16 +163,31 @@ def test_requests_queued_behind_busy_forwards_share_their_next_forwards(config, 
     embed(client, queries[:2])  # warm up
     workers = describe()["forward_workers"]
     client.post("/v1/performance/reset")
-    with cf.ThreadPoolExecutor(30 + workers) as pool:
-        # 20 inputs of the model's max length each, one request per worker: one forward each
-        busy = [pool.submit(embed, client, [long] * 20, truncate=True) for _ in range(workers)]
-        time.sleep(0.3)
+
+    def timed(texts, **extra):
+        response = client.post("/v1/embeddings", json={"model": MODEL, "input": texts, **extra})
+        assert response.status_code == 200, response.text
+        headers = response.headers
+        return (len(response.json()["data"]), float(headers["x-embserve-queue-ms"]),
+                float(headers["x-embserve-inference-ms"]))
+
+    with cf.ThreadPoolExecutor(30 + workers + 1) as pool:
+        # 20 inputs of the model's max length each, one forward each: one per worker, and one more that
+        # stays queued, which shows (wait_until_every_worker_is_busy) that every worker computes.
+        busy = [pool.submit(timed, [long] * 20, truncate=True) for _ in range(workers + 1)]
+        wait_until_every_worker_is_busy(client, admitted=workers + 1)
         followers = [pool.submit(embed, client, q) for q in queries]
         assert [len(f.result()) for f in followers] == [1] * 30
-        assert [len(b.result()) for b in busy] == [20] * workers
-    perf = performance(client, requests=30 + workers)
-    assert perf["totals"]["inputs"] == 30 + 20 * workers
-    assert perf["totals"]["forwards"] - workers <= 6, perf["totals"]
+        busy = [b.result() for b in busy]
+    assert [n for n, _, _ in busy] == [20] * (workers + 1)
+    perf = performance(client, requests=30 + workers + 1, inputs=30 + 20 * (workers + 1))
+    assert perf["totals"]["inputs"] == 30 + 20 * (workers + 1)
+    assert perf["totals"]["forwards"] - (workers + 1) <= 6, perf["totals"]
+    # The queue header is the wait for a worker: the request that queued waited for the first of the busy
+    # forwards to end (less its own admission's lag), those that found a worker free a tokenization's time.
+    busy.sort(key=lambda b: b[1])
+    first_free_ms = min(inference_ms for _, _, inference_ms in busy[:workers])
+    assert busy[-1][1] >= 0.5 * first_free_ms and busy[-1][1] > 10 * busy[0][1], busy
 
 
 def test_a_request_is_answered_when_its_own_inputs_are_done_while_others_compute(config, client):
@@ -171,13 +206,14 @@ def test_a_request_is_answered_when_its_own_inputs_are_done_while_others_compute
 
     with cf.ThreadPoolExecutor(2 + workers) as pool:
         busy = [pool.submit(timed, [long] * 20, truncate=True) for _ in range(workers)]
-        time.sleep(0.3)
+        wait_until_admitted(client, workers)
         documents = pool.submit(timed, [long] * 16, truncate=True)
-        time.sleep(0.05)
+        wait_until_every_worker_is_busy(client, admitted=workers + 1)  # the documents queue
         query = pool.submit(timed, "how do I join a thread")
         (query_done, query_ms), (documents_done, documents_ms) = query.result(), documents.result()
         [b.result() for b in busy]
     assert query_done < documents_done and query_ms < documents_ms
+
 
 def test_one_bad_request_does_not_fail_its_batch_companions(config, client):
     good = mixed_texts(12, seed=13)

@@ -78,14 +78,24 @@ def test_two_replicas_totals_are_the_sum_of_per_replica_figures(client):
 def test_performance_reports_latency_stages_padding_and_memory(client):
     client.post("/v1/performance/reset")
     load(client, [[t] for t in mixed_texts(16, seed=23)])
-    perf = settle(client, lambda p: p["totals"]["inputs"] >= 16)
+    # A request's end is reported after its forward's: wait for every stage's reports.
+    perf = settle(client, lambda p: p["totals"]["inputs"] >= 16 and p["latency_ms"]["queue"]["count"] >= 16
+                  and p["latency_ms"]["request"]["count"] >= 16)
     assert 0 < perf["padding_efficiency"] <= 1
     assert perf["padding_efficiency"] == round(perf["totals"]["tokens"] / perf["totals"]["padded_tokens"], 4)
-    for stage in ("request", "queue", "tokenize", "forward"):
-        lat = perf["latency_ms"][stage]
-        assert lat["count"] > 0 and lat["p50"] <= lat["p95"] <= lat["p99"]
-    assert perf["throughput"]["inputs_per_s"] > 0
-    assert perf["throughput"]["requests_per_s"] > 0
+    lat = perf["latency_ms"]
+    counts = {stage: lat[stage]["count"] for stage in ("request", "queue", "tokenize", "forward")}
+    assert counts == {"request": 16, "queue": 16, "tokenize": perf["totals"]["batches"],
+                      "forward": perf["totals"]["forwards"]}
+    for stage in counts:
+        assert lat[stage]["p50"] <= lat[stage]["p95"] <= lat[stage]["p99"] <= lat[stage]["max"], stage
+    # Each request's time at the ingress holds its wait at the replica, so every order statistic does too.
+    for q in ("p50", "p95", "max"):
+        assert lat["request"][q] >= lat["queue"][q], q
+    # Rates over the window the snapshot names: they give back the counts (window_s is rounded to 0.1 s).
+    throughput = perf["throughput"]
+    assert throughput["inputs_per_s"] * throughput["window_s"] == pytest.approx(16, rel=0.1)
+    assert throughput["requests_per_s"] * throughput["window_s"] == pytest.approx(16, rel=0.1)
     assert perf["error_rate"] == 0.0
     assert perf["batch_inputs"]["count"] == perf["totals"]["batches"]
     assert perf["memory"]["process"]["rss_bytes"] > 50_000_000  # a replica holds a model

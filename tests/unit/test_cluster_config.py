@@ -16,6 +16,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from embserve.launch import serve_env
+from tests.built_apps import built, register
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "embserve"
@@ -54,20 +55,16 @@ def test_serve_config_passes_ray_serve_schema(serve_config):
     assert [a.name for a in schema.applications] == [APP]
 
 
-def built(settings: dict[str, Any]) -> dict[str, Any]:
-    """The deployments the builder makes from serve_config.yaml's args plus `settings`, by name."""
-    from ray.serve._private.build_app import build_app as build_serve_app
-
-    from deployments.app import build_app
-    from embserve.settings import Settings
-
-    args = {**app_of(load("serve_config.yaml"))["args"], **settings}
-    return {d.name: d for d in build_serve_app(build_app(Settings(**args)), name=APP).deployments}
+# What the builder makes of serve_config.yaml's args plus these settings, as `serve build` writes it.
+VARIANTS = {"cluster_on_cpus": {}, "cluster_on_gpus": {"num_gpus": 1},
+            "cluster_on_gpus_64": {"num_gpus": 1, "max_batch_size": 64},
+            "cluster_two_models": {"models": [{"name": "a"}, {"name": "b"}]}}
+register({name: {**app_of(load("serve_config.yaml"))["args"], **settings} for name, settings in VARIANTS.items()})
 
 
 @pytest.fixture(scope="module")
 def on_gpus() -> dict[str, Any]:
-    return built({"num_gpus": 1})
+    return built("cluster_on_gpus")
 
 
 def test_the_shipped_file_sets_nothing_the_environment_could_set(serve_config):
@@ -79,51 +76,49 @@ def test_the_shipped_file_sets_nothing_the_environment_could_set(serve_config):
 
 def test_gpu_embedders_and_the_ingress_autoscale_on_their_own(on_gpus):
     for name in (INGRESS, EMBEDDER):
-        config = on_gpus[name]._deployment_config
-        scaling = config.autoscaling_config
-        assert 1 <= scaling.min_replicas < scaling.max_replicas, name
-        assert scaling.upscale_delay_s < scaling.downscale_delay_s, name
-    assert on_gpus[INGRESS]._deployment_config.autoscaling_config != on_gpus[EMBEDDER]._deployment_config.autoscaling_config
+        scaling = on_gpus[name].autoscaling_config
+        assert 1 <= scaling["min_replicas"] < scaling["max_replicas"], name
+        assert scaling["upscale_delay_s"] < scaling["downscale_delay_s"], name
+    assert on_gpus[INGRESS].autoscaling_config != on_gpus[EMBEDDER].autoscaling_config
 
 
 def test_gpu_embedder_batches_can_fill_under_its_concurrency_limits(on_gpus):
-    config = on_gpus[EMBEDDER]._deployment_config
+    embedder = on_gpus[EMBEDDER]
     # A replica never holds more than max_ongoing_requests: below the largest batch a card can choose
     # (256 on a 24 GB card or more), a batch could never fill.
-    assert config.max_ongoing_requests >= 256
-    assert config.autoscaling_config.target_ongoing_requests < config.max_ongoing_requests
-    assert config.max_queued_requests >= 1  # a bounded queue: overload is a fast 503
+    assert embedder.max_ongoing_requests >= 256
+    assert embedder.autoscaling_config["target_ongoing_requests"] < embedder.max_ongoing_requests
+    assert embedder.max_queued_requests >= 1  # a bounded queue: overload is a fast 503
 
 
-def test_gpu_embedders_scale_out_only_once_a_full_forward_is_in_flight_on_each_card(on_gpus):
+def test_gpu_embedders_scale_out_only_once_a_full_forward_is_in_flight_on_each_card():
     # A card is busy only when one full forward of one-text requests runs and the next one fills.
-    for given, largest in (({"num_gpus": 1}, 256), ({"num_gpus": 1, "max_batch_size": 64}, 64)):
-        config = (on_gpus if given == {"num_gpus": 1} else built(given))[EMBEDDER]._deployment_config
-        assert config.autoscaling_config.target_ongoing_requests == largest
-        assert config.max_ongoing_requests == 2 * largest
+    for variant, largest in (("cluster_on_gpus", 256), ("cluster_on_gpus_64", 64)):
+        embedder = built(variant)[EMBEDDER]
+        assert embedder.autoscaling_config["target_ongoing_requests"] == largest
+        assert embedder.max_ongoing_requests == 2 * largest
 
 
 def test_a_cpu_app_runs_one_embedder_per_model_and_they_fit_beside_the_ingress_on_two_cores():
-    one = built({})
-    two = built({"models": [{"name": "a"}, {"name": "b"}]})
-    assert one[EMBEDDER]._deployment_config.num_replicas == 1
-    assert one[EMBEDDER]._deployment_config.autoscaling_config is None
-    cpus = [d.ray_actor_options["num_cpus"] for d in two.values()]
+    one, two = built("cluster_on_cpus"), built("cluster_two_models")
+    assert one[EMBEDDER].num_replicas == 1
+    assert "autoscaling_config" not in one[EMBEDDER].model_fields_set  # a fixed number of replicas
+    cpus = [d.ray_actor_options.num_cpus for d in two.values()]
     assert sorted(cpus) == [0.25, 0.5, 0.5] and sum(cpus) <= 2
-    assert one[EMBEDDER]._deployment_config.max_ongoing_requests >= 32
+    assert one[EMBEDDER].max_ongoing_requests >= 32
 
 
 def test_ingress_refuses_overload_with_retry_after(on_gpus):
-    config = on_gpus[INGRESS]._deployment_config
-    assert config.autoscaling_config.target_ongoing_requests <= config.max_ongoing_requests
-    assert config.max_queued_requests >= 1
-    assert config.backpressure_config.model_dump() == {"status_code": 503, "retry_after_s": 1}
+    ingress = on_gpus[INGRESS]
+    assert ingress.autoscaling_config["target_ongoing_requests"] <= ingress.max_ongoing_requests
+    assert ingress.max_queued_requests >= 1
+    assert ingress.backpressure_config.model_dump() == {"status_code": 503, "retry_after_s": 1}
 
 
 def test_builder_turns_num_gpus_into_a_gpu_per_replica(on_gpus):
     assert set(on_gpus) == {INGRESS, EMBEDDER}
-    assert on_gpus[EMBEDDER].ray_actor_options["num_gpus"] == 1
-    assert not on_gpus[INGRESS].ray_actor_options.get("num_gpus")
+    assert on_gpus[EMBEDDER].ray_actor_options.num_gpus == 1
+    assert not on_gpus[INGRESS].ray_actor_options.num_gpus
 
 
 # --- cluster.yaml --------------------------------------------------------------------------------------
@@ -147,7 +142,7 @@ def test_cluster_gpu_workers_scale_from_zero_up_to_the_embedders_max(cluster, on
     workers = {k: v for k, v in cluster["available_node_types"].items() if k != cluster["head_node_type"]}
     gpu = [v for v in workers.values() if v["resources"].get("GPU", 0) >= 1]
     assert len(gpu) == 1
-    max_replicas = on_gpus[EMBEDDER]._deployment_config.autoscaling_config.max_replicas
+    max_replicas = on_gpus[EMBEDDER].autoscaling_config["max_replicas"]
     assert gpu[0]["min_workers"] == 0
     assert gpu[0]["max_workers"] == cluster["max_workers"] == max_replicas
 
@@ -178,7 +173,7 @@ def test_rayservice_gpu_group_scales_from_zero_with_one_gpu_per_pod(rayservice, 
     (container,) = group["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert group["minReplicas"] == 0
-    max_replicas = on_gpus[EMBEDDER]._deployment_config.autoscaling_config.max_replicas
+    max_replicas = on_gpus[EMBEDDER].autoscaling_config["max_replicas"]
     assert group["maxReplicas"] == max_replicas
 
 
