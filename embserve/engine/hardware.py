@@ -8,7 +8,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from embserve.engine.layout import ALLOCATOR_DEFAULT, ALLOCATOR_ENV
-from embserve.settings import CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, GPU_MAX_FORWARD_MS, USER_CONFIG_FIELD, Settings
+from embserve.settings import (
+    CPU_MAX_BATCH_SIZE,
+    CPU_MAX_BATCH_TOKENS,
+    GPU_MAX_FORWARD_MS,
+    USER_CONFIG_FIELD,
+    BatchingKnobs,
+    Settings,
+    default_group_cost_tokens,
+)
 
 if TYPE_CHECKING:
     from embserve.engine.forward_cost import ForwardCost
@@ -16,10 +24,6 @@ if TYPE_CHECKING:
     from embserve.engine.scheduler import ForwardLayout
     from embserve.engine.warmup import WarmUp
     from embserve.settings import ModelSpec
-
-BATCHING_KNOBS = ("max_wait_time_ms", "min_batch_size", "enable_dynamic_batching", "enable_length_grouping",
-                  "length_group_tolerance")
-
 
 @dataclass(frozen=True)
 class Choice:
@@ -44,22 +48,25 @@ def source(settings: Settings, name: str, otherwise: str) -> str:
     return _given(settings, name) if settings.explicit(name) else otherwise
 
 
-def choose_device(settings: Settings, cuda_available: bool, gpus_assigned: int | None = None) -> Choice:
-    """`gpus_assigned`: the GPUs Ray gave this replica (its `num_gpus`), None outside Ray. Ray 2.60 no
-    longer hides a GPU host's cards from a worker that asked for none, so `num_gpus: 0` means the CPU."""
-    if gpus_assigned and not cuda_available and settings.device != "cpu":
+def choose_device(setting: str, cuda_available: bool, gpus_assigned: int | None = None,
+                  where: str = "as given") -> Choice:
+    """The device a replica (or an EmbeddingModel built on its own) runs on: the one place that resolves the
+    `device` setting. `where`: where the setting came from (Settings.source_of). `gpus_assigned`: the GPUs Ray
+    gave this replica (its `num_gpus`), None outside Ray. Ray 2.60 no longer hides a GPU host's cards from a
+    worker that asked for none, so `num_gpus: 0` means the CPU."""
+    if gpus_assigned and not cuda_available and setting != "cpu":
         # Running on the CPU here would hold a card idle and serve at a fraction of its speed, silently.
         raise ValueError(f"Ray assigned this replica {gpus_assigned} GPU(s) (num_gpus) but torch sees none: "
                          f"{torch_cuda_build()}. Install a CUDA build of torch that the node's driver "
                          "supports, or set num_gpus to 0 (or device to 'cpu') to serve on the CPU")
-    if settings.device == "auto":
+    if setting == "auto":
         if cuda_available and gpus_assigned == 0:
             return Choice("cpu", "auto: the replica has no GPU of its own (num_gpus: 0), though torch sees one")
         return Choice("cuda", "auto: torch sees a GPU") if cuda_available else Choice("cpu", "auto: no GPU visible")
-    if settings.device == "cuda" and not cuda_available:
-        raise ValueError(f"device 'cuda' is set ({settings.source_of('device')}) but torch sees no GPU on this "
+    if setting == "cuda" and not cuda_available:
+        raise ValueError(f"device 'cuda' is set ({where}) but torch sees no GPU on this "
                          "replica's node; set it to 'auto' or 'cpu', or give the replica a GPU (num_gpus)")
-    return Choice(settings.device, _given(settings, "device"))
+    return Choice(setting, f"set: {where}")
 
 
 def torch_cuda_build() -> str:
@@ -206,8 +213,9 @@ def replica_profile(settings: Settings, *, device: Choice, dtype: Choice, thread
     profile.set("admit_batch_size", settings.admit_batch_size or batch_size.value,
                 source(settings, "admit_batch_size", "auto: max_batch_size"))
     profile.set("max_batch_tokens", batch_tokens.value, batch_tokens.source)
-    for name in BATCHING_KNOBS:
-        profile.set(name, getattr(settings, name), source(settings, name, "default"))
+    for name in BatchingKnobs.model_fields:  # the other knobs as set (forward_timing resolves the group cost)
+        if name not in profile.choices:
+            profile.set(name, getattr(settings, name), source(settings, name, "default"))
     return profile
 
 
@@ -237,8 +245,10 @@ class ReplicaStart:
     batch_tokens: int
     profile: Profile
     warnings: list[str]
+    # What one more forward costs the planner: the setting, else a GPU forward's fixed cost measured at
+    # warm-up, else the device's default (embserve.settings.default_group_cost_tokens).
+    group_cost_tokens: int
     warm_up: "WarmUp | None" = None
-    group_cost_tokens: int | None = None  # a forward's fixed cost in tokens, where the warm-up measured it
     tolerance_wall: bool = True  # False: length_group_tolerance is a preference (the cost decides)
     forward_cost: "ForwardCost | None" = None  # a GPU forward's cost line, where the warm-up measured it
 
@@ -246,30 +256,19 @@ class ReplicaStart:
 def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
                   gpus_assigned: int | None = None, gpu_share: float | None = None) -> ReplicaStart:
     """Load the model on the device the settings and hardware choose, size the replica around it, and warm
-    it up on the shapes its first requests will have. `gpu_share`: the GPUs Ray reserved (num_gpus)."""
+    it up on the shapes its first requests will have. `gpu_share`: the GPUs Ray reserved (num_gpus). The
+    server's replicas and the bulk job's actors both start here."""
     import torch
 
-    from embserve.engine.model import EmbeddingModel
-    from embserve.engine.rerank import CrossEncoderModel
     from embserve.engine.scheduler import forward_layout
     from embserve.engine.warmup import warm_up, warm_up_shapes
 
-    device = choose_device(settings, cuda_available, gpus_assigned)
-    memory = None
-    if device.value == "cuda":
-        cuda_allocator_defaults()  # before the first CUDA allocation
-        memory = memory_fraction(settings.gpu_memory_fraction, gpu_share)
-        enforce_memory_fraction(memory.value)
+    device = choose_device(settings.device, cuda_available, gpus_assigned, settings.source_of("device"))
+    memory = claim_gpu_memory(settings, gpu_share) if device.value == "cuda" else None
     threads = choose_threads(settings, device.value, cpu_cores())
     # The replica's threads, split among forwards that run at once from one queue (OpenVINO's streams too).
     planned = forward_layout(device.value, threads.value or torch.get_num_threads(), settings.forward_workers)
-    if spec.task == "rerank":
-        model = CrossEncoderModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value,
-                                  runtime=settings.runtime)
-    else:
-        model = EmbeddingModel(spec, device=device.value, dtype=settings.dtype, threads=threads.value,
-                               runtime=settings.runtime, streams=planned.workers,
-                               cache_dir=settings.openvino_cache_dir, allow_tf32=settings.allow_tf32)
+    model = load_model(spec, settings, device.value, threads.value, planned.workers)
     layout = forward_layout(model.device, torch.get_num_threads(), settings.forward_workers)
     warnings = []
     if layout.threads != torch.get_num_threads():
@@ -279,15 +278,10 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
     # The token budget is sized for the same share of the card that the allocator is capped at.
     gpu = gpu_limits(model, memory.value, layout.workers) if memory is not None else None
     batch_size, batch_tokens = choose_batch_sizes(settings, gpu)
-    dtype = Choice(model.info.dtype, model.dtype_reason)
-    attention = Choice(model.attention, model.attention_reason)
-    # "set; cached IR ...": where the setting came from, then what the runtime did with it.
-    why = model.runtime_reason
-    runtime = Choice(model.runtime, _given(settings, "runtime") + (why[3:] if why.startswith("set") else f"; {why}")
-                     if settings.explicit("runtime") else why)
-    profile = replica_profile(settings, device=device, dtype=dtype, threads=threads, layout=layout,
-                              batch_size=batch_size, batch_tokens=batch_tokens, attention=attention, memory=memory,
-                              runtime=runtime)
+    profile = replica_profile(settings, device=device, dtype=Choice(model.info.dtype, model.dtype_reason),
+                              threads=threads, layout=layout, batch_size=batch_size, batch_tokens=batch_tokens,
+                              attention=Choice(model.attention, model.attention_reason), memory=memory,
+                              runtime=runtime_choice(settings, model))
     warnings += [f"setting {name}={getattr(settings, name)!r} from {settings.source_of(name)} shadows {what}"
                  for name, what in settings.shadowed().items()]
     limit_ms = settings.max_forward_ms if settings.max_forward_ms is not None else (
@@ -299,14 +293,43 @@ def start_replica(spec: "ModelSpec", settings: Settings, cuda_available: bool,
                         "its token budget on its first large groups")
     timing = forward_timing(settings, profile, batch_tokens, warmed.cost, limit_ms, model.max_length,
                             model.device == "cuda")
-    return ReplicaStart(model, layout, batch_size.value, timing.budget, profile, warnings, warmed,
-                        timing.group_cost_tokens, timing.tolerance_wall, timing.cost)
+    return ReplicaStart(model, layout, batch_size.value, timing.budget, profile, warnings, timing.group_cost_tokens,
+                        warm_up=warmed, tolerance_wall=timing.tolerance_wall, forward_cost=timing.cost)
+
+
+def claim_gpu_memory(settings: Settings, gpu_share: float | None) -> Choice:
+    """This replica's share of its card, capped in torch's allocator before the first CUDA allocation."""
+    cuda_allocator_defaults()
+    memory = memory_fraction(settings.gpu_memory_fraction, gpu_share)
+    enforce_memory_fraction(memory.value)
+    return memory
+
+
+def load_model(spec: "ModelSpec", settings: Settings, device: str, threads: int | None, workers: int) -> Any:
+    """The spec's model on `device`: an EmbeddingModel, or a CrossEncoderModel for a reranker. `workers`:
+    forwards that will run at once (OpenVINO compiles one stream each)."""
+    from embserve.engine.model import EmbeddingModel
+    from embserve.engine.rerank import CrossEncoderModel
+
+    if spec.task == "rerank":
+        return CrossEncoderModel(spec, device=device, dtype=settings.dtype, threads=threads, runtime=settings.runtime)
+    return EmbeddingModel(spec, device=device, dtype=settings.dtype, threads=threads, runtime=settings.runtime,
+                          streams=workers, cache_dir=settings.openvino_cache_dir, allow_tf32=settings.allow_tf32)
+
+
+def runtime_choice(settings: Settings, model: Any) -> Choice:
+    """The runtime the model runs on: where the setting came from, then what the runtime did with it
+    ("set: args; cached IR ...")."""
+    why = model.runtime_reason
+    if not settings.explicit("runtime"):
+        return Choice(model.runtime, why)
+    return Choice(model.runtime, _given(settings, "runtime") + (why[3:] if why.startswith("set") else f"; {why}"))
 
 
 @dataclass(frozen=True)
 class ForwardTiming:
     budget: int
-    group_cost_tokens: int | None
+    group_cost_tokens: int
     tolerance_wall: bool
     cost: "ForwardCost | None" = None  # the line on a GPU, where the pipelined worker times its next group's take by it
 
@@ -316,7 +339,8 @@ def forward_timing(settings: Settings, profile: Profile, batch_tokens: Choice, c
     """What the warm-up's cost line (`cost`, an embserve.engine.forward_cost.ForwardCost or None) changes, each
     shown in the profile: the automatic token budget bounded by `limit_ms` (max_forward_ms); on a GPU, a
     forward's fixed cost as the planner's group cost, the length tolerance a preference, and the line itself
-    for the pipelined worker (Scheduler._pipeline). A setting given explicitly keeps its value."""
+    for the pipelined worker (Scheduler._pipeline). A setting given explicitly keeps its value; a group cost
+    neither set nor measured is the device's default."""
     from embserve.engine.forward_cost import capped_budget
 
     budget = batch_tokens.value
@@ -328,11 +352,18 @@ def forward_timing(settings: Settings, profile: Profile, batch_tokens: Choice, c
             budget, why = capped_budget(budget, cost, limit_ms, max_length)
             if why:
                 profile.set("max_batch_tokens", budget, f"{batch_tokens.source}; {why}")
-    if not gpu or cost is None:
-        return ForwardTiming(budget, None, True)
-    group_cost = cost.fixed_tokens
-    if settings.group_cost_tokens is None:
+    measured = gpu and cost is not None
+    if settings.group_cost_tokens is not None:
+        group_cost = settings.group_cost_tokens
+        profile.set("group_cost_tokens", group_cost, _given(settings, "group_cost_tokens"))
+    elif measured:
+        group_cost = cost.fixed_tokens
         profile.set("group_cost_tokens", group_cost, "auto: a forward's fixed cost in tokens, from the warm-up")
+    else:
+        group_cost = default_group_cost_tokens("cuda" if gpu else "cpu")
+        profile.set("group_cost_tokens", group_cost, f"auto: {'GPU' if gpu else 'CPU'} default")
+    if not measured:
+        return ForwardTiming(budget, group_cost, True)
     wall = settings.explicit("length_group_tolerance")
     if not wall:
         profile.set("length_group_tolerance", settings.length_group_tolerance,

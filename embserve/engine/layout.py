@@ -11,8 +11,11 @@ from embserve.settings import CPU_MAX_BATCH_SIZE, ModelSpec, Settings
 # The ingress validates, routes and encodes: a few ms of CPU per request, mostly awaiting an embedder. It
 # reserves what it uses, so that the embedders of several models fit beside it on a laptop.
 INGRESS_CPUS = 0.25
+INGRESS_MAX_ONGOING_REQUESTS = 256  # requests one ingress replica holds at once
+# Requests one embedding replica holds at least; more where its admissions are larger (embedder_options).
+EMBEDDER_MIN_ONGOING_REQUESTS = 64
 INGRESS_OPTIONS: dict[str, Any] = {
-    "max_ongoing_requests": 256,  # requests one ingress replica holds at once
+    "max_ongoing_requests": INGRESS_MAX_ONGOING_REQUESTS,
     # One more than this waits nowhere: Serve answers 503 with Retry-After at once.
     "max_queued_requests": 256,
     "backpressure_config": {"status_code": 503, "retry_after_s": 1},
@@ -41,7 +44,7 @@ def embedder_options(settings: Settings, spec: ModelSpec, cpu_models: int) -> di
         "name": spec.deployment_name,
         # Requests one replica holds; an admission can never hold more, so twice the largest lets one
         # compute while the next fills.
-        "max_ongoing_requests": max(64, 2 * bound),
+        "max_ongoing_requests": max(EMBEDDER_MIN_ONGOING_REQUESTS, 2 * bound),
         "max_queued_requests": settings.max_queued_requests,
     }
     if settings.num_gpus:

@@ -31,12 +31,6 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 # Flags (as /proc/cpuinfo names them) of x86 units that multiply bf16 natively. AVX-512 alone (Skylake,
 # Ice Lake) only emulates bf16 through float32 and is slower than float32 itself.
 _AMX_BF16 = {"amx_bf16", "amx_tile"}
@@ -230,6 +224,49 @@ def padded_inputs(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a model's forwards run and in what: its device, its dtype choice, and on a CPU the heap trimmer."""
+
+    device: str
+    dtype: DtypeChoice
+    heap: HeapTrimmer | None
+
+
+def place(device: str, dtype: str, threads: int | None, allow_tf32: bool = False) -> Placement:
+    """What an embedding model or a cross-encoder sets up before it loads: this process's torch threads, the
+    device (embserve.engine.hardware.choose_device: the one place `auto` is resolved) and the dtype; on a CPU
+    the heap trimmer and oneDNN's cache bound, before the first forward, so that memory stays flat however
+    varied the forwards' shapes; on a GPU, TF32 where asked."""
+    from embserve.engine.hardware import choose_device
+
+    if threads is not None:
+        torch.set_num_threads(threads)  # per process: this replica's forwards
+    device = choose_device(device, torch.cuda.is_available()).value
+    heap = None
+    if device == "cpu":
+        heap = HeapTrimmer()
+        bound_primitive_cache()
+    choice = choose_dtype(dtype, device, allow_tf32=allow_tf32)
+    if choice.tf32 and device == "cuda":
+        enable_tf32()
+    return Placement(device, choice, heap)
+
+
+def encoder_max_length(spec: ModelSpec, config: object, tokenizer: object, pipeline: Pipeline) -> int:
+    """The longest input in tokens: the setting, else sentence-transformers' max_seq_length, else the
+    model's position limit; never past that limit, where longer inputs would crash the forward (and fail
+    their whole group) instead of getting a clean 400."""
+    position_limit = getattr(config, "max_position_embeddings", None) or tokenizer.model_max_length
+    # sentence-transformers 5.2+ keeps max_seq_length as the tokenizer's model_max_length instead.
+    st_limit = min(int(tokenizer.model_max_length), int(position_limit)) if pipeline.modules else None
+    max_length = int(spec.max_length or pipeline.max_seq_length or st_limit or position_limit)
+    if position_limit and max_length > int(position_limit):
+        raise ValueError(f"max_length {max_length} is more than {spec.name}'s position limit "
+                         f"of {position_limit} tokens")
+    return max_length
+
+
 class EmbeddingModel:
     """A transformer encoder with its pooling; `forward` embeds one padded group of token-id lists."""
 
@@ -240,71 +277,24 @@ class EmbeddingModel:
         `streams`: forwards that may run at once (the replica's forward workers), for OpenVINO's streams;
         `cache_dir`: where converted OpenVINO models are kept (None: ~/.cache/embserve/openvino; '': nowhere);
         `allow_tf32`: float32 matmuls on a GPU's TF32 units (the setting; off keeps float32's 1e-5)."""
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
-        from embserve.engine import openvino_runtime
-
-        if threads is not None:
-            torch.set_num_threads(threads)  # per process: this replica's forwards
-
-        self.source = resolve_source(spec.source)
-        self.device = pick_device(device)
-        # Before the first forward, so that memory stays flat however varied the forwards' shapes.
-        self.heap = HeapTrimmer() if self.device == "cpu" else None
-        if self.device == "cpu":
-            bound_primitive_cache()
-        choice = choose_dtype(dtype, self.device, allow_tf32=allow_tf32)
-        if choice.tf32 and self.device == "cuda":
-            enable_tf32()
+        placed = place(device, dtype, threads, allow_tf32)
+        self.device, self.heap, choice = placed.device, placed.heap, placed.dtype
         self.dtype = choice.weights
         self.autocast = choice.autocast  # bf16 autocast around each forward (CPU), over float32 weights
         self.dtype_reason = choice.reason
+        self.source = resolve_source(spec.source)
         self.pipeline: Pipeline = read_pipeline(self.source, spec.revision, spec.default_prompt_name,
-                                      pooling_setting=None if spec.pooling == "auto" else spec.pooling)
+                                                pooling_setting=None if spec.pooling == "auto" else spec.pooling)
         # One revision for every file, and remote code only where the settings allow it.
         pinned = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
         config = AutoConfig.from_pretrained(self.source, **pinned)
         self.tokenizer = AutoTokenizer.from_pretrained(self.source, **pinned)
-        flash = flash_attn_installed()
-        attention, self.attention_reason = attention_choice(
-            self.device, self.dtype, flash,
-            capability=torch.cuda.get_device_capability() if self.device == "cuda" else None,
-            model_supports_flash=flash and model_supports_flash_attention(config))
-        extra = {"attn_implementation": attention} if attention else {}
-
-        def load_transformer() -> torch.nn.Module:
-            return AutoModel.from_pretrained(self.source, dtype=self.dtype, **device_map_loading(self.device),
-                                             **extra, **pinned).to(self.device).eval()
-
-        # Before the model: where OpenVINO runs it from the cache, the torch weights are never loaded.
-        self.runtime, self.runtime_reason = openvino_runtime.choose_runtime(
-            runtime, self.device, self.dtype == torch.float32,
-            openvino_runtime.openvino_installed())
-        # The torch module: None where OpenVINO runs the forwards (its converted copy holds the weights).
-        self.model: torch.nn.Module | None = None
-        self.encoder: openvino_runtime.OpenVinoEncoder | None = None
-        if self.runtime == "openvino":
-            self._start_openvino(spec, load_transformer, cache_dir, streams, threads or torch.get_num_threads(),
-                                 config)
-        if self.model is None and self.encoder is None:
-            self.model = load_transformer()
-        if self.encoder is not None:
-            self.attention, self.attention_reason = "openvino", "OpenVINO's own kernels"
-        else:
-            # What transformers settled on (it falls back to eager where a model has no sdpa).
-            self.attention = str(getattr(self.model.config, "_attn_implementation", None) or "eager")
-        log.info("runtime: %s (%s); attention: %s (%s)", self.runtime, self.runtime_reason, self.attention,
-                 self.attention_reason)
+        self._load_encoder(spec, config, pinned, runtime, streams, threads or torch.get_num_threads(), cache_dir)
         self.pooling = spec.pooling if spec.pooling != "auto" else (self.pipeline.pooling or "mean")
         self.prompts: Prompts = self.pipeline.prompts
-        position_limit = getattr(config, "max_position_embeddings", None) or self.tokenizer.model_max_length
-        # sentence-transformers 5.2+ keeps max_seq_length as the tokenizer's model_max_length instead.
-        st_limit = min(int(self.tokenizer.model_max_length), int(position_limit)) if self.pipeline.modules else None
-        self.max_length = int(spec.max_length or self.pipeline.max_seq_length or st_limit or position_limit)
-        if position_limit and self.max_length > int(position_limit):
-            # Longer inputs would crash the forward (and fail their whole group) instead of a clean 400.
-            raise ValueError(f"max_length {self.max_length} is more than {spec.name}'s position limit "
-                             f"of {position_limit} tokens")
+        self.max_length = encoder_max_length(spec, config, self.tokenizer, self.pipeline)
         # The Dense layers run in float32 on the pooled batch, whatever the transformer runs in.
         self.dense = build_dense(self.pipeline.dense, int(config.hidden_size)).to(self.device)
         dimensions = self.pipeline.dense[-1].out_features if self.pipeline.dense else int(config.hidden_size)
@@ -319,6 +309,43 @@ class EmbeddingModel:
             device=self.device, dtype=choice.name, prompts=self.prompts.names,
             default_prompt_name=self.prompts.default_name,
         )
+
+    def _load_encoder(self, spec: ModelSpec, config: object, pinned: dict[str, object], runtime: str, streams: int,
+                      threads: int, cache_dir: str | None) -> None:
+        """The transformer that runs the forwards: OpenVINO's compiled copy where the runtime resolves to it
+        and the model converts (from the cache where it can, so the torch weights are never loaded), else
+        torch's module with the attention chosen for this device and dtype."""
+        from transformers import AutoModel
+
+        from embserve.engine import openvino_runtime
+
+        flash = flash_attn_installed()
+        attention, self.attention_reason = attention_choice(
+            self.device, self.dtype, flash,
+            capability=torch.cuda.get_device_capability() if self.device == "cuda" else None,
+            model_supports_flash=flash and model_supports_flash_attention(config))
+        extra = {"attn_implementation": attention} if attention else {}
+
+        def load_transformer() -> torch.nn.Module:
+            return AutoModel.from_pretrained(self.source, dtype=self.dtype, **device_map_loading(self.device),
+                                             **extra, **pinned).to(self.device).eval()
+
+        self.runtime, self.runtime_reason = openvino_runtime.choose_runtime(
+            runtime, self.device, self.dtype == torch.float32, openvino_runtime.openvino_installed())
+        # The torch module: None where OpenVINO runs the forwards (its converted copy holds the weights).
+        self.model: torch.nn.Module | None = None
+        self.encoder: openvino_runtime.OpenVinoEncoder | None = None
+        if self.runtime == "openvino":
+            self._start_openvino(spec, load_transformer, cache_dir, streams, threads, config)
+        if self.model is None and self.encoder is None:
+            self.model = load_transformer()
+        if self.encoder is not None:
+            self.attention, self.attention_reason = "openvino", "OpenVINO's own kernels"
+        else:
+            # What transformers settled on (it falls back to eager where a model has no sdpa).
+            self.attention = str(getattr(self.model.config, "_attn_implementation", None) or "eager")
+        log.info("runtime: %s (%s); attention: %s (%s)", self.runtime, self.runtime_reason, self.attention,
+                 self.attention_reason)
 
     def _start_openvino(self, spec: ModelSpec, load_transformer: Callable[[], torch.nn.Module],
                         cache_dir: str | None, streams: int, threads: int, config: object) -> None:

@@ -209,36 +209,39 @@ class PairTokenizer:
         return self.template.build(query, document)
 
 
+def cross_encoder_max_length(spec: ModelSpec, config: object, tokenizer: Any) -> int:
+    """As sentence-transformers' Transformer: the setting, else the tokenizer's model_max_length capped at the
+    position limit; never past that limit."""
+    position_limit = getattr(config, "max_position_embeddings", None)
+    st_limit = int(tokenizer.model_max_length)
+    if position_limit and position_limit > 0:
+        st_limit = min(st_limit, int(position_limit))
+    max_length = int(spec.max_length or st_limit)
+    if position_limit and max_length > int(position_limit):
+        raise ValueError(f"max_length {max_length} is more than {spec.name}'s position limit of "
+                         f"{position_limit} tokens")
+    return max_length
+
+
 class CrossEncoderModel:
     """A *ForSequenceClassification cross-encoder; `forward` scores one padded group of pairs (its logits)."""
 
     def __init__(self, spec: ModelSpec, device: str = "auto", dtype: str = "auto", threads: int | None = None,
                  runtime: str = "torch") -> None:
-        import torch
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-        from embserve.engine.cpu_memory import HeapTrimmer, bound_primitive_cache
         from embserve.engine.model import (
             attention_choice,
-            choose_dtype,
             device_map_loading,
-            enable_tf32,
             flash_attn_installed,
-            pick_device,
+            place,
             resolve_source,
         )
 
-        if threads is not None:
-            torch.set_num_threads(threads)
-        self.source = resolve_source(spec.source)
-        self.device = pick_device(device)
-        self.heap = HeapTrimmer() if self.device == "cpu" else None
-        if self.device == "cpu":
-            bound_primitive_cache()
-        choice = choose_dtype(dtype, self.device)
-        if choice.tf32 and self.device == "cuda":
-            enable_tf32()
+        placed = place(device, dtype, threads)
+        self.device, self.heap, choice = placed.device, placed.heap, placed.dtype
         self.dtype, self.autocast, self.dtype_reason = choice.weights, choice.autocast, choice.reason
+        self.source = resolve_source(spec.source)
         self.cross_encoder = read_cross_encoder(self.source, spec.revision)
         pinned = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
         config = AutoConfig.from_pretrained(self.source, **pinned)
@@ -251,15 +254,7 @@ class CrossEncoderModel:
         # OpenVINO (the runtime setting) is embserve's for embedding models; a cross-encoder runs on torch.
         self.runtime = "torch"
         self.runtime_reason = ("torch: cross-encoders run on torch only" if runtime != "torch" else "set")
-        # As sentence-transformers' Transformer: the tokenizer's model_max_length, capped at the position limit.
-        position_limit = getattr(config, "max_position_embeddings", None)
-        st_limit = int(self.tokenizer.model_max_length)
-        if position_limit and position_limit > 0:
-            st_limit = min(st_limit, int(position_limit))
-        self.max_length = int(spec.max_length or st_limit)
-        if position_limit and self.max_length > int(position_limit):
-            raise ValueError(f"max_length {self.max_length} is more than {spec.name}'s position limit of "
-                             f"{position_limit} tokens")
+        self.max_length = cross_encoder_max_length(spec, config, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.vocab_size = int(getattr(config, "vocab_size", None) or len(self.tokenizer))
         self.uses_token_types = "token_type_ids" in getattr(self.tokenizer, "model_input_names", ())

@@ -23,7 +23,7 @@ from embserve.bulk.options import BulkInputError, parse_actors
 from embserve.bulk.shards import PLAN_FILE, REJECTS_DIR, list_inputs, plan_shards, prepare_output
 from embserve.engine.tokenize import Tokenizer
 from embserve.launch.cli import main, parser
-from embserve.settings import ModelSpec, Settings
+from embserve.settings import CPU_GROUP_COST_TOKENS, CPU_MAX_BATCH_TOKENS, ModelSpec, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,6 +111,14 @@ def embedder(tmp_path_factory):
     prepare_output(fs, out, {})
     return ShardEmbedder(ModelSpec(name="all-MiniLM-L6-v2"), Settings(dtype="float32"), fs, fs, out, "text", "id",
                          truncate=False, chunk_rows=3, threads=1)
+
+
+def test_an_actor_starts_as_a_replica_does_with_one_forward_on_its_threads(embedder):
+    shown = embedder.profile.as_dict()  # the profile the server's start_replica writes
+    assert (shown["forward_workers"]["value"], shown["torch_threads"]["value"]) == (1, 1)
+    assert (embedder.budget, embedder.group_cost) == (CPU_MAX_BATCH_TOKENS, CPU_GROUP_COST_TOKENS)
+    assert shown["group_cost_tokens"] == {"value": CPU_GROUP_COST_TOKENS, "source": "auto: CPU default"}
+    assert embedder.model.info.dtype == "float32" and embedder.model.device == "cpu"
 
 
 def test_a_shard_embedded_in_process_equals_the_models_own_forward_and_writes_its_rejects(embedder, float32_model, tmp_path):

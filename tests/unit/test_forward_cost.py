@@ -6,7 +6,7 @@ import pytest
 
 from embserve.engine.forward_cost import ForwardCost, capped_budget, fit_forward_cost
 from embserve.engine.hardware import Choice, Profile, forward_timing
-from embserve.settings import Settings
+from embserve.settings import CPU_GROUP_COST_TOKENS, GPU_GROUP_COST_TOKENS, Settings, default_group_cost_tokens
 
 
 def test_two_timings_give_the_fixed_and_per_token_cost():
@@ -49,4 +49,15 @@ def test_explicit_settings_keep_their_value_and_a_cpu_keeps_its_planner(clean_en
     timing = forward_timing(given, Profile(), Choice(65536, "set: args"), cost, 250.0, 512, gpu=True)
     assert (timing.budget, timing.tolerance_wall) == (65536, True)
     cpu = forward_timing(Settings(), Profile(), Choice(8192, "auto: CPU default"), None, None, 256, gpu=False)
-    assert cpu == type(cpu)(8192, None, True) and cpu.cost is None  # a CPU's workers take groups at once
+    # A CPU's workers take groups at once; its group cost is the CPU default.
+    assert cpu == type(cpu)(8192, CPU_GROUP_COST_TOKENS, True) and cpu.cost is None
+    set_cost = forward_timing(Settings(group_cost_tokens=96), Profile(), Choice(65536, "auto: card"), cost, 250.0,
+                              512, gpu=True)
+    assert set_cost.group_cost_tokens == 96  # a group cost that is set wins over the measured one
+
+
+def test_a_gpu_that_measured_nothing_plans_with_the_gpu_default_group_cost(clean_env):
+    profile = Profile()
+    timing = forward_timing(Settings(), profile, Choice(65536, "auto: card"), None, 250.0, 512, gpu=True)
+    assert timing.group_cost_tokens == GPU_GROUP_COST_TOKENS == default_group_cost_tokens("cuda")
+    assert profile.as_dict()["group_cost_tokens"] == {"value": GPU_GROUP_COST_TOKENS, "source": "auto: GPU default"}

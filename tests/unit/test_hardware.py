@@ -21,19 +21,24 @@ from embserve.settings import Settings
 pytestmark = pytest.mark.usefixtures("clean_env")
 
 
+def device_of(settings: Settings, **seen):
+    """The device choice as start_replica makes it from these settings."""
+    return choose_device(settings.device, where=settings.source_of("device"), **seen)
+
+
 def test_auto_device_follows_what_torch_sees():
-    assert choose_device(Settings(), cuda_available=True).value == "cuda"
-    chosen = choose_device(Settings(), cuda_available=False)
+    assert device_of(Settings(), cuda_available=True).value == "cuda"
+    chosen = device_of(Settings(), cuda_available=False)
     assert (chosen.value, chosen.source) == ("cpu", "auto: no GPU visible")
 
 
 def test_num_gpus_0_means_the_cpu_even_where_torch_sees_a_gpu():
-    chosen = choose_device(Settings(), cuda_available=True, gpus_assigned=0)
+    chosen = device_of(Settings(), cuda_available=True, gpus_assigned=0)
     assert (chosen.value, chosen.source) == ("cpu", "auto: the replica has no GPU of its own (num_gpus: 0), "
                                                     "though torch sees one")
-    assert choose_device(Settings(), cuda_available=True, gpus_assigned=1).value == "cuda"
-    assert choose_device(Settings(), cuda_available=True, gpus_assigned=None).value == "cuda"  # outside Ray
-    assert choose_device(Settings(device="cuda"), cuda_available=True, gpus_assigned=0).value == "cuda"  # asked
+    assert device_of(Settings(), cuda_available=True, gpus_assigned=1).value == "cuda"
+    assert device_of(Settings(), cuda_available=True, gpus_assigned=None).value == "cuda"  # outside Ray
+    assert device_of(Settings(device="cuda"), cuda_available=True, gpus_assigned=0).value == "cuda"  # asked
 
 
 def test_outside_a_ray_worker_no_gpus_are_assigned_or_denied():
@@ -43,22 +48,22 @@ def test_outside_a_ray_worker_no_gpus_are_assigned_or_denied():
 def test_asking_for_cuda_without_a_gpu_says_where_it_was_asked(monkeypatch):
     monkeypatch.setenv("EMB_PROVIDER_DEVICE", "cuda")
     with pytest.raises(ValueError, match=r"'cuda' is set \(environment EMB_PROVIDER_DEVICE\) but torch sees no GPU"):
-        choose_device(Settings(), cuda_available=False)
-    assert choose_device(Settings(device="cpu"), cuda_available=True).source == "set: args"
+        device_of(Settings(), cuda_available=False)
+    assert device_of(Settings(device="cpu"), cuda_available=True).source == "set: args"
 
 
 @pytest.mark.parametrize("device", ["auto", "cuda"])
 def test_a_gpu_from_ray_without_cuda_in_torch_refuses_to_start_and_says_why(device):
     with pytest.raises(ValueError, match=r"assigned this replica 1 GPU.*torch sees none.*torch \S+ is") as caught:
-        choose_device(Settings(device=device), cuda_available=False, gpus_assigned=1)
+        device_of(Settings(device=device), cuda_available=False, gpus_assigned=1)
     assert "num_gpus" in str(caught.value)
 
 
 def test_a_gpu_from_ray_may_still_serve_on_the_cpu_when_device_cpu_is_set():
-    assert choose_device(Settings(device="cpu"), cuda_available=False, gpus_assigned=1).value == "cpu"
+    assert device_of(Settings(device="cpu"), cuda_available=False, gpus_assigned=1).value == "cpu"
     # Outside Ray, or with no GPU assigned, no GPU is expected.
-    assert choose_device(Settings(), cuda_available=False, gpus_assigned=None).value == "cpu"
-    assert choose_device(Settings(), cuda_available=False, gpus_assigned=0).value == "cpu"
+    assert device_of(Settings(), cuda_available=False, gpus_assigned=None).value == "cpu"
+    assert device_of(Settings(), cuda_available=False, gpus_assigned=0).value == "cpu"
 
 
 def test_a_cpu_replica_takes_every_core_it_sees_unless_told():

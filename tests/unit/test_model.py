@@ -17,7 +17,7 @@ from embserve.engine.model import (
     cuda_dtype_choice,
     device_map_loading,
     padded_inputs,
-    pick_device,
+    place,
     pick_dtype,
     pool,
     read_cpu_flags,
@@ -104,8 +104,9 @@ def test_non_bundled_source_is_passed_through():
 
 
 def test_device_and_dtype_choice_on_this_machine():
-    assert pick_device("cpu") == "cpu"
-    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert place("cpu", "float32", None).device == "cpu"
+    # `auto` is resolved where a replica resolves it (embserve.engine.hardware.choose_device).
+    assert place("auto", "float32", None).device == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_dtype("auto", "cpu") == torch.float32
     assert pick_dtype("float16", "cpu") == torch.float16
     assert pick_dtype("bfloat16", "cuda") == torch.bfloat16

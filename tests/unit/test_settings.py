@@ -255,20 +255,23 @@ def test_task_is_embed_by_default_and_rerank_from_the_environment(clean_env, mon
         ModelSpec(name="a", task="classify")
 
 
-def test_batching_config_carries_settings_with_wait_in_seconds():
+def test_batching_config_carries_the_settings_knobs():
     cfg = Settings(max_batch_size=8, max_wait_time_ms=20, min_batch_size=2, enable_length_grouping=False,
                    length_group_tolerance=0.5, max_batch_tokens=4096, group_cost_tokens=64).batching()
-    assert cfg == BatchingConfig(max_batch_size=8, batch_wait_timeout_s=0.02, min_batch_size=2,
+    assert cfg == BatchingConfig(max_batch_size=8, max_wait_time_ms=20, min_batch_size=2,
                                  enable_length_grouping=False, length_group_tolerance=0.5,
                                  max_batch_tokens=4096, group_cost_tokens=64)
 
 
-def test_updated_maps_max_wait_time_ms_to_seconds_and_keeps_other_values():
+def test_updated_takes_the_wait_in_ms_or_as_rays_seconds_and_keeps_other_values():
     base = BatchingConfig(max_batch_size=8, min_batch_size=2)
     new = base.updated({"max_wait_time_ms": 50})
-    assert new.batch_wait_timeout_s == pytest.approx(0.05)
+    assert new.max_wait_time_ms == 50 and new.effective_wait_s == pytest.approx(0.05)
     assert new.max_batch_size == 8 and new.min_batch_size == 2
-    assert base.batch_wait_timeout_s == 0.0, "the original is left as it was"
+    assert base.max_wait_time_ms == 0.0, "the original is left as it was"
+    assert new.updated({"batch_wait_timeout_s": 0.002}).max_wait_time_ms == pytest.approx(2.0)
+    with pytest.raises(ValidationError, match="not both"):
+        base.updated({"batch_wait_timeout_s": 0.002, "max_wait_time_ms": 2})
 
 
 def test_updated_sets_named_keys():
@@ -300,7 +303,7 @@ def test_updated_rejects_unknown_or_invalid_keys(user_config):
 
 
 def test_effective_wait_is_zero_when_dynamic_batching_is_off():
-    cfg = BatchingConfig(batch_wait_timeout_s=0.05)
+    cfg = BatchingConfig(max_wait_time_ms=50)
     assert cfg.effective_wait_s == 0.05
     assert cfg.updated({"enable_dynamic_batching": False}).effective_wait_s == 0.0
     assert Settings(enable_dynamic_batching=False, max_wait_time_ms=30).batching().effective_wait_s == 0.0
