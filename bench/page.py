@@ -1,6 +1,6 @@
 """docs/benchmarks.md is two parts: what `bench.run` generates, above the KEEP line, and the dated sections of
 the other benches (bench.ab, bench.bulk, bench.soak, bench.peers), below it, each from its own run. A new
-`bench.run` replaces the first part and keeps the second, so that no figure that the README cites is lost."""
+`bench.run` replaces the first part and keeps the second, so that no measured figure the docs cite is lost."""
 
 from __future__ import annotations
 

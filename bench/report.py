@@ -486,7 +486,7 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     if results.get("profile"):
         L += _profile_section(results["profile"])
         L.append("")
-    L += ["Analysis and proposed changes: [bench/profile.md](../bench/profile.md).", "",
+    L += ["Analysis and proposed changes: [lab/profile.md](lab/profile.md) (a dated lab log).", "",
           "## Reproduce", "", "```bash", ". .venv/bin/activate",
           "python -m bench --help          # every benchmark (the suite) and study",
           "python -m bench run --quick     # ~4 min smoke run, writes build/bench-quick/",

@@ -1,7 +1,7 @@
 """Study: knobs that need no code change, each measured in the same run against embserve's default settings
 on Serve's plain setup (no fast path; see embserve/launch/serve_env.py): Ray Serve's own environment flags,
 the replica's torch thread count and OS scheduling, and the engine's batching settings. What the profile
-(bench/profile.md) predicted, checked with numbers.
+(docs/lab/profile.md) predicted, checked with numbers.
 
     python -m bench experiments            # about 20 minutes; writes build/experiments.json
     python -m bench experiments --repeats 1 --duration 6 --only "fast path"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from embserve.settings import CPU_GROUP_COST_TOKENS
+
 Plan = list[list[int]]
 
 
@@ -39,7 +41,7 @@ def plan_batches(
     group_by_length: bool = True,
     tolerance: float = 0.2,
     min_group_size: int = 1,
-    group_cost_tokens: int = 32,
+    group_cost_tokens: int = CPU_GROUP_COST_TOKENS,
     max_inputs: int | None = None,
 ) -> Plan:
     """Split inputs into forward groups of at most `max_inputs` inputs (None: as many as the budget allows).

@@ -28,7 +28,7 @@ from embserve.api.errors import Cancelled, EmbservError, NonFiniteOutput, OutOfM
 from embserve.engine.batching import next_group, padded_size
 from embserve.engine.forward_cost import ForwardCost
 from embserve.metrics.events import Admitted, Answered, Forward
-from embserve.settings import BatchingConfig
+from embserve.settings import BatchingConfig, default_group_cost_tokens
 
 if TYPE_CHECKING:  # the ingress imports this module for EmbedJob, and must not import torch
     from embserve.engine.model import EmbeddingModel
@@ -161,9 +161,8 @@ class Scheduler:
         # Padded tokens a forward has proved too many for the card's memory: halved at each out-of-memory,
         # for the replica's life, and a cap on whatever budget the settings or user_config give.
         self.memory_cap: int | None = None
-        # A forward's fixed cost dwarfs per-token cost on a GPU; on a CPU it is a few dozen tokens.
         self.group_cost_tokens = group_cost_tokens if group_cost_tokens is not None else (
-            512 if model.device == "cuda" else 32)
+            default_group_cost_tokens(model.device))
         # False: the length tolerance is a preference, not a wall; the group cost alone weighs padding
         # against one more forward (a GPU replica whose warm-up measured what a forward costs).
         self.tolerance_wall = tolerance_wall
