@@ -44,6 +44,7 @@ from typing import Any
 import httpx
 
 from bench import procs
+from bench.service import tail, wait_ready
 from bench.common import ROOT, machine, offline_env, short_commit, stop_on_signals
 from bench.load import EmbeddingsClient, Workload, closed_loop
 
@@ -182,19 +183,7 @@ def infinity_server(command: list[str], port: int, log_path: Path) -> Iterator[s
                                   env={**os.environ, **PEER_ENV})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"Infinity exited with {server.returncode} before it was ready:\n"
-                                   + log_tail(log_path))
-            try:
-                if httpx.get(f"{base}/health", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Infinity not ready after {READY_TIMEOUT_S:.0f} s:\n" + log_tail(log_path))
-            time.sleep(0.5)  # polling its health route: the only readiness signal a separate server gives
+        wait_ready(server, base, log_path, READY_TIMEOUT_S, name="Infinity")
         yield base
     finally:
         stop(server)
@@ -212,17 +201,10 @@ def stop(server: subprocess.Popen) -> None:
         server.wait(timeout=10)
 
 
-def log_tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
-
-
 def startup_log(path: Path, chars: int = 6000) -> str:
     """What Infinity says about its choices at startup (engine, device, warm-up timings), without the
     per-request access lines."""
-    lines = [x.rstrip() for x in log_tail(path, 10**6).splitlines() if '" 200' not in x and "HTTP/1.1" not in x]
+    lines = [x.rstrip() for x in tail(path, 10**6).splitlines() if '" 200' not in x and "HTTP/1.1" not in x]
     return "\n".join(lines)[:chars]
 
 

@@ -81,19 +81,21 @@ def serve_env(checkout: Path, extra: Mapping[str, str], free_port: Any) -> dict[
     return env
 
 
-def wait_ready(process: subprocess.Popen, base: str, log: Path, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Returns once GET /health answers 200 (every embedder answers its health check)."""
+def wait_ready(process: subprocess.Popen, base: str, log: Path, timeout_s: float = READY_TIMEOUT_S,
+               name: str = "embserve serve") -> None:
+    """Returns once GET /health answers 200 (embserve: every embedder answers its health check; a peer such
+    as Infinity: it is up), or raises with the tail of the server's log if it exits or the time runs out."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"embserve serve exited with {process.returncode} before it was ready:\n{tail(log)}")
+            raise RuntimeError(f"{name} exited with {process.returncode} before it was ready:\n{tail(log)}")
         try:
             if httpx.get(f"{base}/health", timeout=5.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass  # not listening yet
         if time.monotonic() > deadline:
-            raise RuntimeError(f"embserve serve not ready after {timeout_s:.0f} s:\n{tail(log)}")
+            raise RuntimeError(f"{name} not ready after {timeout_s:.0f} s:\n{tail(log)}")
         time.sleep(1.0)  # a separate server's only readiness signal is its health route
 
 
