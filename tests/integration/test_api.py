@@ -171,6 +171,29 @@ def test_a_request_of_several_megabytes_reaches_the_model(oai, reference):
                  reference([texts[0], TEXTS[0]]))
 
 
+@pytest.mark.parametrize("payload", [
+    {"model": MODEL, "input": TEXTS, "encoding_format": "float", "dimensions": 64},
+    {"model": "no-such-model", "input": "x"},
+    {"model": MODEL, "input": ""},
+    {"model": MODEL, "input": "x", "dimensions": 385},
+])
+def test_the_fast_path_answers_as_fastapis_route(client, payload):
+    """application/json takes the ingress's fast path (deployments/ingress.py, fast_request); a +json type
+    of the same body goes through FastAPI's route: same status, same body, errors included."""
+    fast = client.post("/v1/embeddings", json=payload)
+    routed = client.post("/v1/embeddings", json=payload, headers={"content-type": "application/vnd.api+json"})
+    assert fast.status_code == routed.status_code
+    a, b = fast.json(), routed.json()
+    if fast.status_code != 200:
+        assert a["error"] == b["error"] and a["request_id"] and a["request_id"] != b["request_id"]
+        return
+    assert_close([d["embedding"] for d in a["data"]], [d["embedding"] for d in b["data"]])
+    for body in (a, b):
+        for d in body["data"]:
+            d.pop("embedding")
+    assert a == b
+
+
 def test_models_lists_the_served_model_in_openai_shape(oai):
     models = oai.models.list()
     assert [m.id for m in models.data] == [MODEL]
