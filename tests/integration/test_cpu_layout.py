@@ -38,12 +38,16 @@ def test_the_shipped_cpu_layout_runs_one_single_thread_forward_per_core(config):
 
 def test_the_shipped_cpu_replica_runs_openvino_with_a_stream_per_forward_worker_and_says_why(config, client):
     """`runtime: auto` on a CPU with openvino installed (a dependency): the profile in /v1/performance names
-    the runtime, why, its precision and its streams, one per forward worker."""
+    the runtime, why, its precision and its streams, one per forward worker. The precision is bf16 where this
+    CPU has a bf16 matrix unit (`dtype: auto`, the shipped default), f32 elsewhere."""
+    from embserve.engine.model import cpu_bf16_choice, read_cpu_flags, torch_bf16_gemm_supported
+
     cores = len(os.sched_getaffinity(0))
+    bf16, _ = cpu_bf16_choice(read_cpu_flags(), torch_bf16_gemm_supported())
     runtime = call_deployment("describe")["profile"]["runtime"]
     assert runtime["value"] == "openvino", runtime
     assert runtime["source"].startswith("auto: a CPU, and openvino is installed"), runtime
-    assert f"f32 precision, {cores} streams" in runtime["source"], runtime
+    assert f"{'bf16' if bf16 else 'f32'} precision, {cores} streams" in runtime["source"], runtime
     deadline = time.monotonic() + 10  # the replica's profile reaches the metrics actor with its next report
     while MODEL not in (profiles := client.get("/v1/performance").json()["profile"]):
         assert time.monotonic() < deadline, profiles
