@@ -87,14 +87,16 @@ class Embedder:
 
     def describe(self) -> dict[str, Any]:
         """This replica's process, live batching settings (what reconfigure last applied) and thread layout;
-        `threads_per_forward` lists what the forward threads read back after setting it."""
+        `threads_per_forward` lists what the forward threads read back after setting it; the queue as it is now
+        (`pending_inputs`) and the requests admitted since the start (`admitted_requests`)."""
         return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
                 "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
                 "effective_admit_batch_size": self.batching.effective_admit_batch_size,
                 "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
                 "threads_per_forward": sorted(self.scheduler.threads_seen),
-                "pending_inputs": self.scheduler.pending, "profile": self.profile.as_dict()}
+                "pending_inputs": self.scheduler.pending,
+                "admitted_requests": self.scheduler.admitted, "profile": self.profile.as_dict()}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward, on a thread of its own, so that

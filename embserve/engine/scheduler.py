@@ -171,6 +171,7 @@ class Scheduler:
         self.forward_cost = forward_cost
         self.report = report
         self._pending: list[tuple[Request, int]] = []  # (request, input index), in admission order
+        self.admitted = 0  # requests admitted since the start, counted live (the metrics ship every 0.5 s)
         self._wake = threading.Condition()
         self._closed = False
         self.threads_seen: set[int] = set()  # torch threads per forward, as each worker reads them back
@@ -201,6 +202,7 @@ class Scheduler:
         self.report(Admitted(len(arrivals), sum(len(a.job) for a in arrivals), tokenize_s, self.model.info.task))
         now = time.perf_counter()
         with self._wake:
+            self.admitted += len(arrivals)
             for arrival, seqs, reply in prepared:
                 if isinstance(seqs, EmbservError) or not seqs:
                     error = seqs if isinstance(seqs, EmbservError) else None

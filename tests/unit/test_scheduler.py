@@ -112,6 +112,7 @@ def test_an_invalid_request_fails_alone_and_is_never_queued(float32_model, refer
     assert sum(f.inputs for f in seen.of(Forward)) == 5, "the refused requests' inputs are never embedded"
     assert seen.of(Admitted) == [Admitted(requests=4, inputs=9, tokenize_s=seen.of(Admitted)[0].tokenize_s)]
     assert sorted(a.error or "" for a in seen.of(Answered)) == ["", "", "InputTooLong", "InvalidRequest"]
+    assert s.admitted == 4, "a refused request was admitted too: the live count is what the metrics count"
 
 
 def test_truncation_cuts_to_the_model_maximum(scheduler, too_long):
