@@ -129,17 +129,41 @@ def test_a_run_stopped_after_some_shards_is_finished_by_a_rerun_with_every_id_on
     assert (third.shards_skipped, third.shards_run) == (6, 0)
 
 
+def actors() -> dict[str, tuple[str, int, str]]:
+    """Actor id -> (state, worker pid, class) of every actor the session's Ray knows of, the dead included;
+    detached ones (Ray Data's own, which outlive any driver) left out."""
+    from ray._private import state
+
+    return {actor_id: (info["State"], info["Pid"], info["ActorClassName"])
+            for actor_id, info in state.actors().items() if not info["IsDetached"]}
+
+
+def wait_until_gone(actor_ids: set[str], timeout_s: float = 60) -> None:
+    """Returns once Ray has declared each of `actor_ids` dead and its worker process has exited: Ray ends a
+    killed driver's actors after the driver, and one of them may still finish a shard meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while any(state != "DEAD" or Path(f"/proc/{pid}").exists()
+              for actor_id, (state, pid, _) in actors().items() if actor_id in actor_ids):
+        assert time.monotonic() < deadline, f"the killed run's actors outlived it: {actors()}"
+        time.sleep(0.1)
+
+
 def test_a_killed_cli_run_is_finished_by_a_rerun_with_every_id_once(ray_cluster, tmp_path):
     rows = [{"id": f"doc-{i}", "text": t} for i, t in enumerate(sentences(300, seed=3))]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     command = CLI + ["embed", "corpus.jsonl", "--output", "vectors", "--id-column", "id", "--shard-rows", "10",
                      "--actors", "1"]
+    before = set(actors())
     run = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not list((tmp_path / "vectors").glob("part-*.parquet")) and time.time() < deadline and run.poll() is None:
         time.sleep(0.05)
     run.send_signal(signal.SIGKILL)  # as a crash would: no clean-up of any kind
     run.wait()
+    # Its actors may finish a shard or two after the driver's death, and write it whole: count once they're gone.
+    started = set(actors()) - before
+    assert started, "the killed run started no actor of its own"
+    wait_until_gone(started)
     parts = len(list((tmp_path / "vectors").glob("part-*.parquet")))
     assert 1 <= parts < 30, f"{parts} shards done before the kill"
     again = subprocess.run(command + ["--json"], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=240)
