@@ -116,14 +116,27 @@ def measured_cost(device: SimulatedGpu, max_batch_size: int) -> Any:
     return fit_forward_cost(timings)
 
 
-def offline_limit(device: SimulatedGpu, ids: list[list[int]], group: int) -> float:
-    """Texts/s with every text known at once: sorted by length, queued back to back in groups of `group`."""
+def offline_limit(device: SimulatedGpu, ids: list[list[int]], group: int) -> tuple[float, dict[str, float]]:
+    """Texts/s with every text known at once: sorted by length, queued back to back in groups of `group`;
+    and what its forwards held per input (`per_input`)."""
     ordered = sorted(ids, key=len)
+    groups = [ordered[i:i + group] for i in range(0, len(ordered), group)]
     t0 = time.perf_counter()
-    pending = [device.launch(ordered[i:i + group]) for i in range(0, len(ordered), group)]
+    pending = [device.launch(g) for g in groups]
     for p in pending:
         p.result()
-    return len(ordered) / (time.perf_counter() - t0)
+    padded = sum(len(g) * len(g[-1]) for g in groups)
+    return len(ordered) / (time.perf_counter() - t0), per_input(len(ordered), len(groups), padded,
+                                                                sum(map(len, ordered)), device)
+
+
+def per_input(inputs: int, forwards: int, padded: int, tokens: int, device: SimulatedGpu) -> dict[str, float]:
+    """What a run's forwards held per input, and the device's time per input they stand for by its own
+    line: the fixed part (forwards per input) and the per-token part (padded tokens per input)."""
+    return {"inputs_per_forward": round(inputs / forwards, 1), "tokens_per_input": round(tokens / inputs, 1),
+            "padded_tokens_per_input": round(padded / inputs, 1),
+            "fixed_us_per_input": round(device.fixed_s * 1e6 * forwards / inputs, 1),
+            "token_us_per_input": round(device.per_token_s * 1e6 * padded / inputs, 1)}
 
 
 async def closed_loop(scheduler: Any, texts: list[Any], clients: int, seconds: float,
@@ -185,7 +198,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     texts = load_or_build(None).mixed(args.texts, seed=3)
     tokenizer = scheduler.tokenizer
     ids = [tokenizer.finish(c, i, True) for i, c in enumerate(tokenizer.content_ids(texts))]
-    limit = offline_limit(device, ids, args.max_batch_size)
+    limit, offline = offline_limit(device, ids, args.max_batch_size)
     # What a client sends: the ids without the special tokens the replica adds itself.
     inputs: list[Any] = texts if args.raw_texts else [list(ids) for ids in tokenizer.content_ids(texts)]
     asyncio.run(closed_loop(scheduler, inputs, args.clients, 1.0, args.max_batch_size))  # warm
@@ -196,10 +209,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     forwards = [f for f in seen[first:] if isinstance(f, Forward)]
     scheduler.close()
     device.close()
-    point.update(busy_share=round(device.busy_share(t0 + 0.2, t1 - 0.2), 3),
+    busy = device.busy_share(t0 + 0.2, t1 - 0.2)
+    served = per_input(sum(f.inputs for f in forwards), len(forwards), sum(f.padded_tokens for f in forwards),
+                       sum(f.tokens for f in forwards), device) if forwards else {}
+    # The device's time per text served, split: its fixed and per-token parts by its line, and the rest
+    # (idle, and sleep's overshoot); the offline run's beside it. Their difference is the gap to the limit.
+    served["idle_us_per_input"] = round(1e6 / point["texts_per_s"] - served.get("fixed_us_per_input", 0.0)
+                                        - served.get("token_us_per_input", 0.0), 1)
+    offline["idle_us_per_input"] = round(1e6 / limit - offline["fixed_us_per_input"]
+                                         - offline["token_us_per_input"], 1)
+    point.update(busy_share=round(busy, 3),
                  offline_texts_per_s=round(limit, 1), ratio_to_offline=round(point["texts_per_s"] / limit, 3),
                  inputs_per_forward=round(statistics.fmean(f.inputs for f in forwards), 1) if forwards else 0.0,
-                 forwards=len(forwards), pipelined=not args.serial,
+                 forwards=len(forwards), served=served, offline=offline, pipelined=not args.serial,
                  cost_line=cost.describe() if cost is not None else None, raw_texts=args.raw_texts,
                  fixed_ms=args.fixed_ms, per_token_us=args.per_token_us, max_batch_size=args.max_batch_size,
                  budget=args.budget)
