@@ -1,6 +1,8 @@
 """A replica's one scheduler: requests are tokenized when they are admitted and queue here as inputs; each
 forward worker takes the next group from one plan over everything pending (the group that holds the
-oldest input), and each request is answered as soon as its own inputs are done.
+oldest input; on a GPU with the warm-up's cost line, the group that costs least per input, the oldest's
+again once an input has waited PASSED_OVER_TAKES takes), and each request is answered as soon as its own
+inputs are done.
 
 One lock guards the queue; forward workers are plain threads that take a group, run it, and hand its
 vectors back. On a GPU the one worker is pipelined (`_pipeline`): it keeps two groups launched, and plans
