@@ -4,12 +4,15 @@ stream while the host goes on. It measures how busy the scheduler keeps a card, 
 
     python -m bench simulated-gpu [--clients 256] [--seconds 5] [--out build/bench-simulated-gpu.json]
 
-256 closed-loop clients of one text each are admitted the way a replica's @serve.batch does (whatever
-arrived since the last admission, up to admit_batch_size inputs, in one call), and answered as soon as
-their own input is done. The clients send the texts' token ids (an input OpenAI's API takes): the
-engine is what is measured, and the tokenizer costs ~0.4 ms a mixed text on one core, more than the
-simulated card takes for it (`--raw-texts` sends the texts instead). Reported: the device's busy share over the run, texts/s, and their ratio to the
-offline limit (the same texts sorted by length and queued back to back in groups of max_batch_size).
+256 closed-loop clients of one text each, each text drawn at random from 2048 mixed texts, are admitted the
+way a replica's @serve.batch does (whatever arrived since the last admission, up to admit_batch_size
+inputs, in one call), and answered as soon as their own input is done. The clients send the texts' token
+ids (an input OpenAI's API takes): the engine is what is measured, and the tokenizer costs ~0.4 ms a mixed
+text on one core, more than the simulated card takes for it (`--raw-texts` sends the texts instead).
+Reported: the device's busy share over the run, texts/s, and their ratio to the offline limit (the same
+texts sorted by length and queued back to back in groups of max_batch_size, the best of 3 passes); and for
+both, the device's time per text split into its line's fixed and per-token parts, its time beyond the line
+and its idle time (`per_input`), so that a gap to the limit shows where it comes from.
 The scheduler gets the device's cost line as a GPU replica's warm-up measures it: the line through two timed
 forwards, one of 1 x 8 tokens and one of max_batch_size x 128 (`--no-cost-line`: none, so the pipelined
 worker takes each next group at once, as it did before it had one).
