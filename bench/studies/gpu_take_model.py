@@ -40,7 +40,8 @@ def offline_per_s(lengths: list[int], fixed_s: float, per_token_s: float, group:
 def closed_loop(lengths: list[int], clients: int, choice: str, args: argparse.Namespace) -> dict[str, Any]:
     """`clients` closed-loop callers of one text each through the modelled worker, for `args.seconds`."""
     draws = [random.Random(k) for k in range(clients)]
-    pending = [(0.0, lengths[draws[k].randrange(len(lengths))], k, 0) for k in range(clients)]  # arrival, length, client, takes then
+    # (arrived, length, client, takes before it arrived), in arrival order
+    pending = [(0.0, lengths[draws[k].randrange(len(lengths))], k, 0) for k in range(clients)]
     plan = {"max_batch_tokens": args.budget, "max_inputs": args.max_batch_size, "tolerance": 1.0,
             "group_cost_tokens": round(args.fixed_ms * 1000 / args.per_token_us)}
     fixed_s, per_token_s, lead_s = args.fixed_ms / 1e3, args.per_token_us / 1e6, args.lead_ms / 1e3
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> None:
     from bench.planner import token_lengths
 
     lengths = token_lengths(2048, seed=3)
-    rows = [closed_loop(lengths, clients, choice, args) for clients in args.clients for choice in ("oldest", "cheapest")]
+    rows = [closed_loop(lengths, clients, choice, args)
+            for clients in args.clients for choice in ("oldest", "cheapest")]
     for row in rows:
         print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

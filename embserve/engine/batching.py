@@ -205,12 +205,11 @@ def next_group(lengths: Sequence[int], *, max_batch_tokens: int, max_inputs: int
     caller bounds how long an input may be passed over by asking for the oldest first again."""
     if not lengths:
         return []
-    if not oldest_first and plan.get("group_by_length", True):
-        return cheapest_group(lengths, max_batch_tokens=max_batch_tokens, max_inputs=max_inputs,
-                              tolerance=float(plan.get("tolerance", 0.2)),  # type: ignore[arg-type]
-                              group_cost_tokens=int(plan.get("group_cost_tokens", CPU_GROUP_COST_TOKENS)),  # type: ignore[call-overload]
-                              min_group_size=int(plan.get("min_group_size", 1)))  # type: ignore[call-overload]
-    groups = plan_batches(lengths, max_batch_tokens=max_batch_tokens, max_inputs=max_inputs, **plan)  # type: ignore[arg-type]
+    by_length = bool(plan.pop("group_by_length", True))
+    if not oldest_first and by_length:
+        return cheapest_group(lengths, max_batch_tokens=max_batch_tokens, max_inputs=max_inputs, **plan)  # type: ignore[arg-type]
+    groups = plan_batches(lengths, max_batch_tokens=max_batch_tokens, max_inputs=max_inputs,
+                          group_by_length=by_length, **plan)  # type: ignore[arg-type]
     return next(group for group in groups if 0 in group)
 
 
