@@ -44,6 +44,8 @@ STUDIES: dict[str, Command] = {
     "cpu-dtypes": Command("bench.studies.cpu_dtypes", "study: float32 against bf16 autocast and bf16 weights"),
     "heap-shapes": Command("bench.studies.heap_shapes", "study: a CPU model's RSS under ever new shapes"),
     "record-cost": Command("bench.studies.record_cost", "study: what one metrics event costs, in ns"),
+    "gpu-take-model": Command("bench.studies.gpu_take_model",
+                              "study: the GPU worker's closed loop as an event model, by clients and group choice"),
 }
 COMMANDS: dict[str, Command] = {**SUITE, **STUDIES}
 

@@ -1,7 +1,11 @@
 """The GPU half of issue 5: a MiniLM-architecture model (the bundled config, random weights) at fp16 on
 a card, measured without Ray: a batch sweep of raw forwards, the offline limit on the benchmark's mixed
 texts, and a concurrency sweep through embserve's own scheduler, as a replica runs it
-(HTTP and Ray left out), each as a ratio to that limit.
+(HTTP and Ray left out), each as a ratio to that limit. The scheduler gets what a GPU replica's start gets
+from its warm-up (embserve.engine.hardware.start_replica): the cost line fitted through two timed forwards,
+a forward's fixed cost as the planner's group cost, the length tolerance a preference, and the token budget
+bounded by max_forward_ms; so the pipelined worker takes its groups just in time and the planner the group
+that costs least per input, as on a served card (`--no-cost-line`: none of it, the take before the line).
 
 A GPU machine without network access may have torch and transformers but not Ray, and cannot download.
 This script needs only embserve/, bench/ and a folder made here beforehand:
@@ -11,7 +15,8 @@ This script needs only embserve/, bench/ and a folder made here beforehand:
     python3 -m pip install -q --no-index --no-deps --target "$SITE" .gpu/wheels/*.whl   # any scratch folder
     PYTHONPATH="$SITE":. python3 -m bench.gpu --model .gpu/model --corpus .gpu/corpus.json --out "$OUT"
 
-On a machine without a GPU, `--device cpu --dtype float32 --quick` runs the same code as a smoke test.
+On a machine without a GPU, `--device cpu --dtype float32 --quick` runs the same code as a smoke test (the
+warm-up is timed there too, though a CPU replica times nothing, so that the same path runs).
 """
 
 from __future__ import annotations
@@ -165,11 +170,32 @@ async def engine_point(scheduler: Any, seen: list[Any], texts: list[str], client
             "inputs_per_forward": round(statistics.fmean(f.inputs for f in forwards), 1) if forwards else 0.0}
 
 
+def replica_timing(model: Any, budget: int, batch_size: int, settings: Any = None) -> tuple[Any, dict[str, Any]]:
+    """What a GPU replica's start makes of its warm-up (embserve.engine.hardware.start_replica): the warm-up
+    shapes run and timed, the cost line fitted, then `forward_timing` (the budget bounded by max_forward_ms,
+    the group cost, the tolerance, the line). Returns its ForwardTiming and the profile entries it set."""
+    from embserve.engine.hardware import Choice, Profile, forward_timing
+    from embserve.engine.warmup import warm_up, warm_up_shapes
+    from embserve.settings import GPU_MAX_FORWARD_MS, Settings
+
+    settings = settings if settings is not None else Settings(_env_file=None)
+    warmed = warm_up(model, warm_up_shapes(budget, batch_size, model.max_length, model.device), timed=True)
+    profile = Profile()
+    limit_ms = settings.max_forward_ms if settings.max_forward_ms is not None else GPU_MAX_FORWARD_MS
+    timing = forward_timing(settings, profile, Choice(budget, "bench: the card's limits"), warmed.cost, limit_ms,
+                            model.max_length, gpu=True)
+    return timing, {name: choice.value for name, choice in profile.choices.items()}
+
+
 def markdown(report: dict[str, Any]) -> str:
     limit = report["offline"]["best"]["texts_per_s"]
     lines = [f"## GPU: {report['device_name']} ({report['dtype']}, MiniLM-L6 config, random weights)", "",
              f"torch {report['torch']}, token budget {report['budget']} per forward. Offline limit: "
-             f"{limit:.0f} texts/s (sorted batches of {report['offline']['best']['batch']}).", "",
+             f"{limit:.0f} texts/s (sorted batches of {report['offline']['best']['batch']}). Scheduler: "
+             + (f"the warm-up's cost line, {report['timing']['forward_cost']}, group cost "
+                f"{report['timing']['group_cost_tokens']} tokens" if "forward_cost" in (report.get("timing") or {})
+                else "no cost line")
+             + ".", "",
              "| clients | texts/s | × offline | p50 ms | p99 ms | inputs per forward |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for p in report["engine"]:
@@ -187,7 +213,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from embserve.engine.hardware import gpu_limits
     from embserve.engine.model import EmbeddingModel
     from embserve.engine.scheduler import Scheduler, forward_layout
-    from embserve.settings import CPU_MAX_BATCH_TOKENS, BatchingConfig, ModelSpec
+    from embserve.settings import CPU_MAX_BATCH_SIZE, CPU_MAX_BATCH_TOKENS, BatchingConfig, ModelSpec
 
     folder = random_weights(Path(args.model), args.dtype)
     model = EmbeddingModel(ModelSpec(name="minilm-random", source=str(folder)), device=args.device, dtype=args.dtype)
@@ -195,15 +221,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     # runs it.
     limits = gpu_limits(model, 0.8, 1) if model.device == "cuda" else None
     budget = limits.max_batch_tokens if limits else CPU_MAX_BATCH_TOKENS
+    batch_size = limits.max_batch_size if limits else CPU_MAX_BATCH_SIZE
+    timing, profile = (None, {}) if args.no_cost_line else replica_timing(model, budget, batch_size)
+    if timing is not None:
+        budget = timing.budget
+        print(f"warm-up: {profile}", flush=True)
     seen: list[Any] = []
-    cfg = BatchingConfig(max_batch_tokens=budget, max_batch_size=limits.max_batch_size if limits else None)
+    cfg = BatchingConfig(max_batch_tokens=budget, max_batch_size=batch_size)
     scheduler = Scheduler(model, forward_layout(model.device, torch.get_num_threads()), config=lambda: cfg,
-                          max_batch_tokens=budget, report=seen.append)
+                          max_batch_tokens=budget, report=seen.append,
+                          **({} if timing is None else {"group_cost_tokens": timing.group_cost_tokens,
+                                                        "tolerance_wall": timing.tolerance_wall,
+                                                        "forward_cost": timing.cost}))
     corpus = load_or_build(Path(args.corpus) if args.corpus else None)
     texts = corpus.mixed(args.texts)
     quick = args.quick
     report: dict[str, Any] = {
         "device": model.device, "dtype": model.info.dtype, "torch": torch.__version__, "budget": budget,
+        "timing": profile or None, "pipelined": scheduler.pipelined,
         "device_name": torch.cuda.get_device_name() if model.device == "cuda" else "CPU"}
     print("batch sweep ...", flush=True)
     report["batch_sweep"] = batch_sweep(model, model.device, (1, 8, 64) if quick else (1, 4, 16, 64, 256, 1024),
@@ -231,6 +266,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--texts", type=int, default=4096, help="mixed texts for the offline limit and the clients")
     parser.add_argument("--seconds", type=float, default=5.0, help="per concurrency point")
     parser.add_argument("--quick", action="store_true", help="a smoke test: few sizes, few points")
+    parser.add_argument("--no-cost-line", action="store_true",
+                        help="give the scheduler no warm-up cost line: the take before it, for comparison")
     parser.add_argument("--out", type=Path, default=Path("build/bench-gpu"))
 
 

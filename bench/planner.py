@@ -5,7 +5,8 @@ planner runs under the queue lock before each forward, so on a GPU the card wait
     python -m bench planner [--out build/bench-planner.json]
 
 Beside it, the plain O(n x window) dynamic programme that the planner replaced, for comparison (the unit
-tests hold both to the same costs).
+tests hold both to the same costs), and `cheapest_group`, the choice a GPU replica with a cost line makes
+(next_group with oldest_first=False).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from embserve.engine.batching import next_group
+from embserve.engine.batching import cheapest_group, next_group
 
 # (name, settings): a CPU replica's defaults, and a GPU replica's on a 24 GB+ card (tier 256 inputs, the
 # MiniLM budget such a card gets, and a forward's fixed cost worth 512 or 8192 tokens; with tolerance
@@ -91,10 +92,12 @@ def run(args: argparse.Namespace) -> None:
             lengths = rng.sample(pool, n)
             row = {"case": name, "inputs": n, **settings,
                    "next_group_ms": best_ms(next_group, lengths, settings, args.repeats),
+                   "cheapest_group_ms": best_ms(cheapest_group, lengths, settings, args.repeats),
                    "plain_dp_ms": best_ms(plain_next_group, lengths, settings, max(3, args.repeats // 4))}
             rows.append(row)
             print(f"{name:9s} {n:4d} inputs: next_group {row['next_group_ms']:7.3f} ms, "
-                  f"plain DP {row['plain_dp_ms']:7.3f} ms", flush=True)
+                  f"cheapest_group {row['cheapest_group_ms']:7.3f} ms, plain DP {row['plain_dp_ms']:7.3f} ms",
+                  flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
 

@@ -194,13 +194,66 @@ def plan_stats(lengths: Sequence[int], plan: Plan) -> PlanStats:
 
 
 def next_group(lengths: Sequence[int], *, max_batch_tokens: int, max_inputs: int | None = None,
-               **plan: object) -> list[int]:
+               oldest_first: bool = True, **plan: object) -> list[int]:
     """The one place a forward's size is decided: the group to run next from inputs queued in arrival
-    order, at most `max_batch_tokens` padded tokens and `max_inputs` inputs (the `max_batch_size`
-    setting). Of the plan over all of them (`plan_batches`, same other arguments), the group that holds
+    order, at most `max_batch_tokens` padded tokens and `max_inputs` inputs (the `max_batch_size` setting).
+
+    `oldest_first`: of the plan over all of them (`plan_batches`, same other arguments), the group that holds
     the oldest input, index 0: taking it first serves inputs in arrival order, while its companions are
-    whatever pads least beside it."""
+    whatever pads least beside it. Otherwise the group that costs least per input (`cheapest_group`), for a
+    device whose forward's fixed cost is large and known, where what stays pending waits for company; the
+    caller bounds how long an input may be passed over by asking for the oldest first again."""
     if not lengths:
         return []
-    groups = plan_batches(lengths, max_batch_tokens=max_batch_tokens, max_inputs=max_inputs, **plan)  # type: ignore[arg-type]
+    by_length = bool(plan.pop("group_by_length", True))
+    if not oldest_first and by_length:
+        return cheapest_group(lengths, max_batch_tokens=max_batch_tokens, max_inputs=max_inputs, **plan)  # type: ignore[arg-type]
+    groups = plan_batches(lengths, max_batch_tokens=max_batch_tokens, max_inputs=max_inputs,
+                          group_by_length=by_length, **plan)  # type: ignore[arg-type]
     return next(group for group in groups if 0 in group)
+
+
+def cheapest_group(lengths: Sequence[int], *, max_batch_tokens: int, max_inputs: int | None = None,
+                   tolerance: float = 0.2, group_cost_tokens: int = CPU_GROUP_COST_TOKENS,
+                   min_group_size: int = 1) -> list[int]:
+    """Of every group the length plan allows (a run of the inputs sorted by length, within `tolerance` of its
+    longest, `max_batch_tokens` and `max_inputs`; at least `min_group_size` inputs where any run has that
+    many), the one whose forward costs least per input: (group_cost_tokens + its padding) / its inputs, the
+    padding being what the forward computes beyond the inputs' own tokens. Among equal costs, the shortest
+    lengths first. O(n log n) in numpy.
+
+    For a group ending at sorted input j (its longest, L), the cost per input of starting at i is
+    L + (group_cost - (S[j] - S[i])) / (j - i), S the prefix sums: minus the slope from the point
+    (i, S[i]) to (j, S[j] - group_cost). S is convex (the lengths are sorted), so that slope rises to its
+    highest and then falls, flat only at the top (two equal slopes in a row lie on a line under every
+    point); a binary search on whether the next start is no better finds the best start for every end at
+    once.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    cap = max_inputs or n
+    keys = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    sums = np.concatenate(([0], np.cumsum(ordered)))
+    ends = np.arange(1, n + 1)  # j: the group is sorted[i:j]
+    lo = np.asarray(_earliest_starts(ordered, max_batch_tokens, tolerance, cap), dtype=np.int64)
+    hi = ends - 1
+    if min_group_size > 1 and (lo <= ends - min_group_size).any():
+        usable = lo <= ends - min_group_size
+        ends, lo, hi = ends[usable], lo[usable], (ends - min_group_size)[usable]
+    target = sums[ends] - group_cost_tokens  # (j, S[j] - cost): the point each start's slope runs to
+    a, b = lo.copy(), hi.copy()
+    while (a < b).any():
+        mid = (a + b) // 2
+        nxt = np.minimum(mid + 1, hi)
+        # cost per input at mid is no more than at mid + 1 (fractions compared by cross-multiplying)
+        done = (sums[mid] - target) * (ends - nxt) <= (sums[nxt] - target) * (ends - mid)
+        searching = a < b
+        b = np.where(searching & done, mid, b)
+        a = np.where(searching & ~done, mid + 1, a)
+    inputs = ends - a
+    waste = group_cost_tokens + inputs * ordered[ends - 1] - (sums[ends] - sums[a])
+    best = int(np.argmin(waste / inputs))
+    return order[a[best]:ends[best]].tolist()

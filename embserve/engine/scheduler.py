@@ -1,6 +1,8 @@
 """A replica's one scheduler: requests are tokenized when they are admitted and queue here as inputs; each
 forward worker takes the next group from one plan over everything pending (the group that holds the
-oldest input), and each request is answered as soon as its own inputs are done.
+oldest input; on a GPU with the warm-up's cost line, the group that costs least per input, the oldest's
+again once an input has waited PASSED_OVER_TAKES takes), and each request is answered as soon as its own
+inputs are done.
 
 One lock guards the queue; forward workers are plain threads that take a group, run it, and hand its
 vectors back. On a GPU the one worker is pipelined (`_pipeline`): it keeps two groups launched, and plans
@@ -48,6 +50,10 @@ LEAD_FLOOR_S = 0.0005
 # average), so that a slower than average take still launches before the card runs dry.
 LEAD_MARGIN = 2.0
 HOST_TIME_WEIGHT = 0.2  # of the newest take in that average
+# With a cost line the next group is the one that costs least per input, so an input may be passed over while
+# its length waits for company; once this many takes have passed since it arrived, the group holding the
+# oldest input is taken again, until no input that old is pending.
+PASSED_OVER_TAKES = 8
 
 
 @dataclass(eq=False)
@@ -169,6 +175,7 @@ class Scheduler:
         # What a forward costs on this device (the warm-up's line on a GPU): the pipelined worker predicts
         # from it when the card runs out of launched work. None: it takes the next group at once.
         self.forward_cost = forward_cost
+        self._take_times: deque[float] = deque(maxlen=PASSED_OVER_TAKES)  # the latest takes, with a cost line
         self.report = report
         self._pending: list[tuple[Request, int]] = []  # (request, input index), in admission order
         self.admitted = 0  # requests admitted since the start, counted live (the metrics ship every 0.5 s)
@@ -243,7 +250,7 @@ class Scheduler:
         if not cfg.enable_dynamic_batching:  # every request on its own: plan the oldest one's inputs only
             window = [item for item in window if item[0] is window[0][0]]
         group = next_group([len(r.seqs[i]) for r, i in window], max_batch_tokens=self._budget(cfg),
-                           max_inputs=cfg.max_batch_size,
+                           max_inputs=cfg.max_batch_size, oldest_first=self._oldest_first(window[0][0]),
                            group_by_length=cfg.enable_length_grouping,
                            tolerance=cfg.length_group_tolerance if self.tolerance_wall else 1.0,
                            min_group_size=cfg.min_batch_size,
@@ -253,6 +260,17 @@ class Scheduler:
         chosen = set(map(id, taken))
         self._pending = [item for item in self._pending if id(item) not in chosen]
         return taken
+
+    def _oldest_first(self, oldest: Request) -> bool:
+        """Under the lock, at a take: whether the group holding the oldest input must be the one taken.
+        Always, without a cost line; with one, only once PASSED_OVER_TAKES takes have passed since the oldest
+        pending input arrived (else the planner takes the group that costs least per input)."""
+        if self.forward_cost is None:
+            return True
+        times = self._take_times
+        overdue = len(times) == times.maxlen and oldest.admitted_at <= times[0]
+        times.append(time.perf_counter())
+        return overdue
 
     def _budget(self, cfg: BatchingConfig) -> int:
         budget = cfg.max_batch_tokens or self.max_batch_tokens

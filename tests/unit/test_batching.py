@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
-from embserve.engine.batching import merge_small_groups, padded_size, plan_batches, plan_stats
+from embserve.engine.batching import cheapest_group, merge_small_groups, next_group, padded_size, plan_batches, plan_stats
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=512), min_size=0, max_size=120)
 budget_st = st.integers(min_value=1, max_value=8192)
@@ -257,3 +257,71 @@ def test_no_inputs_make_an_empty_plan_with_perfect_efficiency():
 def test_non_positive_budget_is_refused(budget):
     with pytest.raises(ValueError, match="max_batch_tokens"):
         plan_batches([1, 2], max_batch_tokens=budget)
+
+
+# The group that costs least per input (a GPU replica with a cost line): any run of the sorted lengths the
+# plan's limits allow, against every such run.
+
+def _valid_runs(lengths: list[int], budget: int, tolerance: float, max_inputs: int | None) -> list[list[int]]:
+    """Every run of the stably sorted inputs within the tolerance, the budget (or of one input) and max_inputs."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    runs = []
+    for a in range(len(order)):
+        for b in range(a + 1, len(order) + 1):
+            run = order[a:b]
+            longest = lengths[run[-1]]
+            if lengths[run[0]] >= longest * (1.0 - tolerance) and (len(run) == 1 or len(run) * longest <= budget) and (
+                    max_inputs is None or len(run) <= max_inputs):
+                runs.append(run)
+    return runs
+
+
+def _cost_per_input(lengths: list[int], group: list[int], cost: int) -> float:
+    return (cost + padded_size(lengths, group) - sum(lengths[i] for i in group)) / len(group)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(1, 300), st.sampled_from([10, 50, 100])), min_size=1, max_size=40),
+       st.integers(16, 4000), tolerance_st, st.one_of(st.integers(0, 64), st.integers(0, 5000)),
+       st.one_of(st.none(), st.integers(1, 16)), st.integers(1, 6))
+@example([1, 50, 100, 100], 8192, 1.0, 10, None, 1)  # the best start for the longest end is not its first
+def test_the_cheapest_group_costs_no_more_per_input_than_any_group_the_limits_allow(lengths, budget, tolerance,
+                                                                                   cost, max_inputs, min_group):
+    group = cheapest_group(lengths, max_batch_tokens=budget, max_inputs=max_inputs, tolerance=tolerance,
+                           group_cost_tokens=cost, min_group_size=min_group)
+    runs = _valid_runs(lengths, budget, tolerance, max_inputs)
+    large = [run for run in runs if len(run) >= min_group]
+    assert sorted(group) in [sorted(run) for run in runs], "a run of the sorted lengths, within every limit"
+    assert len(group) >= min_group or not large, "as large as min_group_size wherever a run allows it"
+    best = min(_cost_per_input(lengths, run, cost) for run in (large or runs))
+    assert _cost_per_input(lengths, group, cost) == pytest.approx(best, rel=1e-12, abs=1e-12)
+
+
+@fast
+@given(lengths_st, budget_st, tolerance_st, cost_st)
+def test_next_group_takes_the_cheapest_group_unless_asked_for_the_oldest(lengths, budget, tolerance, cost):
+    plan = {"max_batch_tokens": budget, "tolerance": tolerance, "group_cost_tokens": cost, "max_inputs": 64}
+    assert next_group(lengths, oldest_first=False, **plan) == (cheapest_group(lengths, **plan) if lengths else [])
+    oldest = next_group(lengths, **plan)
+    assert not lengths or 0 in oldest
+    # Without length grouping there is no length run to choose: the oldest input's group, in arrival order.
+    assert next_group(lengths, oldest_first=False, group_by_length=False, **plan) == next_group(
+        lengths, group_by_length=False, **plan)
+
+
+def test_the_cheapest_group_leaves_the_oldest_input_when_others_pad_less():
+    # One long input first, then three short ones of one length: the short ones cost a third of a forward's
+    # fixed cost each (100 tokens) and pad nothing; the long one costs a whole forward alone (300), or pads
+    # the short ones to its length beside it ((300 + 3 x 188) / 4 = 216).
+    lengths = [200, 12, 12, 12]
+    assert cheapest_group(lengths, max_batch_tokens=8192, tolerance=1.0, group_cost_tokens=300) == [1, 2, 3]
+    assert 0 in next_group(lengths, max_batch_tokens=8192, tolerance=1.0, group_cost_tokens=300)
+    # Where a forward's fixed cost is worth more than that padding, all four share one forward.
+    assert cheapest_group(lengths, max_batch_tokens=8192, tolerance=1.0, group_cost_tokens=2000) == [1, 2, 3, 0]
+    # A forward that costs nothing fixed: each input alone pads nothing, and the first shortest is as cheap.
+    assert cheapest_group(lengths, max_batch_tokens=8192, tolerance=1.0, group_cost_tokens=0) == [1]
+
+
+def test_the_cheapest_group_takes_in_arrival_order_among_equal_lengths_up_to_max_inputs():
+    assert cheapest_group([50] * 10, max_batch_tokens=8192, max_inputs=4, group_cost_tokens=100) == [0, 1, 2, 3]
+    assert cheapest_group([], max_batch_tokens=8192) == []

@@ -18,7 +18,8 @@ from embserve.api.contracts import EmbedJob
 from embserve.api.errors import Cancelled, InputTooLong, InvalidRequest, NonFiniteOutput, OutOfMemory, Unavailable
 from embserve.engine.batching import next_group, plan_batches
 from embserve.engine.forward_cost import ForwardCost
-from embserve.engine.scheduler import Arrival, ForwardLayout, Scheduler, embed_jobs, forward_layout
+from embserve.engine.scheduler import (PASSED_OVER_TAKES, Arrival, ForwardLayout, Scheduler, embed_jobs,
+                                      forward_layout)
 from embserve.metrics.events import Admitted, Answered, Forward
 from embserve.settings import BatchingConfig
 from tests.texts import mixed_texts
@@ -490,8 +491,8 @@ def test_pipelined_groups_end_in_order_and_each_request_gets_its_own_vectors(sim
         assert result.error is None
         assert result.vectors[0].tolist() == [len(finished), finished[0], finished[-1], 1.0]
     assert all(f.inputs <= 3 for f in seen.of(Forward)) and sum(f.inputs for f in seen.of(Forward)) == 20
-    # The first-admitted input's group runs first: arrival order holds across launched groups.
-    assert order[0] == 0
+    if cost is None:  # the first-admitted input's group runs first: arrival order holds across launched groups
+        assert order[0] == 0
 
 
 def test_closing_a_pipelined_scheduler_lets_launched_groups_end_and_answers_the_rest():
@@ -594,3 +595,28 @@ def test_with_a_cost_line_a_group_short_of_full_waits_while_the_work_in_flight_i
         assert len(device.launches) == 1 and s.pending == 1
     # Closing ends the wait: the launched group is answered with its vectors, the waiting input as unavailable.
     assert isinstance(future.result(1).error, Unavailable)
+
+
+def test_with_a_cost_line_an_input_passed_over_for_cheaper_groups_runs_once_enough_takes_have_passed(simulated):
+    # One long input first, then short ones of one length, all admitted at once, groups of three: by cost per
+    # input the short ones go first (a third of a forward's fixed cost each, no padding), the long one last;
+    # once PASSED_OVER_TAKES takes have passed since it arrived, the oldest input's group goes first again.
+    shorts = 3 * (PASSED_OVER_TAKES + 2)
+    s, seen = pipelined(simulated, BatchingConfig(max_batch_size=3), ForwardCost(fixed_s=0.0, per_token_s=0.0))
+    try:
+        results = embed_jobs(s, [EmbedJob(texts=["long " * 40])] + [EmbedJob(texts=["short"])] * shorts)
+    finally:
+        s.close()
+    assert all(r.error is None for r in results)
+    forwards = seen.of(Forward)  # reported in the order the groups were taken
+    assert [f.inputs for f in forwards] == [3] * PASSED_OVER_TAKES + [1] + [3] * 2
+    assert forwards[PASSED_OVER_TAKES].tokens == results[0].vectors[0][0] == 42  # the long input, 40 words + 2
+
+
+def test_without_a_cost_line_the_oldest_input_runs_first_even_where_others_pad_less(simulated):
+    s, seen = pipelined(simulated, BatchingConfig(max_batch_size=3))
+    try:
+        embed_jobs(s, [EmbedJob(texts=["long " * 40])] + [EmbedJob(texts=["short"])] * 6)
+    finally:
+        s.close()
+    assert [f.inputs for f in seen.of(Forward)] == [1, 3, 3] and seen.of(Forward)[0].tokens == 42
