@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from embserve.engine.cpu_memory import OPENVINO_CACHE_ENTRIES
+
 log = logging.getLogger(__name__)
 
 # Bumped when what is written to the cache changes shape, so that an older entry is never read as a newer one.
@@ -63,16 +65,28 @@ def precision_hint(bf16: bool) -> str:
     return "bf16" if bf16 else "f32"
 
 
-def compile_properties(precision: str, streams: int, threads: int) -> dict[str, str]:
+# The CPU plugin's cache of per-shape executors, per stream (cpu_memory.OPENVINO_CACHE_ENTRIES says why it is
+# bounded). The plugin cannot report it back from a compiled model, but refuses a key it does not know or a value
+# that is not a number at compile time.
+RUNTIME_CACHE_KEY = "CPU_RUNTIME_CACHE_CAPACITY"
+
+
+def compile_properties(precision: str, streams: int, threads: int,
+                       cache_entries: int | None = OPENVINO_CACHE_ENTRIES) -> dict[str, str]:
     """One stream per forward worker, the replica's threads split among them, as torch's layout does; threads
-    not pinned, since a replica shares its cores with the ingress and Ray's processes."""
-    return {
+    not pinned, since a replica shares its cores with the ingress and Ray's processes. The per-shape executor cache
+    bounded to `cache_entries` per stream (None: OpenVINO's own 5,000), so that memory stays flat under
+    ever-new shapes."""
+    properties = {
         "INFERENCE_PRECISION_HINT": precision,
         "PERFORMANCE_HINT": "THROUGHPUT",
         "NUM_STREAMS": str(max(1, streams)),
         "INFERENCE_NUM_THREADS": str(max(1, threads)),
         "ENABLE_CPU_PINNING": "NO",
     }
+    if cache_entries is not None:
+        properties[RUNTIME_CACHE_KEY] = str(cache_entries)
+    return properties
 
 
 def default_cache_dir() -> Path:
@@ -273,7 +287,8 @@ class OpenVinoEncoder:
         import openvino as ov
 
         core = ov.Core()
-        self.compiled = core.compile_model(model, "CPU", compile_properties(precision, streams, threads))
+        self.properties = compile_properties(precision, streams, threads)  # what it was compiled with
+        self.compiled = core.compile_model(model, "CPU", self.properties)
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)  # "f32", "bf16"
         self.streams = int(self.compiled.get_property("NUM_STREAMS"))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from embserve.engine import openvino_runtime as ovr
+from embserve.engine.cpu_memory import OPENVINO_CACHE_ENTRIES
 from embserve.engine.model import EmbeddingModel, resolve_source
 from embserve.settings import ModelSpec
 from tests.unit.test_pipeline import PROMPTS, TEXTS, _build
@@ -135,6 +136,37 @@ def test_the_precision_is_always_explicit_and_streams_follow_the_forward_workers
     props = ovr.compile_properties("f32", streams=2, threads=2)
     assert props["INFERENCE_PRECISION_HINT"] == "f32" and props["NUM_STREAMS"] == "2"
     assert props["INFERENCE_NUM_THREADS"] == "2"
+
+
+def test_the_per_shape_executor_cache_is_bounded_unless_asked_for_openvinos_own():
+    assert ovr.compile_properties("f32", 1, 1)[ovr.RUNTIME_CACHE_KEY] == str(OPENVINO_CACHE_ENTRIES)
+    assert ovr.RUNTIME_CACHE_KEY not in ovr.compile_properties("f32", 1, 1, cache_entries=None)
+
+
+def test_the_encoder_is_compiled_with_the_cache_bound_and_openvino_reads_that_key(bundled_ov, cache):
+    import openvino as ov
+
+    properties = bundled_ov.encoder.properties
+    assert properties[ovr.RUNTIME_CACHE_KEY] == str(OPENVINO_CACHE_ENTRIES)
+    # The CPU plugin cannot report this property back from a compiled model, but it refuses at compile a key it does
+    # not read and a value that is not a count: the compile that made the encoder took the bound.
+    model = ovr.read_cached(next((cache / "ov-cache").iterdir()))
+    core = ov.Core()
+    with pytest.raises(Exception, match="Unsupported property CPU_RUNTIME_CACHE_CAPACTY"):
+        core.compile_model(model, "CPU", {**properties, "CPU_RUNTIME_CACHE_CAPACTY": "64"})
+    with pytest.raises(Exception, match="Wrong value lots for property key CPU_RUNTIME_CACHE_CAPACITY"):
+        core.compile_model(model, "CPU", {**properties, ovr.RUNTIME_CACHE_KEY: "lots"})
+
+
+def test_an_openvino_model_trims_the_heap_after_its_forwards(bundled_ov):
+    heap, interval = bundled_ov.heap, bundled_ov.heap.interval_s
+    heap.interval_s = 0.0  # every forward trims
+    try:
+        before = heap.trims
+        bundled_ov.forward([[101, 7592, 102], [101, 102]])
+        assert heap.trims == before + 1
+    finally:
+        heap.interval_s = interval
 
 
 class FrozenScale(torch.nn.Module):
