@@ -16,11 +16,10 @@ ONEDNN_CACHE_ENTRIES = 64
 # in-process: every 5 s keeps RSS near its start for 2-3% of tokens/s, where
 # a fixed mmap threshold did it for 17-30%.
 TRIM_INTERVAL_S = 5.0
-# OpenVINO's CPU plugin keeps the executors it builds for each new input shape (a few dozen kernels and their
-# buffers, about 100 KB each) in a cache per stream, 5,000 entries by default: about 12 entries per new shape, so
-# under ever-new shapes each stream's cache grows by about 1 MiB per forward for hundreds of forwards, 0.5 GB per
-# stream when full. 64 entries (a few recent shapes) keep the live heap flat; a short-text stream whose shapes repeat
-# ran as fast as with OpenVINO's default (docs/benchmarks.md, 2026-12-07).
+# OpenVINO's CPU plugin keeps the executors it builds for new input shapes in a cache per stream, 5,000 entries by
+# default: two streams over ever-new shapes grew the live heap by 0.65-0.76 MiB a forward, not levelling off in 600
+# forwards. 64 entries a stream held it about 130 MiB over its start from the 200th forward on, for about 4% of
+# texts/s on short texts through the scheduler in-process (docs/benchmarks.md, 2026-12-07).
 OPENVINO_CACHE_ENTRIES = 64
 
 
