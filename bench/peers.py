@@ -141,7 +141,7 @@ def ratios(summaries: dict[str, dict[str, Any]], rounds: Sequence[dict[str, dict
             med = s["texts_per_s_spread"]["median"]
             out["to_offline"][name] = {d: round(med / lim, 3) for d, lim in limits.items() if lim}
     for name, s in summaries.items():
-        if name == embserve or not s["rounds"] or not summaries[embserve]["rounds"]:
+        if name == embserve or not s["rounds"] or not summaries.get(embserve, {}).get("rounds"):
             continue
         paired = [r[embserve]["c32"]["texts_per_s"] / r[name]["c32"]["texts_per_s"] for r in rounds
                   if "error" not in r.get(embserve, {"error": 1}) and "error" not in r.get(name, {"error": 1})

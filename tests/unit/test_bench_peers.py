@@ -71,3 +71,10 @@ def test_peer_versions_come_from_pip_list_whatever_its_spelling():
     listed = [{"name": "infinity_emb", "version": "0.0.78"}, {"name": "Torch", "version": "2.13.0"}]
     assert installed_versions(listed, ("infinity-emb", "torch", "optimum")) == {
         "infinity-emb": "0.0.78", "torch": "2.13.0", "optimum": None}
+
+
+def test_ratios_of_a_run_without_embserve_keep_the_offline_ratio_and_pair_nothing():
+    rounds = [{INF_BF16: _run(60.0)}]
+    summaries = {INF_BF16: summarize_arm([rounds[0][INF_BF16]])}
+    rel = ratios(summaries, rounds, {"float32": 50.0})
+    assert rel == {"to_offline": {INF_BF16: {"float32": 1.2}}, "embserve_to": {}}
