@@ -384,7 +384,7 @@ def installed_versions(listed: list[dict[str, str]], packages: Sequence[str]) ->
 
 def print_table(summaries: dict[str, dict[str, Any]], rel: dict[str, Any]) -> None:
     print(f"\n| arm | texts/s at {CLIENTS} clients, median (min–max) | p50 / p99 ms | lone query p50 ms | "
-          "server cores | × offline (float32 / bf16) | embserve ÷ this |")
+          "server cores | × offline, each engine and dtype | embserve ÷ this |")
     print("|---|---|---|---|---|---|---|")
     for name, s in summaries.items():
         if not s["rounds"]:
@@ -396,7 +396,7 @@ def print_table(summaries: dict[str, dict[str, Any]], rel: dict[str, Any]) -> No
         print(f"| {name} | {sp['median']:.1f} ({sp['min']:.1f}–{sp['max']:.1f}) | {s['p50_ms']:.0f} / "
               f"{s['p99_ms']:.0f} | {s['lone_query_p50_ms_median']:.1f} | "
               f"{', '.join(f'{c:.2f}' for c in s['server_cores'])} | "
-              f"{off.get('float32', float('nan')):.2f} / {off.get('bfloat16', float('nan')):.2f} | "
+              f"{', '.join(f'{d} {r:.2f}' for d, r in off.items())} | "
               f"{format(vs['of_medians'], '.2f') + '×' if vs else '–'} |")
 
 
