@@ -4,21 +4,39 @@
 
 Each round measures every arm once, in an order that rotates from round to round: embserve as a user
 starts it (`embserve serve serve_config.yaml`, bench.ab's measurement, shipped defaults), Infinity at its own
-defaults, and Infinity with `--dtype bfloat16`. Every arm gets the same load from the same generator
-(bench.load): 32 single-text closed-loop clients of the mixed corpus, then one client of short queries,
-with the CPU each server's processes used (bench.procs). The offline limit (bench.offline, both dtypes)
-is measured once at the start, in a process of its own, so that every served figure has a ceiling from
-the same minutes on the same box.
+defaults, Infinity with `--dtype bfloat16`, and Infinity with `--engine optimum` (ONNX Runtime). Every arm
+gets the same load from the same generator (bench.load): 32 single-text closed-loop clients of the mixed
+corpus, then one client of short queries, with the CPU each server's processes used (bench.procs). The
+offline limit (bench.offline, both dtypes) is measured once at the start, in a process of its own, so that
+every served figure has a ceiling from the same minutes on the same box.
 
 Infinity lives in a virtual environment of its own (its pins are not ours), by default build/peers/infinity-venv
 in this checkout (git ignores build/), or wherever --infinity or $EMBSERVE_BENCH_INFINITY points:
 
     python3.11 -m venv build/peers/infinity-venv
     build/peers/infinity-venv/bin/pip install torch==2.13.0+cpu     # the CPU build first
-    build/peers/infinity-venv/bin/pip install 'infinity-emb[server,torch]==0.0.78'
+    build/peers/infinity-venv/bin/pip install 'infinity-emb[server,torch,optimum]==0.0.78'
 
 It is started on the bundled model folder (the one embserve serves), offline, bound to 127.0.0.1, and
 stopped when its arm ends, Ctrl-C and SIGTERM included.
+
+`--engine optimum` wants an ONNX file in the model's folder, and the bundled folder has only safetensors. So
+before the rounds the peer's own `optimum-cli export onnx` turns the bundled weights into a float32
+model.onnx (same weights, no download) under build/peers/onnx/<weights' sha256>/, once per set of weights.
+Two things about that arm are Infinity 0.0.78 meeting the optimum 2.x its extra resolves to today
+(optimum-onnx 0.1):
+- Infinity passes the ONNX file's absolute path as optimum's `file_name`, which optimum-onnx compares with
+  the file's bare name, so a folder given by its absolute path fails to load ("Could not find any ONNX files
+  with target file name ..."). A hub id gives relative names and works; here Infinity is started inside
+  the export folder with `--model-id .`, whose files list as bare names.
+- Infinity's own graph optimisation (ORTOptimizer, level 99) fails with optimum 2.x (its log: "Optimization
+  failed with OptimizationConfig.__init__() got an unexpected keyword argument
+  'optimize_with_onnxruntime_only'. Going to use the unoptimized model."), so the arm runs the exported
+  graph with ONNX Runtime's session-level optimisations only.
+The arm also passes `--pooling-method mean`: Infinity's optimum embedder pools with CLS unless told mean
+(its `auto` is not read from the model's 1_Pooling there), which would be another model's vectors. That
+embedder truncates at the config's 512 positions rather than the model's 256; the bench's texts are at most
+256 tokens, so no text is cut differently.
 """
 
 from __future__ import annotations
@@ -26,9 +44,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -57,23 +77,29 @@ INFINITY = "infinity"
 PEER_ENV = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
 CLIENTS = 32  # the issue's load: 32 single-text clients
 READY_TIMEOUT_S = 240.0  # a cold model load plus Infinity's own warm-up forwards on 2 busy cores
+EXPORT_TIMEOUT_S = 1800.0  # optimum's ONNX export: about a minute on an idle core, much more on a busy box
+ONNX_DIR = Path("build") / "peers" / "onnx"  # relative to the checkout
 WARM_S = 4.0  # unmeasured traffic after startup: first forwards at many shapes, connections
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One server configuration. `flags` are Infinity flags beyond the model, host and port."""
+    """One server configuration. `flags` are Infinity flags beyond the model, host and port; an `onnx` arm
+    serves the ONNX export of the bundled model (see the module's docstring) in place of its folder."""
 
     name: str
     slug: str  # for file names
     server: str  # EMBSERVE or INFINITY
     flags: tuple[str, ...] = ()
+    onnx: bool = False
 
 
 ARMS = (
     Arm("embserve, shipped defaults", "embserve", EMBSERVE),
     Arm("Infinity, defaults", "infinity-defaults", INFINITY),
     Arm("Infinity, --dtype bfloat16", "infinity-bf16", INFINITY, ("--dtype", "bfloat16")),
+    Arm("Infinity, --engine optimum", "infinity-optimum", INFINITY, ("--engine", "optimum", "--pooling-method", "mean"),
+        onnx=True),
 )
 BASELINE = ARMS[1].name  # the issue's target is set against Infinity at its defaults
 
@@ -84,6 +110,66 @@ def infinity_command(binary: str, model_dir: str, port: int, flags: Sequence[str
     Host is loopback rather than its default 0.0.0.0, so that a benchmark does not open a port to the
     network; the device is left to Infinity (auto picks the CPU on a CPU-only torch)."""
     return [binary, "v2", "--model-id", model_dir, "--host", "127.0.0.1", "--port", str(port), *flags]
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one Infinity arm is started: its command line, the folder it starts in, what its environment adds."""
+
+    command: list[str]
+    cwd: Path | None = None
+    env: dict[str, str] | None = None
+
+
+def arm_launch(arm: Arm, binary: str, model_dir: str, port: int, onnx_model: Path | None = None) -> Launch:
+    """An arm's launch. An `onnx` arm starts inside the export folder as `--model-id .` (the module's docstring
+    says why), with Hugging Face's cache in build/ too: Infinity keeps its optimised graphs there."""
+    if not arm.onnx:
+        return Launch(infinity_command(binary, model_dir, port, arm.flags))
+    if onnx_model is None:
+        raise RuntimeError(f"{arm.name} serves an ONNX export of the model, and there is none")
+    return Launch(infinity_command(binary, ".", port, arm.flags), onnx_model,
+                  {"HF_HUB_CACHE": str(onnx_model.parent / "hub")})
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """The model's weights' sha256 (first 16 hex digits): names the ONNX export, so new weights get a new one."""
+    digest = hashlib.sha256()
+    for weights in sorted(Path(model_dir).glob("*.safetensors")):
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def export_command(binary: str, model_dir: str, out: Path) -> list[str]:
+    """The peer's optimum exporting the model folder to ONNX, with `last_hidden_state` as its output (what
+    Infinity's optimum embedder pools): the transformers feature-extraction export, not the
+    sentence-transformers one."""
+    return [str(Path(binary).parent / "optimum-cli"), "export", "onnx", "--model", model_dir,
+            "--task", "feature-extraction", "--library-name", "transformers", str(out)]
+
+
+def ensure_onnx(binary: str, model_dir: str, log_path: Path, root: Path = ROOT) -> Path:
+    """The ONNX export the optimum arm serves: root/build/peers/onnx/<digest>/model, made by the peer's own
+    optimum-cli from the bundled weights (offline; nothing is downloaded) unless an earlier run made it. The
+    export goes to a folder of its own first, so a run stopped halfway leaves no folder that looks done."""
+    folder = root / ONNX_DIR / weights_digest(model_dir)
+    model = folder / "model"
+    if (model / "model.onnx").is_file():
+        return model
+    partial = folder / "partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        done = subprocess.run(export_command(binary, model_dir, partial), stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, **PEER_ENV}, timeout=EXPORT_TIMEOUT_S, check=False)
+    if done.returncode != 0 or not (partial / "model.onnx").is_file():
+        raise RuntimeError(f"optimum's ONNX export exited with {done.returncode} (log: {log_path}):\n"
+                           f"{tail(log_path, 2000)}")
+    partial.rename(model)
+    return model
 
 
 def round_order(arms: Sequence[Arm], k: int) -> list[Arm]:
@@ -141,7 +227,7 @@ def ratios(summaries: dict[str, dict[str, Any]], rounds: Sequence[dict[str, dict
             med = s["texts_per_s_spread"]["median"]
             out["to_offline"][name] = {d: round(med / lim, 3) for d, lim in limits.items() if lim}
     for name, s in summaries.items():
-        if name == embserve or not s["rounds"] or not summaries[embserve]["rounds"]:
+        if name == embserve or not s["rounds"] or not summaries.get(embserve, {}).get("rounds"):
             continue
         paired = [r[embserve]["c32"]["texts_per_s"] / r[name]["c32"]["texts_per_s"] for r in rounds
                   if "error" not in r.get(embserve, {"error": 1}) and "error" not in r.get(name, {"error": 1})
@@ -159,7 +245,7 @@ def install_hint(binary: str) -> str:
     return (f"no Infinity at {binary}. Install it in a virtual environment of its own, from the checkout's root:\n"
             f"  python3.11 -m venv {venv}\n"
             f"  {venv}/bin/pip install torch==2.13.0+cpu    # the CPU build first\n"
-            f"  {venv}/bin/pip install 'infinity-emb[server,torch]==0.0.78'\n"
+            f"  {venv}/bin/pip install 'infinity-emb[server,torch,optimum]==0.0.78'\n"
             "or pass --infinity PATH/bin/infinity_emb (or set EMBSERVE_BENCH_INFINITY) for one elsewhere.")
 
 
@@ -169,8 +255,8 @@ def _port_in_use(port: int) -> bool:
 
 
 @contextmanager
-def infinity_server(command: list[str], port: int, log_path: Path) -> Iterator[str]:
-    """Infinity running `command` until the block ends; yields its base URL once /health answers.
+def infinity_server(launch: Launch, port: int, log_path: Path) -> Iterator[str]:
+    """Infinity as `launch` starts it, until the block ends; yields its base URL once /health answers.
 
     A server already on the port would be measured in place of ours, so a busy port is an error. The
     server gets a session of its own: a Ctrl-C at the terminal reaches this process, whose `finally`
@@ -179,8 +265,8 @@ def infinity_server(command: list[str], port: int, log_path: Path) -> Iterator[s
         raise RuntimeError(f"port {port} is already in use; pick another with --infinity-port")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env={**os.environ, **PEER_ENV})
+        server = subprocess.Popen(launch.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  cwd=launch.cwd, env={**os.environ, **PEER_ENV, **(launch.env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(server, base, log_path, READY_TIMEOUT_S, name="Infinity")
@@ -230,10 +316,12 @@ async def _point(base_url: str, model: str, workload: Workload, concurrency: int
 
 
 def measure_infinity(arm: Arm, binary: str, model_dir: str, port: int, seconds: float,
-                     workloads: dict[str, Workload], log_path: Path, quiet_wait_s: float) -> dict[str, Any]:
+                     workloads: dict[str, Workload], log_path: Path, quiet_wait_s: float,
+                     onnx_model: Path | None = None) -> dict[str, Any]:
     """One Infinity arm, started fresh: warm-up, 32 clients, then one client of short queries."""
     gate = procs.QuietGate(quiet_wait_s)  # bench.ab gives each embserve measurement the same budget
-    with infinity_server(infinity_command(binary, model_dir, port, arm.flags), port, log_path) as base:
+    launch = arm_launch(arm, binary, model_dir, port, onnx_model)
+    with infinity_server(launch, port, log_path) as base:
         models = httpx.get(f"{base}/models", timeout=10.0).json()["data"]
         model = models[0]["id"]  # Infinity names the model after the last two parts of its path
 
@@ -248,7 +336,7 @@ def measure_infinity(arm: Arm, binary: str, model_dir: str, port: int, seconds: 
 
         loaded, lone, waited, waited_lone = asyncio.run(go())
     loaded["waited_for_quiet_s"], lone["waited_for_quiet_s"] = waited, waited_lone
-    return {"command": infinity_command(binary, model_dir, port, arm.flags), "models": models,
+    return {"command": launch.command, "cwd": str(launch.cwd) if launch.cwd else None, "models": models,
             "c32": loaded, "single_query": lone}
 
 
@@ -273,7 +361,8 @@ def _offline(seed: int, quick: bool) -> dict[str, Any]:
                                                              QUICK if quick else replace(FULL, extras=False))}
 
 
-PEER_PACKAGES = ("infinity-emb", "torch", "transformers", "sentence-transformers", "optimum")
+PEER_PACKAGES = ("infinity-emb", "torch", "transformers", "sentence-transformers", "optimum", "optimum-onnx",
+                 "onnxruntime")
 
 
 def peer_versions(binary: str) -> dict[str, str | None]:
@@ -295,7 +384,7 @@ def installed_versions(listed: list[dict[str, str]], packages: Sequence[str]) ->
 
 def print_table(summaries: dict[str, dict[str, Any]], rel: dict[str, Any]) -> None:
     print(f"\n| arm | texts/s at {CLIENTS} clients, median (min–max) | p50 / p99 ms | lone query p50 ms | "
-          "server cores | × offline (float32 / bf16) | embserve ÷ this |")
+          "server cores | × offline, each engine and dtype | embserve ÷ this |")
     print("|---|---|---|---|---|---|---|")
     for name, s in summaries.items():
         if not s["rounds"]:
@@ -307,7 +396,7 @@ def print_table(summaries: dict[str, dict[str, Any]], rel: dict[str, Any]) -> No
         print(f"| {name} | {sp['median']:.1f} ({sp['min']:.1f}–{sp['max']:.1f}) | {s['p50_ms']:.0f} / "
               f"{s['p99_ms']:.0f} | {s['lone_query_p50_ms_median']:.1f} | "
               f"{', '.join(f'{c:.2f}' for c in s['server_cores'])} | "
-              f"{off.get('float32', float('nan')):.2f} / {off.get('bfloat16', float('nan')):.2f} | "
+              f"{', '.join(f'{d} {r:.2f}' for d, r in off.items())} | "
               f"{format(vs['of_medians'], '.2f') + '×' if vs else '–'} |")
 
 
@@ -354,6 +443,16 @@ def run(args: argparse.Namespace) -> int:
     log_dir = ROOT / "build" / "peers"
     started = time.time()
 
+    onnx_model: Path | None = None
+    onnx_error = ""
+    if any(a.onnx for a in arms):
+        print("ONNX export of the bundled model for the optimum arm (once per set of weights) ...", flush=True)
+        try:
+            onnx_model = ensure_onnx(binary, model_dir, log_dir / "onnx-export.log")
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the arm fails; the others still run
+            onnx_error = f"no ONNX export: {exc}"
+            print(f"  {onnx_error}", flush=True)
+
     print("offline limit, both dtypes (in a process of its own) ...", flush=True)
     procs.QuietGate(120).wait()
     spawn = multiprocessing.get_context("spawn")
@@ -374,10 +473,12 @@ def run(args: argparse.Namespace) -> int:
             try:
                 if arm.server == EMBSERVE:
                     run = measure_embserve(args.seconds, args.port, workloads)
+                elif arm.onnx and onnx_model is None:
+                    run = {"error": onnx_error}
                 else:
                     log_path = log_dir / f"{arm.slug}-r{k + 1}.log"
                     run = measure_infinity(arm, binary, model_dir, args.infinity_port, args.seconds, workloads,
-                                           log_path, args.quiet_wait)
+                                           log_path, args.quiet_wait, onnx_model)
                     logs.setdefault(arm.name, startup_log(log_path))
             except (RuntimeError, subprocess.TimeoutExpired) as exc:  # a peer that will not start or answer is a finding, not a crash
                 print(f"  {arm.name}: {exc}", flush=True)
@@ -399,7 +500,8 @@ def run(args: argparse.Namespace) -> int:
     out_path.write_text(json.dumps({
         "options": {k: str(v) for k, v in vars(args).items() if k not in ("run", "command")},
         "machine": first["machine"], "peer_versions": peer_versions(binary) if binary else None,
-        "arms": {a.name: {"server": a.server, "flags": list(a.flags)} for a in arms},
+        "arms": {a.name: {"server": a.server, "flags": list(a.flags), "onnx": a.onnx} for a in arms},
+        "onnx_model": str(onnx_model) if onnx_model else None,
         "seconds": args.seconds, "clients": CLIENTS, "elapsed_s": round(time.time() - started, 1),
         "offline": offline, "offline_limit_texts_per_s": limits, "summary": summaries, "ratios": rel,
         "infinity_startup_log": logs, "rounds": rounds}, indent=1, default=str))

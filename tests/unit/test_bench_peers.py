@@ -1,8 +1,27 @@
-"""bench.peers' pure parts: Infinity's command line, the round order, and what the rounds sum up to."""
+"""bench.peers' pure parts: Infinity's command line and launch, the ONNX export's place and command, the round
+order, and what the rounds sum up to."""
 
-from bench.peers import ARMS, BASELINE, INFINITY, infinity_command, ratios, round_order, server_cores, summarize_arm
+import hashlib
+from pathlib import Path
 
-EMBSERVE_ARM, INF_DEFAULT, INF_BF16 = (a.name for a in ARMS)
+import pytest
+
+from bench.peers import (
+    ARMS,
+    BASELINE,
+    INFINITY,
+    arm_launch,
+    ensure_onnx,
+    export_command,
+    infinity_command,
+    ratios,
+    round_order,
+    server_cores,
+    summarize_arm,
+    weights_digest,
+)
+
+EMBSERVE_ARM, INF_DEFAULT, INF_BF16, INF_OPTIMUM = (a.name for a in ARMS)
 
 
 def _run(texts_per_s: float, p50: float = 100.0, lone: float = 15.0, cores: dict | None = None) -> dict:
@@ -20,10 +39,92 @@ def test_infinity_defaults_arm_passes_only_the_model_and_where_to_listen():
 
 
 def test_infinity_bf16_arm_adds_exactly_the_dtype_flag():
-    bf16 = next(a for a in ARMS if a.server == INFINITY and a.name != BASELINE)
+    bf16 = next(a for a in ARMS if a.name == INF_BF16)
     cmd = infinity_command("inf", "/m", 1, bf16.flags)
     assert cmd[-2:] == ["--dtype", "bfloat16"]
     assert len(cmd) == len(infinity_command("inf", "/m", 1)) + 2
+
+
+def test_torch_arms_start_on_the_model_folder_where_they_are():
+    for arm in ARMS:
+        if arm.server == INFINITY and not arm.onnx:
+            launch = arm_launch(arm, "inf", "/models/m", 7997)
+            assert launch.command == infinity_command("inf", "/models/m", 7997, arm.flags)
+            assert launch.cwd is None and not launch.env
+
+
+def test_optimum_arm_serves_the_onnx_export_from_inside_it_with_mean_pooling():
+    arm = next(a for a in ARMS if a.name == INF_OPTIMUM)
+    assert arm.onnx and arm.server == INFINITY
+    onnx_model = Path("/ckpt/build/peers/onnx/abc/model")
+    launch = arm_launch(arm, "/peer/bin/infinity_emb", "/models/m", 7997, onnx_model)
+    # Relative to the folder it starts in, so that optimum-onnx finds the file Infinity names (see bench.peers).
+    assert launch.command[:4] == ["/peer/bin/infinity_emb", "v2", "--model-id", "."]
+    assert launch.cwd == onnx_model
+    assert launch.command[-4:] == ["--engine", "optimum", "--pooling-method", "mean"]
+    assert launch.env == {"HF_HUB_CACHE": "/ckpt/build/peers/onnx/abc/hub"}
+
+
+def test_optimum_arm_without_an_export_is_an_error_not_the_safetensors_folder():
+    arm = next(a for a in ARMS if a.onnx)
+    with pytest.raises(RuntimeError, match="ONNX export"):
+        arm_launch(arm, "inf", "/models/m", 7997, None)
+
+
+def test_export_runs_the_peers_own_optimum_for_last_hidden_state():
+    cmd = export_command("/peer/bin/infinity_emb", "/models/m", Path("/out"))
+    assert cmd[0] == "/peer/bin/optimum-cli"
+    assert cmd[1:5] == ["export", "onnx", "--model", "/models/m"]
+    assert cmd[cmd.index("--task") + 1] == "feature-extraction"
+    assert cmd[cmd.index("--library-name") + 1] == "transformers"
+    assert cmd[-1] == "/out"
+
+
+def test_weights_digest_follows_the_weights_only(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights one")
+    (tmp_path / "config.json").write_text("{}")
+    first = weights_digest(tmp_path)
+    assert first == hashlib.sha256(b"weights one").hexdigest()[:16]
+    (tmp_path / "config.json").write_text('{"x": 1}')
+    assert weights_digest(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"weights two")
+    assert weights_digest(tmp_path) != first
+
+
+def _fake_peer(tmp_path: Path, script: str) -> str:
+    """A peer venv's bin/ with an optimum-cli that runs `script` with the output folder as $1."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    cli = bin_dir / "optimum-cli"
+    cli.write_text('#!/bin/sh\nfor last; do :; done\nset -- "$last"\n' + script)
+    cli.chmod(0o755)
+    (bin_dir / "infinity_emb").write_text("")
+    return str(bin_dir / "infinity_emb")
+
+
+def test_onnx_export_is_made_once_per_weights_and_reused(tmp_path):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"w")
+    count = tmp_path / "count"
+    binary = _fake_peer(tmp_path, f'mkdir -p "$1" && echo onnx > "$1/model.onnx" && echo x >> {count}\n')
+    root = tmp_path / "ckpt"
+    first = ensure_onnx(binary, str(model_dir), tmp_path / "export.log", root)
+    assert first == root / "build" / "peers" / "onnx" / weights_digest(model_dir) / "model"
+    assert (first / "model.onnx").read_text() == "onnx\n"
+    assert ensure_onnx(binary, str(model_dir), tmp_path / "export.log", root) == first
+    assert count.read_text().count("x") == 1
+
+
+def test_a_failed_export_leaves_nothing_that_looks_done(tmp_path):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"w")
+    binary = _fake_peer(tmp_path, 'mkdir -p "$1" && echo half > "$1/config.json" && echo "no torch" >&2; exit 3\n')
+    root = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="exited with 3(.|\n)*no torch"):
+        ensure_onnx(binary, str(model_dir), tmp_path / "export.log", root)
+    assert not (root / "build" / "peers" / "onnx" / weights_digest(model_dir) / "model").exists()
 
 
 def test_round_order_rotates_so_every_arm_leads_one_round():
@@ -63,6 +164,13 @@ def test_ratios_set_embserve_against_each_infinity_arm_by_medians_and_round_by_r
     assert rel["embserve_to"][INF_BF16]["by_round"] == [1.6]
     assert rel["to_offline"][EMBSERVE_ARM] == {"float32": 1.7, "bfloat16": 0.85}
     assert EMBSERVE_ARM not in rel["embserve_to"]
+
+
+def test_ratios_of_a_run_without_embserve_keep_the_offline_ratio_and_pair_nothing():
+    rounds = [{INF_OPTIMUM: _run(60.0)}]
+    summaries = {INF_OPTIMUM: summarize_arm([rounds[0][INF_OPTIMUM]])}
+    rel = ratios(summaries, rounds, {"float32": 50.0})
+    assert rel == {"to_offline": {INF_OPTIMUM: {"float32": 1.2}}, "embserve_to": {}}
 
 
 def test_peer_versions_come_from_pip_list_whatever_its_spelling():
