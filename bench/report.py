@@ -339,8 +339,9 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
              "offline limit may; without it Ray gives a replica one, its num_cpus), as one single-thread forward "
              "per thread (`forward_workers`, automatic on a CPU) unless a configuration sets `forward_workers`. "
              if results['settings'].get('torch_threads') else
-             f"The replica runs the shipped default: torch on every core it can run on ({m['cores']} here; "
-             "`torch_threads` auto, past Ray's one thread per reserved CPU), as one single-thread forward per "
+             f"The replica runs the shipped default: its runtime (`runtime: auto`: OpenVINO on a CPU where it is "
+             f"installed, torch otherwise) on every core it can run on ({m['cores']} here; `torch_threads` auto, "
+             "past Ray's one thread per reserved CPU), as one single-thread forward (an OpenVINO stream) per "
              "thread (`forward_workers` auto on a CPU) unless a configuration sets `forward_workers`. ")
           + "Closed loop: each client sends its next "
           f"request when the last one answers; {results['settings']['warmup_s']:g} s warm-up, then "
