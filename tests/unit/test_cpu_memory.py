@@ -49,12 +49,17 @@ def test_glibcs_own_trim_runs():
     assert heap.trim is not None and heap.maybe_trim() is True
 
 
-def test_a_cpu_model_trims_after_its_forwards(bundled_model):
-    heap, interval = bundled_model.heap, bundled_model.heap.interval_s
+def assert_trims_after_a_forward(model) -> None:
+    """A CPU model, on either runtime, trims the heap after a forward once its interval has passed."""
+    heap, interval = model.heap, model.heap.interval_s
     heap.interval_s = 0.0  # every forward trims
     try:
         before = heap.trims
-        bundled_model.forward([[101, 7592, 102], [101, 102]])
+        model.forward([[101, 7592, 102], [101, 102]])
         assert heap.trims == before + 1
     finally:
         heap.interval_s = interval
+
+
+def test_a_cpu_model_trims_after_its_forwards(bundled_model):
+    assert_trims_after_a_forward(bundled_model)

@@ -16,6 +16,7 @@ from embserve.engine import openvino_runtime as ovr
 from embserve.engine.cpu_memory import OPENVINO_CACHE_ENTRIES
 from embserve.engine.model import EmbeddingModel, resolve_source
 from embserve.settings import ModelSpec
+from tests.unit.test_cpu_memory import assert_trims_after_a_forward
 from tests.unit.test_pipeline import PROMPTS, TEXTS, _build
 
 pytest.importorskip("openvino")
@@ -159,14 +160,7 @@ def test_the_encoder_is_compiled_with_the_cache_bound_and_openvino_reads_that_ke
 
 
 def test_an_openvino_model_trims_the_heap_after_its_forwards(bundled_ov):
-    heap, interval = bundled_ov.heap, bundled_ov.heap.interval_s
-    heap.interval_s = 0.0  # every forward trims
-    try:
-        before = heap.trims
-        bundled_ov.forward([[101, 7592, 102], [101, 102]])
-        assert heap.trims == before + 1
-    finally:
-        heap.interval_s = interval
+    assert_trims_after_a_forward(bundled_ov)
 
 
 class FrozenScale(torch.nn.Module):
