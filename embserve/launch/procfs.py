@@ -42,12 +42,26 @@ def processes(proc: Path = Path("/proc")) -> dict[int, Proc]:
 
 
 def alive(pid: int, proc: Path = Path("/proc")) -> bool:
-    """Whether `pid` runs: it exists and is not a zombie."""
+    """Whether `pid` runs: it exists and one of its threads is not a zombie. The first thread may end before
+    the others and show the whole process as a zombie while they still hold its open files, listening
+    sockets included: a process is gone only when its last thread is."""
     try:
         stat = (proc / str(pid) / "stat").read_text()
     except OSError:
         return False
-    return after_name(stat)[0] != "Z"
+    if after_name(stat)[0] != "Z":
+        return True
+    try:
+        threads = list((proc / str(pid) / "task").iterdir())
+    except OSError:
+        return False
+    for thread in threads:
+        try:
+            if after_name((thread / "stat").read_text())[0] != "Z":
+                return True
+        except OSError:
+            continue  # that thread has just gone
+    return False
 
 
 def after_name(stat: str) -> list[str]:
@@ -88,6 +102,8 @@ def socket_owners(inodes: set[int], proc: Path = Path("/proc")) -> dict[int, int
             continue
         try:
             fds = list((entry / "fd").iterdir())
+            if not fds:  # its first thread has ended: the others, still running, hold the open files
+                fds = [fd for thread in (entry / "task").iterdir() for fd in (thread / "fd").iterdir()]
         except OSError:  # another user's process, or gone
             continue
         for fd in fds:

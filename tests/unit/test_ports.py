@@ -2,7 +2,9 @@
 
 import os
 import socket
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -94,3 +96,35 @@ def test_a_taken_candidate_is_passed_over():
 def test_with_no_room_below_the_ephemeral_range_the_kernel_picks(monkeypatch):
     monkeypatch.setattr(ports, "ephemeral_low", lambda: ports.CLAIMABLE_FROM)
     assert ports.is_free("127.0.0.1", ports.free_port())
+
+
+FIRST_THREAD_ENDS = """
+import ctypes, socket, sys, threading
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+threading.Thread(target=sys.stdin.read).start()  # runs until the test closes our stdin
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads Linux's /proc")
+def test_a_process_whose_first_thread_has_ended_runs_until_its_last_thread_ends_and_holds_its_port_till_then():
+    """/proc shows such a process as a zombie with no open files, while its other threads still hold them:
+    `embserve stop` must wait for it, or the port it frees is still taken when the next run starts."""
+    child = subprocess.Popen([sys.executable, "-c", FIRST_THREAD_ENDS], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        deadline = time.monotonic() + 10
+        while procfs.processes()[child.pid].state != "Z" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert procfs.processes()[child.pid].state == "Z"  # as the leader's own /proc entry says
+        assert procfs.alive(child.pid)
+        assert not ports.is_free("127.0.0.1", port)
+        assert ports.holder(port).startswith(f"pid {child.pid} (")
+    finally:
+        child.stdin.close()
+    child.wait(10)
+    assert not procfs.alive(child.pid) and ports.is_free("127.0.0.1", port)
