@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.common import ROOT, offline_env, short_commit, stop_on_signals
+from bench.common import ROOT, offline_env, short_commit, stop_on_signals, write_json
 from bench.load import Workload
 from bench.measure import FULL, Bench, measure_variant
 from bench.service import Layout, embserve_serve
@@ -124,9 +124,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"round {k + 1} {rev}: {name}: {run['c32']['texts_per_s']:.1f} texts/s, lone query p50 "
                   f"{run['single_query']['latency_ms'].get('p50')} ms", flush=True)
     report = {arm: summary(runs) for arm, runs in results.items()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     checkouts = {rev: short_commit(cwd=path) for rev, path in where.items()}
-    args.out.write_text(json.dumps({"checkouts": checkouts, "arms": report, "rounds": results}, indent=1, default=str))
+    write_json(args.out, {"checkouts": checkouts, "arms": report, "rounds": results})
     print(json.dumps(report, indent=1))
 
 

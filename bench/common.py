@@ -1,8 +1,9 @@
 """What several benches share: the checkout's root, the served model's name, the machine's description,
-and signal handling that lets a run's `finally` stop what it started."""
+signal handling that lets a run's `finally` stop what it started, and writing a run's JSON."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
@@ -60,3 +61,10 @@ def machine() -> dict[str, Any]:
             "uncommitted_server_changes": bool(git("status", "--porcelain", "--", "embserve", "deployments")),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average_at_start": os.getloadavg()}
+
+
+def write_json(path: Path, data: Any) -> None:
+    """A run's figures as indented JSON at `path`, its folder made where missing; what JSON cannot hold as
+    itself (a Path, a datetime) is written as its str."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str))

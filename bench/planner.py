@@ -12,7 +12,6 @@ tests hold both to the same costs), and `cheapest_group`, the choice a GPU repli
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import write_json
 from embserve.engine.batching import cheapest_group, next_group
 
 # (name, settings): a CPU replica's defaults, and a GPU replica's on a 24 GB+ card (tier 256 inputs, the
@@ -98,8 +98,7 @@ def run(args: argparse.Namespace) -> None:
             print(f"{name:9s} {n:4d} inputs: next_group {row['next_group_ms']:7.3f} ms, "
                   f"cheapest_group {row['cheapest_group_ms']:7.3f} ms, plain DP {row['plain_dp_ms']:7.3f} ms",
                   flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
+    write_json(args.out, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

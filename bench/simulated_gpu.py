@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import write_json
+
 DIM = 4
 
 
@@ -258,8 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     point = measure(args)
     print(json.dumps(point, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(point, indent=1))
+    write_json(args.out, point)
 
 
 def main(argv: list[str] | None = None) -> int:

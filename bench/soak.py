@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.common import MODEL, ROOT, offline_env, stop_on_signals
+from bench.common import MODEL, ROOT, offline_env, stop_on_signals, write_json
 from bench.corpus import load_or_build
 from bench.load import EmbeddingsClient, Workload, closed_loop
 from bench.service import DEFAULT_CONFIG, Layout, embserve_serve
@@ -80,8 +79,7 @@ def run(args: argparse.Namespace) -> None:
     window_growth = (sum(last) / len(last)) / (sum(first) / len(first)) - 1 if first and last else float("nan")
     report.update(clients=args.clients, minutes=args.minutes, from_s=start[0], growth=round(growth, 4),
                   window_growth=round(window_growth, 4))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=str))
+    write_json(args.out, report)
     print(f"replica RSS {start[1] / 2**20:.0f} MiB at {start[0]:.0f} s -> {rss[-1][1] / 2**20:.0f} MiB at "
           f"{rss[-1][0]:.0f} s: {growth * 100:+.1f}%; mean of the last two minutes against the two after "
           f"warm-up: {window_growth * 100:+.1f}% ({len(rss)} samples; {args.out})")

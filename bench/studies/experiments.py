@@ -14,7 +14,6 @@ on a shared box hits one round, not one variant.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import procs
-from bench.common import ROOT, machine, offline_env, stop_on_signals
+from bench.common import ROOT, machine, offline_env, stop_on_signals, write_json
 from bench.load import Workload
 from bench.measure import FULL, Bench, Mode, measure_variant
 from bench.service import PLAIN_SERVE, Layout, embserve_serve
@@ -194,9 +193,7 @@ def run(args: argparse.Namespace) -> None:
         rounds.append(run_round(variants, mode, gate, workloads, args.port))
     rows = summarize(rounds)
     print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine(), "duration_s": args.duration, "summary": rows,
-                                    "rounds": rounds}, indent=1, default=str))
+    write_json(args.out, {"machine": machine(), "duration_s": args.duration, "summary": rows, "rounds": rounds})
     print(f"wrote {args.out}")
 
 

@@ -26,6 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from bench.common import write_json
 from embserve.engine.batching import next_group
 from embserve.engine.scheduler import PASSED_OVER_TAKES
 
@@ -101,8 +102,7 @@ def run(args: argparse.Namespace) -> None:
             for clients in args.clients for choice in ("oldest", "cheapest")]
     for row in rows:
         print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1))
+    write_json(args.out, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

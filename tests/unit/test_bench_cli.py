@@ -1,6 +1,7 @@
 """`python -m bench`: one entry point whose help lists every benchmark and study, each subcommand's own help
 working without Ray, and the old `python -m bench.<module>` spellings going through the same parser."""
 
+import json
 import os
 import re
 import subprocess
@@ -72,3 +73,11 @@ def test_bench_sources_name_no_machine_paths_or_commits():
              for n, line in enumerate(path.read_text().splitlines(), 1)
              if machine.search(line) or commit.search(line)]
     assert found == []
+
+
+def test_a_run_s_json_lands_in_a_folder_made_for_it_with_paths_as_text(tmp_path):
+    from bench.common import write_json
+
+    out = tmp_path / "build" / "new" / "run.json"
+    write_json(out, {"model": Path("/models/x"), "texts_per_s": [97.1, 109.2]})
+    assert json.loads(out.read_text()) == {"model": "/models/x", "texts_per_s": [97.1, 109.2]}
