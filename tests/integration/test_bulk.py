@@ -18,6 +18,7 @@ import pytest
 from embserve.bulk.job import embed_corpus
 from embserve.bulk.shards import REJECTS_DIR
 from embserve.engine.tokenize import Tokenizer
+from embserve.launch import procfs
 from embserve.settings import Settings
 from tests.doc_blocks import fenced_blocks
 from tests.integration.conftest import ROOT, set_env
@@ -142,7 +143,7 @@ def wait_until_gone(actor_ids: set[str], timeout_s: float = 60) -> None:
     """Returns once Ray has declared each of `actor_ids` dead and its worker process has exited: Ray ends a
     killed driver's actors after the driver, and one of them may still finish a shard meanwhile."""
     deadline = time.monotonic() + timeout_s
-    while any(state != "DEAD" or Path(f"/proc/{pid}").exists()
+    while any(state != "DEAD" or procfs.alive(pid)
               for actor_id, (state, pid, _) in actors().items() if actor_id in actor_ids):
         assert time.monotonic() < deadline, f"the killed run's actors outlived it: {actors()}"
         time.sleep(0.1)
