@@ -45,23 +45,22 @@ def alive(pid: int, proc: Path = Path("/proc")) -> bool:
     """Whether `pid` runs: it exists and one of its threads is not a zombie. The first thread may end before
     the others and show the whole process as a zombie while they still hold its open files, listening
     sockets included: a process is gone only when its last thread is."""
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    if after_name(stat)[0] != "Z":
-        return True
+    state = _state(proc / str(pid) / "stat")
+    if state != "Z":
+        return state is not None
     try:
         threads = list((proc / str(pid) / "task").iterdir())
     except OSError:
         return False
-    for thread in threads:
-        try:
-            if after_name((thread / "stat").read_text())[0] != "Z":
-                return True
-        except OSError:
-            continue  # that thread has just gone
-    return False
+    return any(_state(thread / "stat") not in (None, "Z") for thread in threads)
+
+
+def _state(stat: Path) -> str | None:
+    """The state letter of a /proc .../stat file (R, S, D, Z, ...); None where it is gone."""
+    try:
+        return after_name(stat.read_text())[0]
+    except OSError:
+        return None
 
 
 def after_name(stat: str) -> list[str]:
