@@ -7,6 +7,7 @@ import logging
 from typing import Any, Callable
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from embserve.metrics.prometheus import render
 from embserve.metrics.stats import Accumulator, Aggregate, Event, process_memory
@@ -45,10 +46,25 @@ def actor_name(app_name: str) -> str:
     return f"embserve-metrics-{app_name}"
 
 
+def head_node_id() -> str | None:
+    """The id of the cluster's head node (the one with Ray's head-node resource), None where none is alive."""
+    return next((node["NodeID"] for node in ray.nodes()
+                 if node["Alive"] and "node:__internal_head__" in node["Resources"]), None)
+
+
 def get_metrics_actor(app_name: str):
-    """The application's metrics actor, created on first use (detached: it outlives any one replica)."""
+    """The application's metrics actor, created on first use (detached: it outlives any one replica), on the
+    head node where it can: wherever the first replica to start happened to run, it would keep an idle GPU
+    node from being removed, and lose its figures when that node went."""
+    try:
+        return ray.get_actor(actor_name(app_name), namespace=NAMESPACE)
+    except ValueError:  # not created yet: look for the head node only then
+        pass
+    head = head_node_id()
+    placement = NodeAffinitySchedulingStrategy(head, soft=True) if head else "DEFAULT"
     return MetricsActor.options(
-        name=actor_name(app_name), namespace=NAMESPACE, get_if_exists=True, lifetime="detached"
+        name=actor_name(app_name), namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        scheduling_strategy=placement,
     ).remote()
 
 

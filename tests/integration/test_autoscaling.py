@@ -235,6 +235,16 @@ def _alive_nodes() -> tuple[int, int]:
     return len(alive), sum(1 for node in alive if node["Resources"].get("GPU", 0) >= 1)
 
 
+def _metrics_actor_node() -> str:
+    from ray._private import state
+
+    from deployments.metrics import actor_name
+
+    [node] = [info["Address"]["NodeID"] for info in state.actors().values()
+              if info["Name"] == actor_name(APP) and info["State"] == "ALIVE"]
+    return node
+
+
 class Load:
     """`threads` clients posting one-text embedding requests back to back until stopped."""
 
@@ -267,13 +277,15 @@ def test_load_adds_gpu_replicas_and_nodes_and_idleness_removes_them(gpu_cluster,
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.metrics import head_node_id
     from embserve.settings import ModelSpec, Settings
 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     # Batches wait up to 200 ms to fill, so each request stays ongoing long enough for the autoscaler to
-    # see the concurrency the clients create.
+    # see the concurrency the clients create. The nodes' GPUs are Ray resources only: `device: cpu` says so,
+    # where a replica that Ray gives a GPU would otherwise refuse to start on a torch without CUDA.
     settings = Settings(
-        num_gpus=1, max_wait_time_ms=200,
+        num_gpus=1, device="cpu", max_wait_time_ms=200,
         models=[ModelSpec(name=MODEL, source=tiny_bert, deployment={"autoscaling_config": AUTOSCALING})],
     )
     serve.run(build_app(settings), name=APP, route_prefix="/")
@@ -285,6 +297,7 @@ def test_load_adds_gpu_replicas_and_nodes_and_idleness_removes_them(gpu_cluster,
     with Load(threads=12) as load:
         up_s = _wait_for("a second replica", lambda: _running_replicas() == 2, timeout_s=180)
         assert _alive_nodes() == (3, 2), "the second replica needs a second GPU node"
+        assert _metrics_actor_node() == head_node_id(), "the metrics actor would keep a GPU node from going"
         served_before = len(load.statuses)
         time.sleep(3)  # both replicas serve
     assert len(load.statuses) > served_before
