@@ -46,6 +46,8 @@ STUDIES: dict[str, Command] = {
     "record-cost": Command("bench.studies.record_cost", "study: what one metrics event costs, in ns"),
     "gpu-take-model": Command("bench.studies.gpu_take_model",
                               "study: the GPU worker's closed loop as an event model, by clients and group choice"),
+    "serve-floor": Command("bench.studies.serve_floor",
+                           "study: Serve's two hops per request with no model behind them, beside the shipped service"),
 }
 COMMANDS: dict[str, Command] = {**SUITE, **STUDIES}
 
