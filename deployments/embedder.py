@@ -13,7 +13,9 @@ import torch
 from ray import serve
 
 from deployments.metrics import MetricsShipper, ReplicaRayMetrics
+from embserve.api.calls import capacity_of, room_for
 from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo
+from embserve.api.errors import Overloaded
 from embserve.engine.hardware import assigned_gpu_share, assigned_gpus, start_replica
 from embserve.engine.layout import EMBEDDER_MIN_ONGOING_REQUESTS
 from embserve.engine.scheduler import Arrival, Scheduler
@@ -56,6 +58,7 @@ class Embedder:
                                    forward_cost=start.forward_cost)
         self._apply_batching()
         self._ongoing = 0
+        self.shared = {"calls": 0, "requests": 0}  # shared calls from the ingress (embed_many), since the start
         self.shipper = MetricsShipper(serve.get_replica_context().app_name, self.reporter,
                                       gauges=lambda: {"queue_size": self._ongoing}, profile=self.profile.as_dict)
         self.shipper.start()  # Serve runs constructors on the replica's loop
@@ -88,7 +91,8 @@ class Embedder:
     def describe(self) -> dict[str, Any]:
         """This replica's process, live batching settings (what reconfigure last applied) and thread layout;
         `threads_per_forward` lists what the forward threads read back after setting it; the queue as it is now
-        (`pending_inputs`) and the requests admitted since the start (`admitted_requests`)."""
+        (`pending_inputs`), the requests admitted since the start (`admitted_requests`), and the shared calls
+        from the ingress and the requests they carried (`shared_calls`)."""
         return {"pid": os.getpid(), "replica": serve.get_replica_context().replica_id.unique_id,
                 "model": self.model.info.name, "batching": self.batching.model_dump(),
                 "effective_wait_s": self.batching.effective_wait_s,
@@ -96,12 +100,36 @@ class Embedder:
                 "torch_threads": self.layout.threads, "forward_workers": self.layout.workers,
                 "threads_per_forward": sorted(self.scheduler.threads_seen),
                 "pending_inputs": self.scheduler.pending,
-                "admitted_requests": self.scheduler.admitted, "profile": self.profile.as_dict()}
+                "admitted_requests": self.scheduler.admitted, "shared_calls": dict(self.shared),
+                "profile": self.profile.as_dict()}
 
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward, on a thread of its own, so that
         it never waits behind the queue or a long forward."""
         await asyncio.to_thread(self.model.forward, [[0]])
+
+    def shares_calls(self) -> bool:
+        """Whether the ingress may send this deployment's requests in shared calls (embserve.api.calls): only where
+        no Serve autoscaler reads its ongoing requests, which would count a shared call once. False where the
+        deployment's config cannot be read."""
+        return self._limits()[0]
+
+    def _limits(self) -> tuple[bool, int | None]:
+        config = getattr(serve.get_replica_context(), "_deployment_config", None)
+        if config is None:
+            return False, None
+        return config.autoscaling_config is None, capacity_of(config.max_ongoing_requests, config.max_queued_requests)
+
+    async def embed_many(self, jobs: list[EmbedJob]) -> list[EmbedResult]:
+        """The requests of one shared call, each admitted as if it had come alone. What this replica holds stays
+        within Serve's bounds counted in requests: beyond them the rest get the 503 that Serve's own refusal
+        gives."""
+        self.shared["calls"] += 1
+        self.shared["requests"] += len(jobs)
+        room = room_for(self._limits()[1], self._ongoing, len(jobs))
+        results = list(await asyncio.gather(*(self.embed(job) for job in jobs[:room])))
+        refused = EmbedResult(None, error=Overloaded("the embedding replicas' queues are full; retry shortly"))
+        return results + [refused] * (len(jobs) - room)
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
         # A request larger than a batch still fits one: it counts as a full batch.

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.metrics import MetricsShipper, ensure_metrics_actor, get_metrics_actor
+from embserve.api.calls import SharedCalls
 from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo, RerankJob
 from embserve.api.encode import apply_dimensions
 from embserve.api.errors import (
@@ -287,21 +288,28 @@ KEYED = [Depends(require_key)]
 
 
 class ModelRoute:
-    """One model's replicas, as the ingress calls them."""
+    """One model's replicas, as the ingress calls them: requests of one turn of the loop share a call
+    (embserve.api.calls) where the replicas say they may (`Embedder.shares_calls`), else one call each."""
 
     def __init__(self, name: str, handle: DeploymentHandle, task: str = "embed") -> None:
         self.name = name
         self.handle = handle
         self.task = task
         self.info: ModelInfo | None = None
+        self.shared: SharedCalls | None = None  # set with the model's info, once the replicas said yes
 
     async def model_info(self) -> ModelInfo:
         if self.info is None:
-            self.info = await self.handle.info.remote()
+            info, shares = await asyncio.gather(self.handle.info.remote(), self.handle.shares_calls.remote())
+            if shares and self.shared is None:
+                self.shared = SharedCalls(self.handle.embed.remote, self.handle.embed_many.remote)
+            self.info = info
         return self.info
 
     def call(self, job: EmbedJob) -> tuple[Awaitable[EmbedResult], Callable[[], Any]]:
         """The call for one request, and how to cancel it."""
+        if self.shared is not None:
+            return self.shared.call(job)
         response = self.handle.embed.remote(job)
         return response, response.cancel
 

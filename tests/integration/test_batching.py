@@ -122,6 +122,25 @@ def test_64_concurrent_mixed_truncate_requests_all_get_right_vectors(config, cli
         assert float(vec @ want) >= MIN_COSINE, text
 
 
+def test_concurrent_requests_share_calls_to_the_replica_and_each_gets_its_own_vectors(config, client, reference):
+    """Requests that reach the ingress in one turn of its loop go to the replica in one call (embserve.api.calls);
+    each still gets its own vectors. A burst of 48 one-text requests is sent until one call has carried more
+    than one (the first burst nearly always does)."""
+    texts = mixed_texts(48, seed=13)
+    want = dict(zip(texts, reference(texts)))
+    before = describe()["shared_calls"]
+    for _ in range(3):
+        with cf.ThreadPoolExecutor(48) as pool:
+            got = list(pool.map(lambda text: (text, embed(client, text, truncate=True)[0]), texts))
+        for text, vector in got:
+            assert float(vector @ want[text]) >= MIN_COSINE, text
+        after = describe()["shared_calls"]
+        if after["requests"] - before["requests"] > after["calls"] - before["calls"]:
+            break
+    else:
+        pytest.fail(f"no call carried more than one of 3 x 48 concurrent requests: {before} -> {after}")
+
+
 def test_vectors_do_not_depend_on_batch_companions(config, client):
     probe = "How do I embed text with a batching server?"
     alone = embed(client, probe)[0]
