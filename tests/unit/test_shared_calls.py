@@ -8,7 +8,8 @@ import asyncio
 
 import pytest
 
-from embserve.api.calls import SharedCalls, capacity_of, room_for
+from embserve.api.calls import SHARED_MAX_CHARS, SharedCalls, capacity_of, room_for
+from embserve.api.contracts import EmbedJob, RerankJob
 
 
 class Sent:
@@ -27,7 +28,7 @@ class Sent:
         return self.future.__await__()
 
     def answer(self) -> None:
-        results = [f"vector of {job}" for job in self.jobs]
+        results = [f"vector of {getattr(job, 'texts', job)}" for job in self.jobs]
         self.future.set_result(results if self.many else results[0])
 
 
@@ -49,10 +50,16 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+class Job(str):
+    """A short request's stand-in: a name, and the characters the sharing decision reads."""
+
+    chars = 10
+
+
 def test_requests_of_one_turn_share_one_call_and_each_gets_its_own_answer():
     async def go():
         calls, sent = shared()
-        waits = [calls.call(job)[0] for job in ("a", "b", "c")]
+        waits = [calls.call(Job(job))[0] for job in ("a", "b", "c")]
         await asyncio.sleep(0)  # the turn ends: the call leaves
         assert [(s.jobs, s.many) for s in sent] == [(["a", "b", "c"], True)]
         sent[0].answer()
@@ -64,9 +71,9 @@ def test_requests_of_one_turn_share_one_call_and_each_gets_its_own_answer():
 def test_a_request_alone_in_its_turn_goes_as_it_always_went_and_nothing_waits_for_company():
     async def go():
         calls, sent = shared()
-        first, _ = calls.call("a")
+        first, _ = calls.call(Job("a"))
         await asyncio.sleep(0)
-        second, _ = calls.call("b")
+        second, _ = calls.call(Job("b"))
         await asyncio.sleep(0)
         assert [(s.jobs, s.many) for s in sent] == [(["a"], False), (["b"], False)]
         for s in sent:
@@ -78,7 +85,7 @@ def test_a_request_alone_in_its_turn_goes_as_it_always_went_and_nothing_waits_fo
 def test_a_call_is_cancelled_only_once_every_request_in_it_went_away():
     async def go():
         calls, sent = shared()
-        (a, cancel_a), (b, cancel_b) = calls.call("a"), calls.call("b")
+        (a, cancel_a), (b, cancel_b) = calls.call(Job("a")), calls.call(Job("b"))
         await asyncio.sleep(0)
         cancel_a()
         await asyncio.sleep(0)
@@ -93,7 +100,7 @@ def test_a_call_is_cancelled_only_once_every_request_in_it_went_away():
 def test_a_timed_out_request_leaves_the_others_their_answers():
     async def go():
         calls, sent = shared()
-        a, b = calls.call("a")[0], calls.call("b")[0]
+        a, b = calls.call(Job("a"))[0], calls.call(Job("b"))[0]
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(a, timeout=0.01)  # as the ingress's request timeout does
         assert not sent[0].cancelled
@@ -105,8 +112,8 @@ def test_a_timed_out_request_leaves_the_others_their_answers():
 def test_a_request_cancelled_before_its_turn_ends_is_never_sent():
     async def go():
         calls, sent = shared()
-        _, cancel = calls.call("a")
-        b = calls.call("b")[0]
+        _, cancel = calls.call(Job("a"))
+        b = calls.call(Job("b"))[0]
         cancel()
         await asyncio.sleep(0)
         assert [(s.jobs, s.many) for s in sent] == [(["b"], False)]
@@ -118,7 +125,7 @@ def test_a_request_cancelled_before_its_turn_ends_is_never_sent():
 def test_the_calls_own_failure_reaches_every_request_in_it():
     async def go():
         calls, sent = shared()
-        waits = [calls.call(job)[0] for job in ("a", "b")]
+        waits = [calls.call(Job(job))[0] for job in ("a", "b")]
         await asyncio.sleep(0)
         sent[0].future.set_exception(ConnectionError("replica died"))
         for wait in waits:
@@ -133,10 +140,26 @@ def test_a_sender_that_raises_at_once_fails_the_requests_instead_of_leaving_them
             raise RuntimeError("no replicas")
 
         calls = SharedCalls(refuse, refuse)
-        waits = [calls.call(job)[0] for job in ("a", "b")]
+        waits = [calls.call(Job(job))[0] for job in ("a", "b")]
         for wait in waits:
             with pytest.raises(RuntimeError, match="no replicas"):
                 await asyncio.wait_for(wait, timeout=1)
+    run(go())
+
+
+def test_a_long_request_goes_alone_at_once_while_short_ones_of_its_turn_share():
+    async def go():
+        calls, sent = shared()
+        long = EmbedJob(texts=["word " * (SHARED_MAX_CHARS // 5 + 1)])
+        pairs = RerankJob("a query", ["a document " * 40])
+        assert long.chars > SHARED_MAX_CHARS and pairs.chars > SHARED_MAX_CHARS
+        waits = [calls.call(Job("a"))[0], calls.call(long)[0], calls.call(pairs)[0], calls.call(Job("b"))[0]]
+        assert [(s.jobs, s.many) for s in sent] == [([long], False), ([pairs], False)]  # before the turn ends
+        await asyncio.sleep(0)
+        assert [(s.jobs, s.many) for s in sent[2:]] == [(["a", "b"], True)]
+        for s in sent:
+            s.answer()
+        assert len(await asyncio.gather(*waits)) == 4
     run(go())
 
 
