@@ -127,22 +127,30 @@ class Embedder:
         self.shared["calls"] += 1
         self.shared["requests"] += len(jobs)
         room = room_for(self._limits()[1], self._ongoing, len(jobs))
-        results = list(await asyncio.gather(*(self.embed(job) for job in jobs[:room])))
+        self._ongoing += room  # at once, so that a call arriving meanwhile counts these too
+        try:
+            results = list(await asyncio.gather(*(self._answer(job) for job in jobs[:room])))
+        finally:
+            self._ongoing -= room
         refused = EmbedResult(None, error=Overloaded("the embedding replicas' queues are full; retry shortly"))
         return results + [refused] * (len(jobs) - room)
 
     async def embed(self, job: EmbedJob) -> EmbedResult:
+        self._ongoing += 1
+        try:
+            return await self._answer(job)
+        finally:
+            self._ongoing -= 1
+
+    async def _answer(self, job: EmbedJob) -> EmbedResult:
         # A request larger than a batch still fits one: it counts as a full batch.
         arrival = Arrival(job, weight=max(1, min(len(job), self.batching.effective_admit_batch_size)),
                           received=time.perf_counter())
-        self._ongoing += 1
         try:
             result = await (await self._admit(arrival))
         except asyncio.CancelledError:
             arrival.cancelled = True  # its inputs still queued are dropped, never computed
             raise
-        finally:
-            self._ongoing -= 1
         if result.error is not None:  # Serve's request context puts the request's id in the line
             log.info("answered %s: %s", type(result.error).__name__, result.error.message)
         return result
