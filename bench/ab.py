@@ -87,7 +87,31 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "idle_cores": [(r["c32"].get("cpu") or {}).get("idle") for r in runs],
         # Each forward worker's share of the window running / runnable without a CPU / asleep.
         "forward_threads": [(r["c32"].get("cpu") or {}).get("forward_threads") for r in runs],
+        # The replica's CPU per text by thread (bench.procs.replica_split), and all CPU per text but its
+        # runtime's threads: what a request costs outside its forward where the runtime computes on threads
+        # of its own (OpenVINO's streams; torch with one thread per worker computes in the workers).
+        "replica_threads_ms_per_text": [per_text(r, replica_threads(r)) for r in runs],
+        "outside_forward_ms_per_text": [outside_forward(r) for r in runs],
     }
+
+
+def replica_threads(run: dict[str, Any]) -> dict[str, float] | None:
+    return (run["c32"].get("cpu") or {}).get("replica_threads")
+
+
+def per_text(run: dict[str, Any], cores: dict[str, float] | None) -> dict[str, float] | None:
+    tps = run["c32"]["texts_per_s"]
+    return None if cores is None or not tps else {k: round(v * 1000 / tps, 2) for k, v in cores.items()}
+
+
+def outside_forward(run: dict[str, Any]) -> float | None:
+    """CPU per text of every process of the service and the load generator, less the replica's runtime
+    threads; None where the replica's threads were not told apart."""
+    cpu, split = run["c32"].get("cpu") or {}, replica_threads(run)
+    tps = run["c32"]["texts_per_s"]
+    if split is None or not tps:
+        return None
+    return round((sum(cpu.get("by_role", {}).values()) - split["runtime threads"]) * 1000 / tps, 2)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

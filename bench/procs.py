@@ -83,6 +83,7 @@ def _system_ticks() -> tuple[int, int]:
 
 
 FORWARD_THREAD = "forward-"  # the OS name of a replica's forward workers (embserve.engine.scheduler.name_os_thread)
+LOOP_THREAD = "replica-loop"  # the OS name of the thread that runs a replica's code (deployments/embedder.py)
 
 
 def forward_thread_times(pid: int) -> dict[int, tuple[int, int]]:
@@ -100,6 +101,28 @@ def forward_thread_times(pid: int) -> dict[int, tuple[int, int]]:
     return found
 
 
+def replica_thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
+    """tid -> (kind, CPU ticks) of a replica's own named threads: its event loop ("loop") and its forward
+    workers ("forward workers"). The rest of the process's CPU is the runtime's threads (OpenVINO's streams,
+    torch's intra-op pool) and Ray's few I/O threads."""
+    found = {}
+    for tid in threads_of(pid):
+        try:
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            if comm.startswith(FORWARD_THREAD):
+                kind = "forward workers"
+            elif comm == LOOP_THREAD:
+                kind = "loop"
+            else:
+                continue
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        found[tid] = (kind, int(fields[11]) + int(fields[12]))
+    return found
+
+
 @dataclass
 class CpuSnapshot:
     at: float
@@ -107,19 +130,39 @@ class CpuSnapshot:
     per_pid: dict[int, tuple[str, int]]
     idle_ticks: int = 0
     forward_threads: dict[int, tuple[int, int]] = field(default_factory=dict)
+    replica_threads: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
 def cpu_snapshot() -> CpuSnapshot:
     per_pid = {}
     forward: dict[int, tuple[int, int]] = {}
+    threads: dict[int, tuple[str, int]] = {}
     for pid, role in descendants().items():
         st = process_stat(pid)
         if st is not None:
             per_pid[pid] = (role, st[1])
             if role == "replica":
                 forward.update(forward_thread_times(pid))
+                threads.update(replica_thread_ticks(pid))
     busy, idle = _system_ticks()
-    return CpuSnapshot(time.perf_counter(), busy, per_pid, idle, forward)
+    return CpuSnapshot(time.perf_counter(), busy, per_pid, idle, forward, threads)
+
+
+def replica_split(before: CpuSnapshot, after: CpuSnapshot, replica_cores: float) -> dict[str, float] | None:
+    """The replicas' CPU in cores by thread: their event loops, their forward workers' Python (and, where the
+    runtime computes on the calling thread, as torch with one thread per worker does, the forward too), and
+    the rest: the runtime's own threads (OpenVINO's streams: the forward itself) and Ray's I/O threads.
+    None where no named thread was seen in both snapshots (an older replica)."""
+    seconds = max(1e-9, after.at - before.at)
+    shared = [tid for tid in after.replica_threads if tid in before.replica_threads]
+    if not shared:
+        return None
+    split = {"loop": 0.0, "forward workers": 0.0}
+    for tid in shared:
+        kind, ticks = after.replica_threads[tid]
+        split[kind] += (ticks - before.replica_threads[tid][1]) / CLK_TCK / seconds
+    split["runtime threads"] = max(0.0, replica_cores - split["loop"] - split["forward workers"])
+    return {kind: round(cores, 3) for kind, cores in split.items()}
 
 
 def forward_states(before: CpuSnapshot, after: CpuSnapshot) -> dict[str, float] | None:
@@ -150,6 +193,7 @@ class CpuUsage:
     cores: int = field(default_factory=lambda: os.cpu_count() or 1)
     idle: float | None = None  # cores that nothing used
     forward: dict[str, float] | None = None  # forward_states
+    replica_threads: dict[str, float] | None = None  # replica_split
 
     @property
     def ours(self) -> float:
@@ -158,7 +202,8 @@ class CpuUsage:
     def to_dict(self) -> dict:
         return {"window_s": round(self.window_s, 2), "by_role": {k: round(v, 3) for k, v in self.by_role.items()},
                 "ours": round(self.ours, 3), "foreign": round(self.foreign, 3), "cores": self.cores,
-                "idle": None if self.idle is None else round(self.idle, 3), "forward_threads": self.forward}
+                "idle": None if self.idle is None else round(self.idle, 3), "forward_threads": self.forward,
+                "replica_threads": self.replica_threads}
 
 
 def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
@@ -170,9 +215,11 @@ def cpu_usage(before: CpuSnapshot, after: CpuSnapshot) -> CpuUsage:
         by_role[role] += (ticks - start)
         ours += ticks - start
     foreign = max(0, (after.system_ticks - before.system_ticks) - ours)
-    return CpuUsage(seconds, {r: t / CLK_TCK / seconds for r, t in sorted(by_role.items())},
-                    foreign / CLK_TCK / seconds, idle=(after.idle_ticks - before.idle_ticks) / CLK_TCK / seconds,
-                    forward=forward_states(before, after))
+    cores = {r: t / CLK_TCK / seconds for r, t in sorted(by_role.items())}
+    return CpuUsage(seconds, cores, foreign / CLK_TCK / seconds,
+                    idle=(after.idle_ticks - before.idle_ticks) / CLK_TCK / seconds,
+                    forward=forward_states(before, after),
+                    replica_threads=replica_split(before, after, cores.get("replica", 0.0)))
 
 
 class QuietGate:

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -18,7 +22,7 @@ from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo
 from embserve.api.errors import Overloaded
 from embserve.engine.hardware import assigned_gpu_share, assigned_gpus, start_replica
 from embserve.engine.layout import EMBEDDER_MIN_ONGOING_REQUESTS
-from embserve.engine.scheduler import Arrival, Scheduler
+from embserve.engine.scheduler import Arrival, Scheduler, name_os_thread
 from embserve.launch import serve_env
 from embserve.metrics.events import Forward
 from embserve.metrics.stats import ReplicaReporter
@@ -30,6 +34,9 @@ log = logging.getLogger("ray.serve")
 # Admissions with more text than this are tokenized on a thread, so that the replica's loop (health checks,
 # other admissions) never waits for one; smaller ones, about a millisecond, are tokenized in place.
 INLINE_CHARS = 20_000
+
+LOOP_THREAD = "replica-loop"  # the OS name of the replica's event loop thread (bench.procs.LOOP_THREAD)
+HELPER_THREAD = "replica-helper"  # threads that health checks and large admissions run on
 
 
 def _settle(future: asyncio.Future, result: EmbedResult) -> None:
@@ -69,6 +76,12 @@ class Embedder:
                      list(start.warm_up.shapes), start.warm_up.seconds)
         log.info("embedder %s ready (max_length=%d): %s", spec.name, self.model.max_length, self.profile.summary())
         serve_env.flush_warnings_at_once()  # the line above, and warnings from now on, reach the log at once
+        # Serve runs the constructor on the loop that runs this replica's methods: named last (a new thread
+        # takes its creator's name), so that /proc and py-spy tell it from the runtime's threads (bench.procs
+        # splits the replica's CPU by thread); the loop's own helper threads are named apart.
+        self._helpers = ThreadPoolExecutor(thread_name_prefix=HELPER_THREAD,
+                                           initializer=lambda: name_os_thread(threading.current_thread().name))
+        name_os_thread(LOOP_THREAD)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this at start and whenever serve_config.yaml's user_config changes."""
@@ -106,7 +119,12 @@ class Embedder:
     async def check_health(self) -> None:
         """Serve's health check: the model must answer a one-token forward, on a thread of its own, so that
         it never waits behind the queue or a long forward."""
-        await asyncio.to_thread(self.model.forward, [[0]])
+        await self._on_helper(self.model.forward, [[0]])
+
+    async def _on_helper(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """asyncio.to_thread on the replica's named helper threads (the request's context goes with it)."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._helpers, context.run, fn, *args)
 
     def shares_calls(self) -> bool:
         """Whether the ingress may send this deployment's requests in shared calls (embserve.api.calls): only where
@@ -164,7 +182,7 @@ class Embedder:
         futures = [loop.create_future() for _ in arrivals]
         replies = [lambda result, f=f: loop.call_soon_threadsafe(_settle, f, result) for f in futures]
         if sum(arrival.job.chars for arrival in arrivals) > INLINE_CHARS:
-            await asyncio.to_thread(self.scheduler.admit, arrivals, replies)
+            await self._on_helper(self.scheduler.admit, arrivals, replies)
         else:
             self.scheduler.admit(arrivals, replies)
         return futures

@@ -36,6 +36,17 @@ def test_the_shipped_cpu_layout_runs_one_single_thread_forward_per_core(config):
     assert described["profile"]["torch_threads"] == {"value": cores, "source": f"auto: {cores} cores visible to the replica"}
 
 
+def test_the_replicas_loop_and_forward_workers_are_named_so_that_its_cpu_splits_by_thread(config, client):
+    """bench.procs tells the replica's event loop and forward workers from the runtime's threads by their OS
+    names; the replica names its loop where Serve runs its code (the constructor's thread)."""
+    from bench.procs import replica_thread_ticks
+
+    assert client.post("/v1/embeddings", json={"model": MODEL, "input": "a warm replica"}).status_code == 200
+    described = call_deployment("describe")
+    kinds = sorted(kind for kind, _ in replica_thread_ticks(described["pid"]).values())
+    assert kinds == ["forward workers"] * described["forward_workers"] + ["loop"], kinds
+
+
 def test_the_shipped_cpu_replica_runs_openvino_with_a_stream_per_forward_worker_and_says_why(config, client):
     """`runtime: auto` on a CPU with openvino installed (a dependency): the profile in /v1/performance names
     the runtime, why, its precision and its streams, one per forward worker. The precision is bf16 where this

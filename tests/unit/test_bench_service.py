@@ -73,3 +73,18 @@ def test_the_report_says_how_the_configurations_were_served():
     assert "`embserve serve` of `serve_config.yaml`" in new and "`tuned.yaml` is the tuned layout" in new
     old = setup({"serve_env": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}})  # results.json of runs before embserve serve
     assert "build_app(Settings(...))" in old and "`RAY_SERVE_ENABLE_HA_PROXY=1`" in old
+
+
+def test_an_arms_summary_gives_the_cpu_per_text_outside_the_replicas_runtime_threads():
+    from bench.ab import summary
+
+    def run(tps: float, split: dict | None) -> dict:
+        cpu = {"by_role": {"replica": 1.4, "ingress": 0.2, "load generator": 0.1, "other ray": 0.1},
+               "replica_threads": split}
+        return {"c32": {"texts_per_s": tps, "cpu": cpu}, "single_query": {"latency_ms": {"p50": 9.0}}}
+
+    split = {"loop": 0.15, "forward workers": 0.05, "runtime threads": 1.2}
+    arm = summary([run(200.0, split), run(250.0, None)])
+    # 1.8 cores in all less the 1.2 of the runtime's threads, over 200 texts/s: 3 ms per text.
+    assert arm["outside_forward_ms_per_text"] == [3.0, None]
+    assert arm["replica_threads_ms_per_text"] == [{"loop": 0.75, "forward workers": 0.25, "runtime threads": 6.0}, None]
