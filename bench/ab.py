@@ -1,7 +1,9 @@
 """Same-run A/B of checkouts and settings, in interleaved rounds, each arm served as a user starts it
 (`embserve serve` of that checkout's serve_config.yaml, on Serve's fast path): 32 single-text clients of the
 mixed corpus and one client of short queries, with per-process CPU. What a change did, measured against the
-commit before it on the same box in the same minutes.
+commit before it on the same box in the same minutes. Each round also measures the in-process limit (this
+checkout's model, runtime and dtype, in this process, on the same texts, with no server up; `--no-limit` skips it)
+and gives each arm's served texts/s and replica CPU per text against that round's limit.
 
     python -m bench ab --rounds 3 --checkout HEAD~1 --variant "shipped defaults" \\
         --variant 'float32, 1 thread={"dtype": "float32", "torch_threads": 1}'
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 from dataclasses import replace
@@ -29,6 +33,8 @@ from bench.measure import FULL, Bench, measure_variant
 from bench.service import Layout, embserve_serve
 
 QUIET_WAIT_S = 30.0  # per window: how long a point waits for other processes' load to pass
+LIMIT_BATCH_SIZES = (16, 32)  # the in-process limit's batch sizes on short texts (docs/benchmarks.md, 2026-12-07)
+LIMIT_TEXTS = 1024  # texts per pass of the in-process limit
 
 
 def checkout_dir(rev: str, root: Path = ROOT) -> Path:
@@ -68,12 +74,15 @@ def workloads_of(kind: str, seed: int = 0) -> dict[str, Workload]:
     return {"mixed": Workload(kind, texts), "queries": Workload("queries", corpus.queries)}
 
 
-def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summary(runs: list[dict[str, Any]], limits: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An arm's rounds; with `limits` (the in-process limit measured in each round), each round against its
+    own round's limit."""
     def cores(run: dict[str, Any], role: str) -> float:
         return ((run["c32"].get("cpu") or {}).get("by_role") or {}).get(role, 0.0)
 
     tps = [r["c32"]["texts_per_s"] for r in runs]
     return {
+        **(against_limits(runs, limits) if limits else {}),
         "texts_per_s": tps,
         "texts_per_s_median": statistics.median(tps),
         "single_query_p50_ms": [r["single_query"]["latency_ms"].get("p50") for r in runs],
@@ -93,6 +102,44 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "replica_threads_ms_per_text": [per_text(r, replica_threads(r)) for r in runs],
         "outside_forward_ms_per_text": [outside_forward(r) for r in runs],
     }
+
+
+def against_limits(runs: list[dict[str, Any]], limits: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 28's ratios, each round against the limit measured in that round: served texts/s over the
+    limit's, and the replica's CPU per text (all of it, and its runtime's threads) over the limit's."""
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else round(a / b, 2)
+
+    out: dict[str, list[float | None]] = {"served_over_limit": [], "replica_cpu_over_limit": [],
+                                          "runtime_threads_over_limit": []}
+    for run, limit in zip(runs, limits):
+        tps = run["c32"]["texts_per_s"]
+        replica = ((run["c32"].get("cpu") or {}).get("by_role") or {}).get("replica")
+        split = replica_threads(run)
+        out["served_over_limit"].append(ratio(tps, limit["texts_per_s"]))
+        out["replica_cpu_over_limit"].append(ratio(replica * 1000 / tps if replica and tps else None,
+                                                   limit["cpu_ms_per_text"]))
+        out["runtime_threads_over_limit"].append(ratio(split["runtime threads"] * 1000 / tps if split and tps
+                                                       else None, limit["cpu_ms_per_text"]))
+    return out
+
+
+def in_process_limit(model: Any, texts: list[str], batch_sizes: tuple[int, ...] = LIMIT_BATCH_SIZES) -> dict[str, Any]:
+    """The in-process limit of `model` (bench.offline.OfflineModel: this checkout's shipped runtime and dtype)
+    on the arms' texts: sorted into batches, one single-thread forward per core as a replica lays them out,
+    tokenizing included. The best of `batch_sizes` by texts/s, with this process's CPU per text."""
+    cores = os.cpu_count() or 1
+    best: dict[str, Any] = {}
+    for batch_size in batch_sizes:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        result = model.sorted_batches(texts, batch_size, threads=1, streams=cores)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        point = {"texts_per_s": round(result.texts_per_s, 1), "cpu_ms_per_text": round(cpu_s * 1000 / result.texts, 2),
+                 "batch_size": batch_size, "runtime": model.runtime, "dtype": result.dtype}
+        if not best or point["texts_per_s"] > best["texts_per_s"]:
+            best = point
+    return best
 
 
 def replica_threads(run: dict[str, Any]) -> dict[str, float] | None:
@@ -125,6 +172,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", choices=("mixed", "short"), default="mixed",
                         help="what the 32 clients send: the corpus's queries and passages, or queries of 10-20 "
                         "tokens and ~50-token passage heads")
+    parser.add_argument("--limit", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the in-process limit (this checkout's model, runtime and dtype, on the "
+                        "same texts) in every round, and give each arm's ratios to it")
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
@@ -141,15 +191,23 @@ def run(args: argparse.Namespace) -> None:
     arms = [(rev, name, settings) for rev in ["here", *args.checkout] for name, settings in variants]
     where = {rev: checkout_dir(rev) for rev in ["here", *args.checkout]}
     results: dict[str, list[dict[str, Any]]] = {f"{rev}: {name}": [] for rev, name, _ in arms}
+    model, limits = None, []
+    if args.limit:
+        from bench.offline import OfflineModel, served_runtime
+
+        model = OfflineModel(dtype="auto", runtime=served_runtime())
     for k in range(args.rounds):
+        if model is not None:  # with no server up: the round's in-process limit
+            limits.append(in_process_limit(model, workloads["mixed"].texts[:LIMIT_TEXTS]))
+            print(f"round {k + 1} in-process limit: {limits[-1]}", flush=True)
         for rev, name, settings in arms if k % 2 == 0 else arms[::-1]:
             run = measure(where[rev], name, settings, args.seconds, args.port, workloads)
             results[f"{rev}: {name}"].append(run)
             print(f"round {k + 1} {rev}: {name}: {run['c32']['texts_per_s']:.1f} texts/s, lone query p50 "
                   f"{run['single_query']['latency_ms'].get('p50')} ms", flush=True)
-    report = {arm: summary(runs) for arm, runs in results.items()}
+    report = {arm: summary(runs, limits or None) for arm, runs in results.items()}
     checkouts = {rev: short_commit(cwd=path) for rev, path in where.items()}
-    write_json(args.out, {"checkouts": checkouts, "arms": report, "rounds": results})
+    write_json(args.out, {"checkouts": checkouts, "arms": report, "rounds": results, "in_process_limits": limits})
     print(json.dumps(report, indent=1))
 
 

@@ -2,6 +2,7 @@
 port and settings; bench.ab's arms each run their own checkout's command and config."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,34 @@ def test_an_arms_summary_gives_the_cpu_per_text_outside_the_replicas_runtime_thr
     # 1.8 cores in all less the 1.2 of the runtime's threads, over 200 texts/s: 3 ms per text.
     assert arm["outside_forward_ms_per_text"] == [3.0, None]
     assert arm["replica_threads_ms_per_text"] == [{"loop": 0.75, "forward workers": 0.25, "runtime threads": 6.0}, None]
+
+
+def test_each_round_of_an_arm_is_held_against_the_in_process_limit_of_its_own_round():
+    from bench.ab import summary
+
+    def run(tps: float, replica: float, runtime: float) -> dict:
+        cpu = {"by_role": {"replica": replica}, "replica_threads": {"loop": 0.0, "forward workers": 0.0,
+                                                                    "runtime threads": runtime}}
+        return {"c32": {"texts_per_s": tps, "cpu": cpu}, "single_query": {"latency_ms": {"p50": 9.0}}}
+
+    limits = [{"texts_per_s": 400.0, "cpu_ms_per_text": 5.0}, {"texts_per_s": 500.0, "cpu_ms_per_text": 4.0}]
+    arm = summary([run(200.0, 1.4, 1.2), run(250.0, 1.5, 1.0)], limits)
+    # Round 1: 200 / 400 served, 7 ms of replica CPU per text / 5, its runtime's 6 / 5; round 2 against 500 and 4.
+    assert arm["served_over_limit"] == [0.5, 0.5]
+    assert arm["replica_cpu_over_limit"] == [1.4, 1.5]
+    assert arm["runtime_threads_over_limit"] == [1.2, 1.0]
+    assert "served_over_limit" not in summary([run(200.0, 1.4, 1.2)])
+
+
+def test_the_in_process_limit_is_the_best_batch_size_of_the_shipped_runtime_with_its_cpu_per_text():
+    from bench.ab import in_process_limit
+    from bench.offline import OfflineModel, served_runtime
+
+    model = OfflineModel(dtype="auto", runtime=served_runtime())
+    texts = [f"query number {i} about {'long ' * (i % 7)}texts" for i in range(48)]
+    limit = in_process_limit(model, texts, batch_sizes=(1, 16))
+    assert limit["runtime"] == model.runtime and limit["batch_size"] in (1, 16)
+    assert limit["texts_per_s"] > 0 and limit["cpu_ms_per_text"] > 0
+    # This process's CPU over the pass, per text: at that rate it kept at most every core busy.
+    cores_used = limit["cpu_ms_per_text"] * limit["texts_per_s"] / 1000
+    assert 0 < cores_used <= (os.cpu_count() or 1) * 1.1, limit
