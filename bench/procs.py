@@ -152,10 +152,11 @@ def replica_split(before: CpuSnapshot, after: CpuSnapshot, replica_cores: float)
     """The replicas' CPU in cores by thread: their event loops, their forward workers' Python (and, where the
     runtime computes on the calling thread, as torch with one thread per worker does, the forward too), and
     the rest: the runtime's own threads (OpenVINO's streams: the forward itself) and Ray's I/O threads.
-    None where no named thread was seen in both snapshots (an older replica)."""
+    None where the replica's loop was not seen by name in both snapshots (a replica older than its naming,
+    whose forward workers alone are named)."""
     seconds = max(1e-9, after.at - before.at)
     shared = [tid for tid in after.replica_threads if tid in before.replica_threads]
-    if not shared:
+    if not any(after.replica_threads[tid][0] == "loop" for tid in shared):
         return None
     split = {"loop": 0.0, "forward workers": 0.0}
     for tid in shared:

@@ -64,3 +64,7 @@ def test_the_replicas_runtime_threads_are_what_its_loop_and_workers_did_not_use(
     # 1.5 cores in the replica over 2 s: the loop 0.25, the two workers 0.05 each, the rest 1.15.
     assert replica_split(before, after, 1.5) == {"loop": 0.25, "forward workers": 0.1, "runtime threads": 1.15}
     assert replica_split(before, CpuSnapshot(at=2.0, system_ticks=0, per_pid={}), 1.5) is None
+    # A replica from before the loop was named: its forward workers alone say nothing of the rest.
+    workers_only = {tid: thread for tid, thread in after.replica_threads.items() if thread[0] != "loop"}
+    assert replica_split(before, CpuSnapshot(at=2.0, system_ticks=0, per_pid={}, replica_threads=workers_only),
+                         1.5) is None
