@@ -3,7 +3,8 @@
 mixed corpus and one client of short queries, with per-process CPU. What a change did, measured against the
 commit before it on the same box in the same minutes. Each round also measures the in-process limit (this
 checkout's model, runtime and dtype, in this process, on the same texts, with no server up; `--no-limit` skips it)
-and gives each arm's served texts/s and replica CPU per text against that round's limit.
+and a lone query's forward in-process, and gives each arm's served texts/s, replica CPU per text and lone-query
+p50 against that round's.
 
     python -m bench ab --rounds 3 --checkout HEAD~1 --variant "shipped defaults" \\
         --variant 'float32, 1 thread={"dtype": "float32", "torch_threads": 1}'
@@ -35,6 +36,8 @@ from bench.service import Layout, embserve_serve
 QUIET_WAIT_S = 30.0  # per window: how long a point waits for other processes' load to pass
 LIMIT_BATCH_SIZES = (16, 32)  # the in-process limit's batch sizes on short texts (docs/benchmarks.md, 2026-12-07)
 LIMIT_TEXTS = 1024  # texts per pass of the in-process limit
+LONE_QUERIES = 40  # queries, each tokenized and embedded alone after LONE_GAP_S idle, for the in-process lone forward
+LONE_GAP_S = 0.05  # what a lone client's requests are apart, about (its round trip): the caches go cold meanwhile
 
 
 def checkout_dir(rev: str, root: Path = ROOT) -> Path:
@@ -106,13 +109,17 @@ def summary(runs: list[dict[str, Any]], limits: list[dict[str, Any]] | None = No
 
 def against_limits(runs: list[dict[str, Any]], limits: list[dict[str, Any]]) -> dict[str, Any]:
     """Issue 28's ratios, each round against the limit measured in that round: served texts/s over the
-    limit's, and the replica's CPU per text (all of it, and its runtime's threads) over the limit's."""
+    limit's, the replica's CPU per text (all of it, and its runtime's threads) over the limit's, and how much
+    longer a lone query took served (p50) than its forward in-process."""
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or not b else round(a / b, 2)
 
     out: dict[str, list[float | None]] = {"served_over_limit": [], "replica_cpu_over_limit": [],
-                                          "runtime_threads_over_limit": []}
+                                          "runtime_threads_over_limit": [], "lone_p50_over_forward_ms": []}
     for run, limit in zip(runs, limits):
+        lone = run["single_query"]["latency_ms"].get("p50")
+        forward = limit.get("lone_forward_ms")
+        out["lone_p50_over_forward_ms"].append(None if lone is None or forward is None else round(lone - forward, 2))
         tps = run["c32"]["texts_per_s"]
         replica = ((run["c32"].get("cpu") or {}).get("by_role") or {}).get("replica")
         split = replica_threads(run)
@@ -140,6 +147,12 @@ def in_process_limit(model: Any, texts: list[str], batch_sizes: tuple[int, ...] 
         if not best or point["texts_per_s"] > best["texts_per_s"]:
             best = point
     return best
+
+
+def lone_forward_ms(model: Any, queries: list[str]) -> float:
+    """p50 of tokenizing and embedding one query alone in this process, after LONE_GAP_S of idleness each, on
+    one thread as a replica's forward worker runs it: what a lone request's forward costs in-process."""
+    return model.single_latency_ms(queries, threads=1, repeats=2, gap_s=LONE_GAP_S)["p50"]
 
 
 def replica_threads(run: dict[str, Any]) -> dict[str, float] | None:
@@ -198,7 +211,8 @@ def run(args: argparse.Namespace) -> None:
         model = OfflineModel(dtype="auto", runtime=served_runtime())
     for k in range(args.rounds):
         if model is not None:  # with no server up: the round's in-process limit
-            limits.append(in_process_limit(model, workloads["mixed"].texts[:LIMIT_TEXTS]))
+            limits.append({**in_process_limit(model, workloads["mixed"].texts[:LIMIT_TEXTS]),
+                           "lone_forward_ms": lone_forward_ms(model, workloads["queries"].texts[:LONE_QUERIES])})
             print(f"round {k + 1} in-process limit: {limits[-1]}", flush=True)
         for rev, name, settings in arms if k % 2 == 0 else arms[::-1]:
             run = measure(where[rev], name, settings, args.seconds, args.port, workloads)

@@ -99,12 +99,14 @@ def test_each_round_of_an_arm_is_held_against_the_in_process_limit_of_its_own_ro
                                                                     "runtime threads": runtime}}
         return {"c32": {"texts_per_s": tps, "cpu": cpu}, "single_query": {"latency_ms": {"p50": 9.0}}}
 
-    limits = [{"texts_per_s": 400.0, "cpu_ms_per_text": 5.0}, {"texts_per_s": 500.0, "cpu_ms_per_text": 4.0}]
+    limits = [{"texts_per_s": 400.0, "cpu_ms_per_text": 5.0, "lone_forward_ms": 4.0},
+              {"texts_per_s": 500.0, "cpu_ms_per_text": 4.0}]
     arm = summary([run(200.0, 1.4, 1.2), run(250.0, 1.5, 1.0)], limits)
     # Round 1: 200 / 400 served, 7 ms of replica CPU per text / 5, its runtime's 6 / 5; round 2 against 500 and 4.
     assert arm["served_over_limit"] == [0.5, 0.5]
     assert arm["replica_cpu_over_limit"] == [1.4, 1.5]
     assert arm["runtime_threads_over_limit"] == [1.2, 1.0]
+    assert arm["lone_p50_over_forward_ms"] == [5.0, None]  # a lone query at 9 ms served, its forward 4 in-process
     assert "served_over_limit" not in summary([run(200.0, 1.4, 1.2)])
 
 
@@ -120,3 +122,16 @@ def test_the_in_process_limit_is_the_best_batch_size_of_the_shipped_runtime_with
     # This process's CPU over the pass, per text: at that rate it kept at most every core busy.
     cores_used = limit["cpu_ms_per_text"] * limit["texts_per_s"] / 1000
     assert 0 < cores_used <= (os.cpu_count() or 1) * 1.1, limit
+
+
+def test_a_lone_querys_forward_in_process_is_measured_after_idleness_on_one_thread(monkeypatch):
+    import bench.ab as ab
+    from bench.offline import OfflineModel, served_runtime
+
+    model = OfflineModel(dtype="auto", runtime=served_runtime())
+    monkeypatch.setattr(ab, "LONE_GAP_S", 0.0)  # the gap only cools the caches; a test need not wait for it
+    calls = []
+    measure = model.single_latency_ms
+    monkeypatch.setattr(model, "single_latency_ms", lambda *a, **k: calls.append(k) or measure(*a, **k))
+    p50 = ab.lone_forward_ms(model, ["what is a vector", "how do embeddings work"])
+    assert p50 > 0 and calls == [{"threads": 1, "repeats": 2, "gap_s": 0.0}]
