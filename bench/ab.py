@@ -4,7 +4,8 @@ mixed corpus and one client of short queries, with per-process CPU. What a chang
 commit before it on the same box in the same minutes. Each round also measures the in-process limit (this
 checkout's model, runtime and dtype, in this process, on the same texts, with no server up; `--no-limit` skips it)
 and a lone query's forward in-process, and gives each arm's served texts/s, replica CPU per text and lone-query
-p50 against that round's.
+p50 against that round's. The limit is this checkout's shipped runtime and dtype: a variant or checkout that runs
+another is held against it too (issue 28's bars compare with the shipped defaults' limit).
 
     python -m bench ab --rounds 3 --checkout HEAD~1 --variant "shipped defaults" \\
         --variant 'float32, 1 thread={"dtype": "float32", "torch_threads": 1}'
@@ -115,11 +116,11 @@ def against_limits(runs: list[dict[str, Any]], limits: list[dict[str, Any]]) -> 
         return None if a is None or not b else round(a / b, 2)
 
     out: dict[str, list[float | None]] = {"served_over_limit": [], "replica_cpu_over_limit": [],
-                                          "runtime_threads_over_limit": [], "lone_p50_over_forward_ms": []}
-    for run, limit in zip(runs, limits):
+                                          "runtime_threads_over_limit": [], "lone_p50_less_forward_ms": []}
+    for run, limit in zip(runs, limits, strict=True):
         lone = run["single_query"]["latency_ms"].get("p50")
         forward = limit.get("lone_forward_ms")
-        out["lone_p50_over_forward_ms"].append(None if lone is None or forward is None else round(lone - forward, 2))
+        out["lone_p50_less_forward_ms"].append(None if lone is None or forward is None else round(lone - forward, 2))
         tps = run["c32"]["texts_per_s"]
         replica = ((run["c32"].get("cpu") or {}).get("by_role") or {}).get("replica")
         split = replica_threads(run)
@@ -135,6 +136,8 @@ def in_process_limit(model: Any, texts: list[str], batch_sizes: tuple[int, ...] 
     """The in-process limit of `model` (bench.offline.OfflineModel: this checkout's shipped runtime and dtype)
     on the arms' texts: sorted into batches, one single-thread forward per core as a replica lays them out,
     tokenizing included. The best of `batch_sizes` by texts/s, with this process's CPU per text."""
+    if not batch_sizes:
+        raise ValueError("the in-process limit needs at least one batch size")
     cores = os.cpu_count() or 1
     best: dict[str, Any] = {}
     for batch_size in batch_sizes:

@@ -82,8 +82,11 @@ def _system_ticks() -> tuple[int, int]:
     return sum(values) - idle, idle
 
 
-FORWARD_THREAD = "forward-"  # the OS name of a replica's forward workers (embserve.engine.scheduler.name_os_thread)
-LOOP_THREAD = "replica-loop"  # the OS name of the thread that runs a replica's code (deployments/embedder.py)
+# A replica's thread names (embserve.engine.scheduler, where the replica names them; kept here so that this module
+# needs nothing of embserve's): its forward workers, its event loop, and its helper threads.
+FORWARD_THREAD = "forward-"
+LOOP_THREAD = "replica-loop"
+HELPER_THREAD = "replica-hlp"
 
 
 def forward_thread_times(pid: int) -> dict[int, tuple[int, int]]:
@@ -102,15 +105,20 @@ def forward_thread_times(pid: int) -> dict[int, tuple[int, int]]:
 
 
 def replica_thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
-    """tid -> (kind, CPU ticks) of a replica's own named threads: its event loop ("loop") and its forward
-    workers ("forward workers"). The rest of the process's CPU is the runtime's threads (OpenVINO's streams,
-    torch's intra-op pool) and Ray's few I/O threads."""
-    found = {}
+    """tid -> (kind, CPU ticks) of a replica's own named threads: its event loop ("loop"), its forward workers
+    ("forward workers") and its helper threads ("helpers"). A thread takes the name of the thread that starts
+    it, so any other thread named as the loop was started by the loop after it was named: the loop is the
+    oldest of them (the lowest tid), the rest count as helpers. The rest of the process's CPU is the runtime's
+    threads (OpenVINO's streams, torch's intra-op pool) and Ray's few I/O threads."""
+    found: dict[int, tuple[str, int]] = {}
+    loops = []
     for tid in threads_of(pid):
         try:
             comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
             if comm.startswith(FORWARD_THREAD):
                 kind = "forward workers"
+            elif comm.startswith(HELPER_THREAD):
+                kind = "helpers"
             elif comm == LOOP_THREAD:
                 kind = "loop"
             else:
@@ -120,6 +128,10 @@ def replica_thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
             continue
         fields = raw[raw.rindex(")") + 2 :].split()
         found[tid] = (kind, int(fields[11]) + int(fields[12]))
+        if kind == "loop":
+            loops.append(tid)
+    for tid in sorted(loops)[1:]:
+        found[tid] = ("helpers", found[tid][1])
     return found
 
 
@@ -150,19 +162,20 @@ def cpu_snapshot() -> CpuSnapshot:
 
 def replica_split(before: CpuSnapshot, after: CpuSnapshot, replica_cores: float) -> dict[str, float] | None:
     """The replicas' CPU in cores by thread: their event loops, their forward workers' Python (and, where the
-    runtime computes on the calling thread, as torch with one thread per worker does, the forward too), and
-    the rest: the runtime's own threads (OpenVINO's streams: the forward itself) and Ray's I/O threads.
+    runtime computes on the calling thread, as torch with one thread per worker does, the forward too), their
+    helpers (health checks, large admissions), and the rest: the runtime's own threads (OpenVINO's streams: the
+    forward itself) and Ray's I/O threads.
     None where the replica's loop was not seen by name in both snapshots (a replica older than its naming,
     whose forward workers alone are named)."""
     seconds = max(1e-9, after.at - before.at)
     shared = [tid for tid in after.replica_threads if tid in before.replica_threads]
     if not any(after.replica_threads[tid][0] == "loop" for tid in shared):
         return None
-    split = {"loop": 0.0, "forward workers": 0.0}
+    split = {"loop": 0.0, "forward workers": 0.0, "helpers": 0.0}
     for tid in shared:
         kind, ticks = after.replica_threads[tid]
         split[kind] += (ticks - before.replica_threads[tid][1]) / CLK_TCK / seconds
-    split["runtime threads"] = max(0.0, replica_cores - split["loop"] - split["forward workers"])
+    split["runtime threads"] = max(0.0, replica_cores - sum(split.values()))
     return {kind: round(cores, 3) for kind, cores in split.items()}
 
 

@@ -22,7 +22,7 @@ from embserve.api.contracts import EmbedJob, EmbedResult, ModelInfo
 from embserve.api.errors import Overloaded
 from embserve.engine.hardware import assigned_gpu_share, assigned_gpus, start_replica
 from embserve.engine.layout import EMBEDDER_MIN_ONGOING_REQUESTS
-from embserve.engine.scheduler import Arrival, Scheduler, name_os_thread
+from embserve.engine.scheduler import HELPER_THREAD, LOOP_THREAD, Arrival, Scheduler, name_os_thread
 from embserve.launch import serve_env
 from embserve.metrics.events import Forward
 from embserve.metrics.stats import ReplicaReporter
@@ -34,9 +34,6 @@ log = logging.getLogger("ray.serve")
 # Admissions with more text than this are tokenized on a thread, so that the replica's loop (health checks,
 # other admissions) never waits for one; smaller ones, about a millisecond, are tokenized in place.
 INLINE_CHARS = 20_000
-
-LOOP_THREAD = "replica-loop"  # the OS name of the replica's event loop thread (bench.procs.LOOP_THREAD)
-HELPER_THREAD = "replica-helper"  # threads that health checks and large admissions run on
 
 
 def _settle(future: asyncio.Future, result: EmbedResult) -> None:

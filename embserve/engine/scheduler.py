@@ -188,7 +188,7 @@ class Scheduler:
         target = self._pipeline if self.pipelined else self._work
         ready = threading.Barrier(layout.workers + 1)
         self._workers = [threading.Thread(target=target, args=(layout.threads_per_forward, ready),
-                                          name=f"forward-{k}", daemon=True) for k in range(layout.workers)]
+                                          name=f"{FORWARD_THREAD}{k}", daemon=True) for k in range(layout.workers)]
         for worker in self._workers:
             worker.start()
         ready.wait()  # every worker has set its threads before the first request
@@ -457,6 +457,14 @@ class Scheduler:
         result = request.result(now)
         self.report(Answered(result.queue_s, type(result.error).__name__ if result.error else None))
         request.reply(result)
+
+
+# What a replica's threads are called where the OS shows them (15 characters at most, the OS's limit), so that
+# its CPU can be split by thread (bench.procs): the forward workers, the replica's event loop, and its helpers
+# (ThreadPoolExecutor adds "_N" to the prefix).
+FORWARD_THREAD = "forward-"
+LOOP_THREAD = "replica-loop"
+HELPER_THREAD = "replica-hlp"
 
 
 def name_os_thread(name: str) -> None:

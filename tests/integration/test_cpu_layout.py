@@ -4,6 +4,7 @@ that takes every core, one single-thread forward per core, all fed from one queu
 import concurrent.futures as cf
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,15 +37,25 @@ def test_the_shipped_cpu_layout_runs_one_single_thread_forward_per_core(config):
     assert described["profile"]["torch_threads"] == {"value": cores, "source": f"auto: {cores} cores visible to the replica"}
 
 
-def test_the_replicas_loop_and_forward_workers_are_named_so_that_its_cpu_splits_by_thread(config, client):
-    """bench.procs tells the replica's event loop and forward workers from the runtime's threads by their OS
-    names; the replica names its loop where Serve runs its code (the constructor's thread)."""
-    from bench.procs import replica_thread_ticks
+def test_the_replicas_threads_are_named_so_that_its_cpu_splits_by_thread(config, client):
+    """bench.procs tells the replica's event loop, forward workers and helper threads from the runtime's by their
+    OS names: one loop (where Serve runs the replica's code), one worker per forward worker, and the helpers that
+    a health check and an admission of more than 20,000 characters ran on."""
+    from bench.procs import HELPER_THREAD, replica_thread_ticks
+    from deployments.embedder import INLINE_CHARS
 
-    assert client.post("/v1/embeddings", json={"model": MODEL, "input": "a warm replica"}).status_code == 200
+    texts = [f"passage {i}: " + "words of a long admission " * 10 for i in range(100)]
+    assert sum(map(len, texts)) > INLINE_CHARS
+    assert client.post("/v1/embeddings", json={"model": MODEL, "input": texts}).status_code == 200
+    call_deployment("check_health")
     described = call_deployment("describe")
-    kinds = sorted(kind for kind, _ in replica_thread_ticks(described["pid"]).values())
-    assert kinds == ["forward workers"] * described["forward_workers"] + ["loop"], kinds
+    pid = described["pid"]
+    found = replica_thread_ticks(pid)
+    kinds = sorted(kind for kind, _ in found.values())
+    assert kinds.count("loop") == 1 and kinds.count("forward workers") == described["forward_workers"], kinds
+    helpers = [tid for tid, (kind, _) in found.items() if kind == "helpers"]
+    assert helpers and all(Path(f"/proc/{pid}/task/{tid}/comm").read_text().startswith(HELPER_THREAD)
+                           for tid in helpers), helpers
 
 
 def test_the_shipped_cpu_replica_runs_openvino_with_a_stream_per_forward_worker_and_says_why(config, client):

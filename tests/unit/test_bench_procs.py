@@ -23,29 +23,40 @@ def test_no_forward_worker_seen_twice_is_no_answer_and_idle_comes_from_the_machi
 
 
 def test_a_replicas_named_threads_are_told_apart_by_their_os_names():
-    """A forward worker and the replica's loop as the replica names them; other threads are left out."""
+    """The replica's loop, a forward worker and a helper as the replica names them; a thread the loop starts
+    after it was named takes its name, and counts as a helper (the loop is the oldest of that name); threads
+    of other names are left out."""
     import threading
 
-    from bench.procs import LOOP_THREAD, replica_thread_ticks
-    from deployments.embedder import LOOP_THREAD as REPLICA_LOOP_THREAD
+    from bench import procs
+    from embserve.engine import scheduler
     from embserve.engine.scheduler import name_os_thread
 
-    assert LOOP_THREAD == REPLICA_LOOP_THREAD
-    named, done = threading.Barrier(3), threading.Event()
+    assert (procs.FORWARD_THREAD, procs.LOOP_THREAD, procs.HELPER_THREAD) == (
+        scheduler.FORWARD_THREAD, scheduler.LOOP_THREAD, scheduler.HELPER_THREAD)
+    assert len(f"{scheduler.HELPER_THREAD}_99") <= 15  # the OS keeps 15 characters of a name
+    started, done = threading.Barrier(6), threading.Event()
+    tids: dict[str, int] = {}
 
-    def thread(name: str) -> None:
-        name_os_thread(name)
-        named.wait()
+    def thread(role: str, name: str | None, child: bool = False) -> None:
+        if name is not None:
+            name_os_thread(name)
+        tids[role] = threading.get_native_id()
+        if child:  # started by the named loop: it takes the loop's name
+            threading.Thread(target=thread, args=("started by the loop", None)).start()
+        started.wait()
         done.wait()
 
-    threads = [threading.Thread(target=thread, args=(name,)) for name in ("forward-0", LOOP_THREAD)]
+    threads = [threading.Thread(target=thread, args=args) for args in (
+        ("loop", scheduler.LOOP_THREAD, True), ("worker", f"{scheduler.FORWARD_THREAD}0"),
+        ("helper", f"{scheduler.HELPER_THREAD}_0"), ("other", "ray::IDLE"))]
     for t in threads:
         t.start()
-    named.wait()
+    started.wait()
     try:
-        found = replica_thread_ticks(os.getpid())
-        assert sorted(kind for kind, _ in found.values()) == ["forward workers", "loop"]
-        assert set(found) == {t.native_id for t in threads}
+        found = {tid: kind for tid, (kind, _) in procs.replica_thread_ticks(os.getpid()).items()}
+        assert found == {tids["loop"]: "loop", tids["worker"]: "forward workers", tids["helper"]: "helpers",
+                         tids["started by the loop"]: "helpers"}, (found, tids)
     finally:
         done.set()
         for t in threads:
@@ -56,13 +67,16 @@ def test_the_replicas_runtime_threads_are_what_its_loop_and_workers_did_not_use(
     from bench.procs import replica_split
 
     tick = os.sysconf("SC_CLK_TCK")
-    def snapshot(at: float, loop: int, workers: tuple[int, int]) -> CpuSnapshot:
-        threads = {1: ("loop", loop), 2: ("forward workers", workers[0]), 3: ("forward workers", workers[1])}
+    def snapshot(at: float, loop: int, workers: tuple[int, int], helper: int) -> CpuSnapshot:
+        threads = {1: ("loop", loop), 2: ("forward workers", workers[0]), 3: ("forward workers", workers[1]),
+                   4: ("helpers", helper)}
         return CpuSnapshot(at=at, system_ticks=0, per_pid={}, replica_threads=threads)
 
-    before, after = snapshot(0.0, 0, (0, tick)), snapshot(2.0, tick // 2, (tick // 10, tick + tick // 10))
-    # 1.5 cores in the replica over 2 s: the loop 0.25, the two workers 0.05 each, the rest 1.15.
-    assert replica_split(before, after, 1.5) == {"loop": 0.25, "forward workers": 0.1, "runtime threads": 1.15}
+    before = snapshot(0.0, 0, (0, tick), 0)
+    after = snapshot(2.0, tick // 2, (tick // 10, tick + tick // 10), tick // 5)
+    # 1.5 cores in the replica over 2 s: the loop 0.25, the two workers 0.05 each, a helper 0.1, the rest 1.05.
+    assert replica_split(before, after, 1.5) == {"loop": 0.25, "forward workers": 0.1, "helpers": 0.1,
+                                                 "runtime threads": 1.05}
     assert replica_split(before, CpuSnapshot(at=2.0, system_ticks=0, per_pid={}), 1.5) is None
     # A replica from before the loop was named: its forward workers alone say nothing of the rest.
     workers_only = {tid: thread for tid, thread in after.replica_threads.items() if thread[0] != "loop"}
