@@ -52,8 +52,6 @@ class SharedCalls:
         self.send_many = send_many
         self._queued: list[tuple[Any, asyncio.Future]] = []
         self._answering: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
-        self.calls = 0  # calls sent, and the requests they carried: what the sharing saved
-        self.requests = 0
 
     def call(self, job: Any) -> tuple[Awaitable[Any], Callable[[], Any]]:
         if job.chars > SHARED_MAX_CHARS:  # alone, at once
@@ -82,8 +80,6 @@ class SharedCalls:
         call.cancel = response.cancel
         for future in call.futures:
             future.add_done_callback(call.gone)
-        self.calls += 1
-        self.requests += len(jobs)
         task = asyncio.ensure_future(self._answer(response, call.futures, many=len(jobs) > 1))
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)

@@ -64,7 +64,6 @@ def test_requests_of_one_turn_share_one_call_and_each_gets_its_own_answer():
         assert [(s.jobs, s.many) for s in sent] == [(["a", "b", "c"], True)]
         sent[0].answer()
         assert await asyncio.gather(*waits) == ["vector of a", "vector of b", "vector of c"]
-        assert (calls.calls, calls.requests) == (1, 3)
     run(go())
 
 
