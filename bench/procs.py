@@ -34,14 +34,20 @@ ROLES = (
 )
 
 
-def process_stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, CPU ticks user+system) of a process, None when it is gone."""
+def _stat(path: str) -> tuple[int, int] | None:
+    """(parent pid, CPU ticks user+system) from a /proc stat file (a process's or a thread's), None when it is
+    gone."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        raw = Path(path).read_text()
     except OSError:
         return None
     fields = raw[raw.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
     return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def process_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, CPU ticks user+system) of a process, None when it is gone."""
+    return _stat(f"/proc/{pid}/stat")
 
 
 def _title(pid: int) -> str:
@@ -123,11 +129,12 @@ def replica_thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
                 kind = "loop"
             else:
                 continue
-            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
         except OSError:
             continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        found[tid] = (kind, int(fields[11]) + int(fields[12]))
+        stat = _stat(f"/proc/{pid}/task/{tid}/stat")
+        if stat is None:
+            continue
+        found[tid] = (kind, stat[1])
         if kind == "loop":
             loops.append(tid)
     for tid in sorted(loops)[1:]:
