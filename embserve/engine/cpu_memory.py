@@ -18,9 +18,10 @@ ONEDNN_CACHE_ENTRIES = 64
 TRIM_INTERVAL_S = 5.0
 # OpenVINO's CPU plugin keeps the executors it builds for new input shapes in a cache per stream, 5,000 entries by
 # default: two streams over ever-new shapes grew the live heap by 0.65-0.76 MiB a forward, not levelling off in 600
-# forwards. 64 entries a stream held it about 130 MiB over its start from the 200th forward on, for about 4% of
-# texts/s on short texts through the scheduler in-process (docs/benchmarks.md, 2026-12-07).
-OPENVINO_CACHE_ENTRIES = 64
+# forwards. 256 entries a stream level it off after a few hundred forwards (a served 10-minute soak: +1.8%, within the
+# 2% bar), where 64 cost about 4% of short texts' texts/s in executors built again, in-process and served
+# (docs/benchmarks.md, 2026-12-07).
+OPENVINO_CACHE_ENTRIES = 256
 
 
 def bound_primitive_cache(environ: MutableMapping[str, str] | None = None) -> bool:
