@@ -19,7 +19,7 @@ TRIM_INTERVAL_S = 5.0
 # OpenVINO's CPU plugin keeps the executors it builds for new input shapes in a cache per stream, 5,000 entries by
 # default: two streams over ever-new shapes grew the live heap by 0.65-0.76 MiB a forward, not levelling off in 600
 # forwards. 256 entries a stream level it off after a few hundred forwards (a served 10-minute soak: +1.8%, within the
-# 2% bar), where 64 cost about 4% of short texts' texts/s in executors built again, in-process and served
+# 2% bar), where 64 cost short texts about 4% of texts/s in-process and 1-4% served, in executors built again
 # (docs/benchmarks.md, 2026-12-07).
 OPENVINO_CACHE_ENTRIES = 256
 
