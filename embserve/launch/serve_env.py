@@ -13,6 +13,10 @@ in the shell that runs `serve run` or `ray start` (`./run.sh serve` does, from h
   the ingress's own `max_body_bytes` (16 MiB) on its way to an embedder, or a large answer on its way
   back; 256 MiB covers 2048 inputs of 100,000 characters and 2048 vectors of 4096 floats.
 
+- `RAY_SERVE_CONTROL_LOOP_INTERVAL_S=0.5`: Serve's controller reconciles its deployments every 0.5 s instead
+  of every 0.1 s. At 0.1 s it and the GCS calls it makes cost 0.05 of an idle machine's cores, the largest share
+  of what an idle service spends; at 0.5 s 0.02 (docs/benchmarks.md). Set with or without HAProxy.
+
 A value already in the environment wins, so `RAY_SERVE_ENABLE_HA_PROXY=0 RAY_SERVE_THROUGHPUT_OPTIMIZED=0
 ./run.sh serve` runs on Serve's Python proxy (with only the first, Ray's direct ingress stays on and a
 cluster keeps a proxy on its head node only). The `bench experiments` study (bench/studies/experiments.py)
@@ -35,6 +39,11 @@ FAST_PATH: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(256 * 1024 * 1024),
 }
+# Serve's own default is 0.1 s. Its autoscaling delays are counted in wall time, so they keep their meaning; what
+# waits for the loop (a new or replaced replica's start, a redeploy) waits up to 0.4 s longer.
+QUIET_CONTROLLER: dict[str, str] = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+# What every node of a cluster exports before `ray start` (cluster.yaml, k8s/rayservice.yaml).
+SERVE_ENV: dict[str, str] = {**FAST_PATH, **QUIET_CONTROLLER}
 
 
 def haproxy_available(environ: Mapping[str, str] = os.environ) -> bool:
@@ -46,11 +55,11 @@ def haproxy_available(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def missing(environ: Mapping[str, str]) -> dict[str, str]:
-    """The fast-path variables that `environ` does not set yet; none where there is no HAProxy (Serve
-    would fail to start), so that macOS, say, runs Serve's plain setup."""
-    if not haproxy_available(environ):
-        return {}
-    return {key: value for key, value in FAST_PATH.items() if key not in environ}
+    """The variables that `environ` does not set yet: the controller's interval always, the fast path only
+    where Serve would find an HAProxy (it would fail to start otherwise), so that macOS, say, runs Serve's
+    plain setup."""
+    wanted = {**FAST_PATH, **QUIET_CONTROLLER} if haproxy_available(environ) else QUIET_CONTROLLER
+    return {key: value for key, value in wanted.items() if key not in environ}
 
 
 def apply(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from embserve.launch import install_stamp, procfs, serving
+from embserve.launch import install_stamp, procfs, serve_env, serving
 from embserve.launch.ports import free_port, holder, is_free
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")]
@@ -41,7 +41,10 @@ def server(tmp_path):
     config["http_options"]["port"] = port
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, RAY_ADDRESS="local", EMBSERVE_VENV=sys.prefix, HF_HUB_OFFLINE="1",
+    # A user's shell: without the Serve variables that the test session set for its own Ray, so that what the
+    # run's Ray gets is what `embserve serve` sets.
+    env = {k: v for k, v in os.environ.items() if k not in serve_env.SERVE_ENV}
+    env.update(RAY_ADDRESS="local", EMBSERVE_VENV=sys.prefix, HF_HUB_OFFLINE="1",
                **{name: str(free_port()) for name in AUX_PORTS})
     log = (tmp_path / "embserve.log").open("w")
     started = []
@@ -93,6 +96,11 @@ def the_runs_processes(proc) -> tuple[set[int], dict[int, str]]:
     return started, {pid: config for pid, config in haproxies.items() if config}
 
 
+def environment(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+
+
 def ports_of(port: int, env) -> list[int]:
     return [port, *(int(env[name]) for name in AUX_PORTS)]
 
@@ -107,6 +115,8 @@ def test_sigterm_stops_every_process_embserve_serve_started_and_frees_its_ports(
     wait_for_embeddings(proc, port)
     started, haproxies = the_runs_processes(proc)
     assert haproxies, "Serve's fast path runs HAProxy"
+    [controller] = [pid for pid in started if "ray::ServeController" in " ".join(procfs.processes()[pid].argv)]
+    assert environment(controller)["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
     [run_dir] = {Path(config).parents[1] for config in haproxies.values()}
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)

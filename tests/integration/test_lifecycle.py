@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+import ray
 
 from tests.integration.conftest import APP, BASE, EMBEDDER, call_deployment, deploy, deployment, fixed_replicas
 from tests.texts import mixed_texts
@@ -33,6 +34,15 @@ def pid() -> int:
 def test_torch_threads_reach_the_forward_thread_past_rays_one_thread_default(config):
     described = call_deployment("describe")
     assert (described["torch_threads"], described["forward_workers"], described["threads_per_forward"]) == (2, 1, [2])
+
+
+def test_serves_controller_loops_every_half_second_as_serve_env_sets_it(config):
+    """The session's Ray was started after serve_env.apply(), as `./run.sh serve` starts its own: Serve's
+    controller reads the interval (its health metrics report the sleep it expects between loops)."""
+    from ray import serve
+
+    metrics = ray.get(serve.context._get_global_client()._controller.get_health_metrics.remote())
+    assert metrics["expected_sleep_duration_s"] == 0.5
 
 
 def test_a_replicas_startup_line_reaches_its_log_file_at_once(config):

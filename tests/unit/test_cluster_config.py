@@ -205,4 +205,4 @@ def test_every_rayservice_pod_gets_the_fast_path_env(rayservice):
     for group in groups:
         (container,) = group["template"]["spec"]["containers"]
         env = {e["name"]: e["value"] for e in container["env"]}
-        assert env == serve_env.FAST_PATH
+        assert env == serve_env.SERVE_ENV

@@ -21,8 +21,15 @@ def test_apply_sets_only_what_the_environment_lacks():
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in added
     assert environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # the user's choice wins
     assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    assert added == {k: v for k, v in serve_env.FAST_PATH.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"}
+    assert added == {k: v for k, v in serve_env.SERVE_ENV.items() if k != "RAY_SERVE_ENABLE_HA_PROXY"}
+    assert environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
     assert serve_env.missing(environ) == {}
+
+
+def test_a_control_loop_interval_the_user_set_wins():
+    environ = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_SERVE_HAPROXY_BINARY_PATH": "/opt/haproxy"}
+    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in serve_env.apply(environ)
+    assert environ["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
 
 
 def test_no_fast_path_where_serve_would_find_no_haproxy(monkeypatch):
@@ -30,7 +37,7 @@ def test_no_fast_path_where_serve_would_find_no_haproxy(monkeypatch):
     monkeypatch.setattr(serve_env.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(serve_env.shutil, "which", lambda name: None)
     assert not serve_env.haproxy_available({})
-    assert serve_env.missing({}) == {}
+    assert serve_env.missing({}) == serve_env.QUIET_CONTROLLER  # the controller's interval needs no HAProxy
     assert serve_env.haproxy_available({"RAY_SERVE_HAPROXY_BINARY_PATH": "/opt/haproxy/bin/haproxy"})
 
 
@@ -44,12 +51,13 @@ def test_this_linux_install_has_the_bundled_haproxy():
 
 def test_the_shell_gets_exports_it_can_eval():
     """What run.sh does: eval the module's output, then the variables are in the shell's environment."""
-    env = {k: v for k, v in os.environ.items() if k not in serve_env.FAST_PATH}
+    env = {k: v for k, v in os.environ.items() if k not in serve_env.SERVE_ENV}
     env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"
     script = (f'eval "$("{sys.executable}" -m embserve.launch.serve_env)"; echo "$RAY_SERVE_ENABLE_HA_PROXY '
-              '$RAY_SERVE_THROUGHPUT_OPTIMIZED $RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"')
+              '$RAY_SERVE_THROUGHPUT_OPTIMIZED $RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH '
+              '$RAY_SERVE_CONTROL_LOOP_INTERVAL_S"')
     out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["1", "0", serve_env.FAST_PATH["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"]]
+    assert out.stdout.split() == ["1", "0", serve_env.FAST_PATH["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"], "0.5"]
 
 
 def test_grpc_messages_hold_the_largest_request_and_answer_the_ingress_accepts():
@@ -60,9 +68,9 @@ def test_grpc_messages_hold_the_largest_request_and_answer_the_ingress_accepts()
     assert limit > settings.max_inputs_per_request * 4096 * 4  # float32 vectors of a 4096-dim model
 
 
-def test_every_fast_path_variable_is_documented_with_its_value():
+def test_every_variable_is_documented_with_its_value():
     text = (ROOT / "docs" / "settings.md").read_text()
-    for key, value in serve_env.FAST_PATH.items():
+    for key, value in serve_env.SERVE_ENV.items():
         assert f"| `{key}` | `{value}` |" in text
 
 
