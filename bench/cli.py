@@ -48,6 +48,8 @@ STUDIES: dict[str, Command] = {
                               "study: the GPU worker's closed loop as an event model, by clients and group choice"),
     "serve-floor": Command("bench.studies.serve_floor",
                            "study: Serve's two hops per request with no model behind them, beside the shipped service"),
+    "ov-forward": Command("bench.studies.ov_forward",
+                          "study: one OpenVINO forward's fixed cost, static shapes, nodes and shape churn"),
     "idle-cost": Command("bench.studies.idle_cost", "study: what an idle service spends, by process, per environment"),
 }
 COMMANDS: dict[str, Command] = {**SUITE, **STUDIES}
