@@ -143,6 +143,26 @@ def test_concurrent_requests_share_calls_to_the_replica_and_each_gets_its_own_ve
         pytest.fail(f"no call carried more than one of 3 x {len(texts)} concurrent requests: {before} -> {after}")
 
 
+def test_a_request_alone_in_the_replica_skips_serves_batcher_and_a_burst_does_not(config, client, reference):
+    """A lone query is admitted without @serve.batch's hand-off (deployments/embedder.py, Embedder._alone): the
+    batcher would have formed an admission of it alone. Requests that find others in the replica go through the
+    batcher, which forms their admissions."""
+    text = "How do I embed text with a batching server?"
+    before = describe()
+    vector = embed(client, text)[0]
+    after = describe()
+    assert after["lone_admissions"] - before["lone_admissions"] == 1
+    assert after["admitted_requests"] - before["admitted_requests"] == 1
+    assert float(vector @ reference([text])[0]) >= MIN_COSINE
+    texts = mixed_texts(64, seed=21)
+    before = describe()
+    with cf.ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda t: embed(client, t, truncate=True), texts))
+    after = describe()
+    assert after["admitted_requests"] - before["admitted_requests"] == len(texts)
+    assert after["lone_admissions"] - before["lone_admissions"] < len(texts) // 2
+
+
 def test_vectors_do_not_depend_on_batch_companions(config, client):
     probe = "How do I embed text with a batching server?"
     alone = embed(client, probe)[0]
