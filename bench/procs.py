@@ -50,7 +50,8 @@ def process_stat(pid: int) -> tuple[int, int] | None:
     return _stat(f"/proc/{pid}/stat")
 
 
-def _title(pid: int) -> str:
+def title_of(pid: int) -> str:
+    """A process's command line as one string (Ray's workers show their actor there), '' when it is gone."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
@@ -73,7 +74,7 @@ def descendants(root: int | None = None) -> dict[int, str]:
     todo = [root]
     while todo:
         pid = todo.pop()
-        title = _title(pid)
+        title = title_of(pid)
         role = "load generator" if pid == root else next((r for r, rx in ROLES if rx.search(title)), "other ray")
         out[pid] = role
         todo.extend(children.get(pid, []))

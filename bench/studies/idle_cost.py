@@ -72,28 +72,21 @@ def measure(base_env: dict[str, str], port: int, settle_s: float, seconds: float
 
     with embserve_serve(Layout(config=DEFAULT_CONFIG, env=base_env), port):
         time.sleep(settle_s)
-        before = {pid: procs.process_stat(pid) for pid in procs.descendants()}
-        busy0, idle0 = procs._system_ticks()
-        start = time.perf_counter()
+        before = procs.cpu_snapshot()
         time.sleep(seconds)
-        after = {pid: procs.process_stat(pid) for pid in procs.descendants()}
-        busy1, idle1 = procs._system_ticks()
-        window = time.perf_counter() - start
-        titles = {pid: procs._title(pid) for pid in after}
+        after = procs.cpu_snapshot()
+        titles = {pid: procs.title_of(pid) for pid in after.per_pid}
+    usage = procs.cpu_usage(before, after)
     by_name: dict[str, float] = {}
-    ours = 0
-    for pid, stat in after.items():
-        if stat is None or pid not in before or before[pid] is None:
-            continue  # born or gone inside the window: its CPU would not be this window's
-        ticks = stat[1] - before[pid][1]
-        ours += ticks
+    for pid, (_, ticks) in after.per_pid.items():
+        if pid not in before.per_pid:
+            continue  # born inside the window: its CPU would not be this window's alone
         name = "this study" if pid == os.getpid() else name_of(titles[pid])
-        by_name[name] = by_name.get(name, 0.0) + ticks / procs.CLK_TCK / window
-    return {"window_s": round(window, 2), "cores_by_process": {k: round(v, 4) for k, v in
-                                                               sorted(by_name.items(), key=lambda kv: -kv[1])},
+        by_name[name] = by_name.get(name, 0.0) + (ticks - before.per_pid[pid][1]) / procs.CLK_TCK / usage.window_s
+    return {"window_s": round(usage.window_s, 2),
+            "cores_by_process": {k: round(v, 4) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])},
             "service_cores": round(sum(v for k, v in by_name.items() if k != "this study"), 4),
-            "other_load_cores": round(max(0, busy1 - busy0 - ours) / procs.CLK_TCK / window, 4),
-            "idle_cores": round((idle1 - idle0) / procs.CLK_TCK / window, 3)}
+            "other_load_cores": round(usage.foreign, 4), "idle_cores": round(usage.idle or 0.0, 3)}
 
 
 def run(args: argparse.Namespace) -> None:

@@ -58,7 +58,7 @@ def missing(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables that `environ` does not set yet: the controller's interval always, the fast path only
     where Serve would find an HAProxy (it would fail to start otherwise), so that macOS, say, runs Serve's
     plain setup."""
-    wanted = {**FAST_PATH, **QUIET_CONTROLLER} if haproxy_available(environ) else QUIET_CONTROLLER
+    wanted = SERVE_ENV if haproxy_available(environ) else QUIET_CONTROLLER
     return {key: value for key, value in wanted.items() if key not in environ}
 
 
