@@ -115,7 +115,8 @@ def test_sigterm_stops_every_process_embserve_serve_started_and_frees_its_ports(
     wait_for_embeddings(proc, port)
     started, haproxies = the_runs_processes(proc)
     assert haproxies, "Serve's fast path runs HAProxy"
-    [controller] = [pid for pid in started if "ray::ServeController" in " ".join(procfs.processes()[pid].argv)]
+    procs = procfs.processes()  # one snapshot: a short-lived worker of the run may end between two
+    [controller] = [pid for pid in started if pid in procs and "ray::ServeController" in " ".join(procs[pid].argv)]
     assert environment(controller)["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
     [run_dir] = {Path(config).parents[1] for config in haproxies.values()}
     proc.send_signal(signal.SIGTERM)
