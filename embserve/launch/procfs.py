@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 LISTEN = "0A"  # the TCP state column of /proc/net/tcp for a listening socket
@@ -25,20 +26,42 @@ class Proc:
 
 def processes(proc: Path = Path("/proc")) -> dict[int, Proc]:
     """Every process /proc shows, by pid."""
+    return _table(proc, lambda name: True)
+
+
+def named(word: str, proc: Path = Path("/proc")) -> dict[int, Proc]:
+    """The processes whose command name holds `word`, as processes() gives them. The name is the executable's
+    (its first 15 bytes, from the stat file that is read anyway): only these command lines are read, about a
+    third of processes()' cost where few match, which is what a watcher that looks twice a second wants."""
+    return _table(proc, lambda name: word in name)
+
+
+def _table(proc: Path, wanted: Callable[[str], bool]) -> dict[int, Proc]:
     found = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
+    for name in os.listdir(proc):
+        if not name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            with open(proc / name / "stat") as f:
+                stat = f.read()
+            if not wanted(stat[stat.index("(") + 1:stat.rindex(")")]):
+                continue
+            with open(proc / name / "cmdline", "rb") as f:
+                argv = f.read().rstrip(b"\0").split(b"\0")
         except OSError:
             continue
         state, ppid, _pgrp, sid = after_name(stat)[:4]
-        found[int(entry.name)] = Proc(int(entry.name), int(ppid), state,
-                                      tuple(a.decode(errors="replace") for a in argv if a), int(sid))
+        found[int(name)] = Proc(int(name), int(ppid), state,
+                                tuple(a.decode(errors="replace") for a in argv if a), int(sid))
     return found
 
+
+def parent(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """The parent of `pid`; None where it is gone."""
+    try:
+        return int(after_name((proc / str(pid) / "stat").read_text())[1])
+    except OSError:
+        return None
 
 
 def alive(pid: int, proc: Path = Path("/proc")) -> bool:

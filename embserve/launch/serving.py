@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from embserve.launch import ports
-from embserve.launch.procfs import Proc, alive, processes
+from embserve.launch.procfs import Proc, alive, named, parent, processes
 
 RUN_PREFIX = "embserve-"
 OWNER_FILE = "embserve-serve.pid"
@@ -157,11 +157,20 @@ def run_session(procs: Mapping[int, Proc], run_dir: Path) -> set[int]:
     return members
 
 
-def orphaned(procs: Mapping[int, Proc], pids: Iterable[int], child: int) -> set[int]:
-    """Those of `pids` whose parent is no longer a process of the run under `child` (Ray's worker that
-    started them is gone, and they came to the subreaper or to init)."""
-    run = descendants(procs, child) | {child}
-    return {pid for pid in pids if pid in procs and procs[pid].ppid not in run}
+def orphaned(pids: Iterable[int], child: int, parent_of: Callable[[int], int | None]) -> set[int]:
+    """Those of `pids` whose line of parents no longer reaches `child` (Ray's worker that started them is gone,
+    and they came to the subreaper or to init); `parent_of` reads a pid's parent, None where it is gone.
+    Walking up from each costs a few reads, where the run's whole tree would cost a read of every process."""
+    def reaches(pid: int | None) -> bool:
+        seen = set()
+        while pid is not None and pid > 1 and pid not in seen:
+            if pid == child:
+                return True
+            seen.add(pid)
+            pid = parent_of(pid)
+        return False
+
+    return {pid for pid in pids if (up := parent_of(pid)) is not None and not reaches(up)}
 
 
 def become_subreaper() -> bool:
@@ -242,8 +251,7 @@ class Run:
                 self._signal_child(sig, group=True)
 
     def stop_orphaned_haproxies(self) -> None:
-        procs = processes()
-        lost = orphaned(procs, run_haproxies(procs, self.run_dir), self.child)
+        lost = orphaned(run_haproxies(named("haproxy"), self.run_dir), self.child, parent)
         if lost:
             say(f"HAProxy {sorted(lost)} lost its Ray manager (Ray stopped?): stopping it")
             terminate(lost, self.reap)

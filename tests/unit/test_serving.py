@@ -93,7 +93,26 @@ def test_haproxies_of_a_run_are_told_apart_by_their_config_folder_and_orphans_by
     assert serving.haproxy_config(procs[16].argv) == "/etc/haproxy/haproxy.cfg"
     assert serving.haproxy_config(("haproxy", "-db")) is None
     assert serving.run_haproxies(procs, run) == {13, 14}
-    assert serving.orphaned(procs, {13, 14}, child=11) == {14}
+    parent_of = {pid: p.ppid for pid, p in procs.items()}.get
+    assert serving.orphaned({13, 14}, 11, parent_of) == {14}
+    assert serving.orphaned({13, 14, 99}, 11, parent_of) == {14}  # 99 is gone: nothing to stop
+    assert serving.orphaned({13}, 11, {13: 12, 12: 13}.get) == {13}  # a loop of parents ends the walk
+
+
+def test_named_reads_the_command_lines_of_the_processes_whose_executable_has_the_name(tmp_path):
+    for pid, name, ppid, argv in ((7, "haproxy", 3, b"/x/haproxy\0-f\0/r/haproxy.cfg\0"),
+                                  (8, "python3.11", 1, b"python\0-m\0haproxy\0"),
+                                  (9, "my (haproxy) x", 7, b"odd\0")):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({name}) S {ppid} {pid} {pid} 0 -1 4194560")
+        (tmp_path / str(pid) / "cmdline").write_bytes(argv)
+    (tmp_path / "self").mkdir()
+    (tmp_path / "10").mkdir()  # gone while it was read: no stat
+    assert procfs.named("haproxy", tmp_path) == {
+        7: Proc(7, 3, "S", ("/x/haproxy", "-f", "/r/haproxy.cfg"), 7),
+        9: Proc(9, 7, "S", ("odd",), 9)}
+    assert procfs.processes(tmp_path).keys() == {7, 8, 9}
+    assert procfs.parent(9, tmp_path) == 7 and procfs.parent(10, tmp_path) is None
 
 
 def test_processes_reads_this_process_from_proc():
@@ -111,11 +130,11 @@ def test_processes_reads_this_process_from_proc():
 FAKE_WORKER = textwrap.dedent("""
     import signal, subprocess, sys, time
     out, mode, haproxy = sys.argv[1], sys.argv[2], sys.argv[3:]
-    p = subprocess.Popen(haproxy, executable=sys.executable)
+    p = subprocess.Popen(haproxy)
     print(p.pid, flush=True)
 
     def reload(*_):
-        q = subprocess.Popen([*haproxy, "-sf", str(p.pid)], executable=sys.executable)
+        q = subprocess.Popen([*haproxy, "-sf", str(p.pid)])
         with open(out + ".reloaded", "w") as f:
             f.write(str(q.pid))
         sys.exit(0)
@@ -126,7 +145,12 @@ FAKE_WORKER = textwrap.dedent("""
 FAKE_SERVE = textwrap.dedent("""
     import json, os, signal, subprocess, sys, time
     out, run_dir, mode = sys.argv[1:4]
-    haproxy = ["/fake/bin/haproxy", "-c", "import time; time.sleep(120)", "-f", run_dir + "/node/haproxy.cfg"]
+    # An executable named haproxy (a link to Python): the watcher looks for HAProxy by the executable's name.
+    exe = os.path.join(os.path.dirname(out), "bin", "haproxy")
+    os.makedirs(os.path.dirname(exe), exist_ok=True)
+    if not os.path.lexists(exe):
+        os.symlink(sys.executable, exe)
+    haproxy = [exe, "-c", "import time; time.sleep(120)", "-f", run_dir + "/node/haproxy.cfg"]
     worker = subprocess.Popen([sys.executable, "-c", WORKER, out, mode, *haproxy], stdout=subprocess.PIPE,
                               text=True)
     haproxy_pid = int(worker.stdout.readline())
