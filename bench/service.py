@@ -34,6 +34,7 @@ AUX_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "
 PLAIN_SERVE = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
 READY_TIMEOUT_S = 300.0  # Ray's start, the model's load and warm-up, on 2 busy cores
 STOP_TIMEOUT_S = 120.0
+START_ATTEMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,12 @@ def tail(path: Path, chars: int = 4000) -> str:
 
 
 @contextmanager
-def embserve_serve(layout: Layout, port: int, checkout: Path = ROOT, log: Path | None = None) -> Iterator[str]:
-    """`embserve serve` of `layout` from `checkout` until the block ends; yields the base URL (".../v1")."""
+def embserve_serve(layout: Layout, port: int, checkout: Path = ROOT, log: Path | None = None,
+                   attempts: int = START_ATTEMPTS) -> Iterator[str]:
+    """`embserve serve` of `layout` from `checkout` until the block ends; yields the base URL (".../v1").
+
+    A start that fails is tried again, up to `attempts` in all, on fresh auxiliary ports: a port chosen free
+    can be taken by someone else before HAProxy binds it, and one lost arm would cost a whole A/B run."""
     from embserve.launch.ports import free_port
 
     base = yaml.safe_load(Path(layout.config).read_text()) or {}
@@ -128,12 +133,21 @@ def embserve_serve(layout: Layout, port: int, checkout: Path = ROOT, log: Path |
     config = work / f"serve_config-{port}.yaml"
     config.write_text(yaml.safe_dump(bench_config(base, port, layout.settings), sort_keys=False))
     log = log or work / f"embserve-{port}.log"
-    with open(log, "wb") as out:
-        # cwd: `serve run` imports the config's import_path (deployments.app) from the checkout.
-        process = subprocess.Popen(serve_command(checkout, config), cwd=checkout, stdout=out,
-                                   stderr=subprocess.STDOUT, env=serve_env(checkout, layout.env, free_port))
+    for attempt in range(1, attempts + 1):
+        with open(log, "wb") as out:
+            # cwd: `serve run` imports the config's import_path (deployments.app) from the checkout.
+            process = subprocess.Popen(serve_command(checkout, config), cwd=checkout, stdout=out,
+                                       stderr=subprocess.STDOUT, env=serve_env(checkout, layout.env, free_port))
+        try:
+            wait_ready(process, f"http://127.0.0.1:{port}", log)
+            break
+        except RuntimeError as failed:
+            stop(process)
+            if attempt == attempts:
+                raise
+            print(f"bench: start {attempt} of {attempts} failed, trying again: {str(failed)[-600:]}",
+                  file=sys.stderr, flush=True)
     try:
-        wait_ready(process, f"http://127.0.0.1:{port}", log)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         stop(process)

@@ -5,12 +5,14 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 from bench.ab import arm_layout, checkout_dir, parse_variant
 from bench.report import setup
-from bench.service import AUX_PORTS, DEFAULT_CONFIG, bench_config, cli_module, serve_command, serve_env
+from bench.service import (AUX_PORTS, DEFAULT_CONFIG, bench_config, cli_module, embserve_serve, serve_command,
+                           serve_env)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,3 +153,60 @@ def test_a_lone_querys_forward_in_process_is_timed_on_the_real_model(monkeypatch
     monkeypatch.setattr(ab, "LONE_GAP_S", 0.0)  # the gap only cools the caches; a test need not wait for it
     p50 = ab.lone_forward_ms(OfflineModel(dtype="auto", runtime=served_runtime()), ["what is a vector", "why"])
     assert 0 < p50 < 5000
+
+
+FAKE_CLI = """
+import http.server, os, sys
+from pathlib import Path
+import yaml
+count = Path(os.environ["FAKE_STARTS"])
+starts = int(count.read_text() or 0) + 1 if count.exists() else 1
+count.write_text(str(starts))
+if starts <= int(os.environ["FAKE_FAILURES"]):
+    print("cannot bind the stats port", flush=True)  # what a lost race for an auxiliary port ends in
+    sys.exit(1)
+port = yaml.safe_load(Path(sys.argv[2]).read_text())["http_options"]["port"]
+
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+@pytest.fixture
+def flaky_checkout(tmp_path: Path, monkeypatch):
+    """A checkout whose `embserve serve` fails its first FAKE_FAILURES starts, then answers /health."""
+    (tmp_path / "embserve" / "launch").mkdir(parents=True)
+    (tmp_path / "embserve" / "launch" / "cli.py").write_text(FAKE_CLI)
+    (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump({"applications": [{"name": "a"}]}))
+    monkeypatch.setenv("FAKE_STARTS", str(tmp_path / "starts"))
+    return tmp_path
+
+
+def test_a_server_whose_first_start_fails_is_started_again_and_stopped_after_the_block(flaky_checkout, monkeypatch):
+    from embserve.launch.ports import free_port, is_free
+
+    monkeypatch.setenv("FAKE_FAILURES", "1")
+    port = free_port()
+    with embserve_serve(arm_layout(flaky_checkout, {}), port, checkout=flaky_checkout,
+                        log=flaky_checkout / "log") as base_url:
+        assert base_url == f"http://127.0.0.1:{port}/v1"
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    assert (flaky_checkout / "starts").read_text() == "2"
+    assert is_free("127.0.0.1", port)
+
+
+def test_a_server_that_fails_every_start_raises_with_its_log_after_the_last(flaky_checkout, monkeypatch):
+    from embserve.launch.ports import free_port
+
+    monkeypatch.setenv("FAKE_FAILURES", "9")
+    with pytest.raises(RuntimeError, match="exited with 1 before it was ready:\ncannot bind the stats port"):
+        with embserve_serve(arm_layout(flaky_checkout, {}), free_port(), checkout=flaky_checkout,
+                            log=flaky_checkout / "log", attempts=2):
+            pass
+    assert (flaky_checkout / "starts").read_text() == "2"
