@@ -7,8 +7,8 @@ Every reader takes the /proc root as an argument so that tests can hand it a fol
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 LISTEN = "0A"  # the TCP state column of /proc/net/tcp for a listening socket
