@@ -6,6 +6,7 @@ import errno
 import os
 import random
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from embserve.launch.procfs import Listener, command_line, listeners, socket_owners
@@ -52,10 +53,24 @@ def is_free(host: str, port: int) -> bool:
 
 
 # Ports a test or a bench can claim for a server it starts later: above Ray's default worker ports (10002-19999)
-# and below the kernel's ephemeral range, so that neither Ray's workers nor the outgoing connections and
-# port-0 listeners of the processes that start in between take them first (a port-0 pick lies in that range).
+# and below both the kernel's ephemeral range and Serve's ingress ports (below), so that neither Ray's workers, nor
+# the outgoing connections and port-0 listeners of the processes that start in between (a port-0 pick lies in
+# that range), nor an ingress replica take them first.
 CLAIMABLE_FROM = 20000
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Serve's direct ingress gives each ingress replica an HTTP port from here up, the lowest free one first
+# (ray/serve/_private/constants.py): a port claimed there can be taken by a replica before its server binds it.
+SERVE_INGRESS_PORTS = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+SERVE_INGRESS_PORTS_FROM = 30000
+
+
+def claimable_below(environ: Mapping[str, str] = os.environ) -> int:
+    """Where the ports a test or a bench claims end: the kernel's ephemeral range, or Serve's ingress ports."""
+    try:
+        serve_from = int(environ.get(SERVE_INGRESS_PORTS, SERVE_INGRESS_PORTS_FROM))
+    except ValueError:
+        serve_from = SERVE_INGRESS_PORTS_FROM
+    return min(ephemeral_low(), serve_from)
 
 
 def ephemeral_low(path: Path = EPHEMERAL_RANGE) -> int:
@@ -70,11 +85,11 @@ def free_port(host: str = "127.0.0.1", rng: random.Random | None = None, tries: 
     """A port free now that the kernel does not hand out on its own (it may still be taken by someone who
     asks for it by number before it is used)."""
     rng = rng or random.Random()
-    high = ephemeral_low()
+    high = claimable_below()
     for _ in range(tries if high > CLAIMABLE_FROM else 0):
         port = rng.randrange(CLAIMABLE_FROM, high)
         if is_free(host, port):
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the ephemeral range
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the ephemeral range or Serve's
         s.bind((host, 0))
         return s.getsockname()[1]

@@ -89,11 +89,22 @@ def test_a_port_below_1024_is_not_reported_as_taken_when_only_root_may_bind_it()
 def test_a_claimed_port_lies_below_the_ephemeral_range_where_ray_s_own_connections_get_theirs(tmp_path):
     low = ports.ephemeral_low()
     picked = {ports.free_port() for _ in range(20)}
-    assert all(ports.CLAIMABLE_FROM <= p < low for p in picked) and len(picked) > 1
+    assert all(ports.CLAIMABLE_FROM <= p < min(low, 30000) for p in picked) and len(picked) > 1
     assert all(ports.is_free("127.0.0.1", p) for p in picked)
     (tmp_path / "range").write_text("40000\t60999\n")
     assert ports.ephemeral_low(tmp_path / "range") == 40000
     assert ports.ephemeral_low(tmp_path / "missing") == 32768
+
+
+def test_a_claimed_port_lies_below_the_ports_serve_gives_its_ingress_replicas(monkeypatch):
+    """Serve's direct ingress binds each ingress replica's HTTP port from 30000 up: a bench's or a test's port
+    there could be taken by a replica before its own server binds it."""
+    monkeypatch.setattr(ports, "ephemeral_low", lambda: 60000)
+    assert ports.claimable_below({}) == 30000
+    assert ports.claimable_below({"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "25000"}) == 25000
+    assert ports.claimable_below({"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "x"}) == 30000
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", raising=False)
+    assert all(ports.CLAIMABLE_FROM <= ports.free_port() < 30000 for _ in range(50))
 
 
 def test_a_taken_candidate_is_passed_over():
@@ -109,10 +120,12 @@ def test_a_taken_candidate_is_passed_over():
             return self.picks.pop(0)
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", ports.CLAIMABLE_FROM + 7))
+        taken = ports.free_port()  # ports of the claimable range free now: the session's own Ray claims some
+        s.bind(("127.0.0.1", taken))
         s.listen()
-        got = ports.free_port(rng=Fixed([ports.CLAIMABLE_FROM + 7, ports.CLAIMABLE_FROM + 8]))
-    assert got == ports.CLAIMABLE_FROM + 8
+        free = ports.free_port()
+        got = ports.free_port(rng=Fixed([taken, free]))
+    assert got == free
 
 
 def test_with_no_room_below_the_ephemeral_range_the_kernel_picks(monkeypatch):
