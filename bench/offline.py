@@ -47,6 +47,7 @@ class OfflineResult:
     threads: int
     streams: int = 1  # forwards at once, each on `threads` torch threads (a replica's forward_workers)
     dtype: str = ""  # what the matrix products ran in (EmbeddingModel.info.dtype)
+    cpu_s: float | None = None  # this process's CPU over `seconds`' window (its warm-up left out, as there)
 
     @property
     def texts_per_s(self) -> float:
@@ -84,7 +85,7 @@ class OfflineModel:
         torch.set_num_threads(threads)
         try:
             self.model.forward(self.ids(texts[:4]))  # warm the allocator and kernels at this thread count
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             ids = self.ids(texts)
             tokenize_s = time.perf_counter() - t0
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -105,13 +106,13 @@ class OfflineModel:
                 with concurrent.futures.ThreadPoolExecutor(streams, initializer=torch.set_num_threads,
                                                            initargs=(threads,)) as pool:
                     list(pool.map(self.model.forward, groups))  # each free thread takes the next batch
-            seconds = time.perf_counter() - t0
+            seconds, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
         finally:
             torch.set_num_threads(previous)
         padded = sum(len(g) * len(g[-1]) for g in groups)
         return OfflineResult(texts=len(ids), tokens=sum(map(len, ids)), padded_tokens=padded, seconds=seconds,
                              tokenize_s=tokenize_s, batch_size=batch_size, threads=threads, streams=streams,
-                             dtype=self.model.info.dtype)
+                             dtype=self.model.info.dtype, cpu_s=cpu_s)
 
     def engine_runs(self, texts: list[str], run_inputs: int, threads: int = 1) -> OfflineResult:
         """embserve's own scheduler (default batching settings) over consecutive admissions of `run_inputs`

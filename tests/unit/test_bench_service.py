@@ -114,7 +114,8 @@ def test_each_round_of_an_arm_is_held_against_the_in_process_limit_of_its_own_ro
 
 def test_the_in_process_limit_is_the_best_batch_size_of_the_shipped_runtime_with_its_cpu_per_text():
     """On the real bundled model: the limit names the runtime and dtype it ran, and its CPU per text is this
-    process's CPU over the pass, so at that rate it kept at most every core busy."""
+    process's CPU over the pass's own window (its warm-up forward, outside the window's time, left out of its
+    CPU too), so at that rate it kept at most every core busy."""
     from bench.ab import in_process_limit
     from bench.offline import OfflineModel, served_runtime
 
