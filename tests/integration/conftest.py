@@ -89,6 +89,15 @@ def deploy(config: dict[str, Any], timeout_s: float = 180) -> None:
 _handle_loop: asyncio.AbstractEventLoop | None = None
 
 
+def ray_logs() -> str:
+    """The logs folder of this session's Ray. Not /tmp/ray/session_latest: every Ray worker on the machine
+    points that link at its own session when it starts, so another Ray here (a bench, a developer's server)
+    can take it."""
+    import ray._private.worker
+
+    return ray._private.worker._global_node.get_logs_dir_path()
+
+
 def call_deployment(method: str, deployment_name: str = EMBEDDER, app: str = APP, timeout_s: float = 60) -> Any:
     """`deployment_name.method()` on one replica, through a Serve handle, from the test process.
 

@@ -9,7 +9,8 @@ import httpx
 import pytest
 import ray
 
-from tests.integration.conftest import APP, BASE, EMBEDDER, call_deployment, deploy, deployment, fixed_replicas
+from tests.integration.conftest import (APP, BASE, EMBEDDER, call_deployment, deploy, deployment, fixed_replicas,
+                                        ray_logs)
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
@@ -49,7 +50,7 @@ def test_a_replicas_startup_line_reaches_its_log_file_at_once(config):
     """Serve's fast path buffers a replica's log (1000 records, or until an ERROR); the embedder writes its
     startup line, and warnings, at once."""
     replica = call_deployment("describe")["replica"]  # the live one: a stopped replica flushes on its way out
-    [path] = glob.glob(f"/tmp/ray/session_latest/logs/serve/replica_{APP}_{EMBEDDER}_{replica}.log")
+    [path] = glob.glob(f"{ray_logs()}/serve/replica_{APP}_{EMBEDDER}_{replica}.log")
     with open(path, "rb") as f:
         assert f"embedder {MODEL} ready".encode() in f.read()
 
@@ -96,8 +97,16 @@ def test_requests_whose_client_left_are_not_computed(config, client):
         assert long_call.result().status_code == 200
     assert busy_throughout, "the busy request ended before the others left: this test needs a longer one"
     assert gave_up == 12
-    time.sleep(1.5)
-    perf = client.get("/v1/performance").json()
+    # The replica's reports land every 0.5 s, the last one after the busy answer: the figures once they hold the
+    # busy request and stay put over two reads 0.75 s apart.
+    deadline, seen = time.monotonic() + 30, None
+    while True:
+        perf = client.get("/v1/performance").json()
+        if perf["totals"]["inputs"] >= len(busy) and perf["totals"]["inputs"] == seen:
+            break
+        assert time.monotonic() < deadline, f"the reports never settled: {perf['totals']}"
+        seen = perf["totals"]["inputs"]
+        time.sleep(0.75)
     # The busy request was embedded; those whose clients left while it ran were dropped, not computed.
     computed_for_nobody = perf["totals"]["inputs"] - len(busy)
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":

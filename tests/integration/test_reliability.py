@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.conftest import APP, BASE, call_deployment, fixed_replicas
+from tests.integration.conftest import APP, BASE, call_deployment, fixed_replicas, ray_logs
 from tests.texts import mixed_texts
 
 pytestmark = pytest.mark.integration
@@ -87,7 +87,7 @@ def test_the_rerank_routes_need_the_key_too(client, authed, path):
 
 def test_keys_never_reach_the_logs(authed):
     authed.post("/v1/embeddings", json={"model": MODEL, "input": "x"})
-    logs = glob.glob("/tmp/ray/session_latest/logs/**/*", recursive=True)
+    logs = glob.glob(f"{ray_logs()}/**/*", recursive=True)
     leaked = []
     for path in logs:
         if os.path.isfile(path):

@@ -8,11 +8,10 @@ import uuid
 
 import pytest
 
-from tests.integration.conftest import APP, EMBEDDER, app_config
+from tests.integration.conftest import APP, EMBEDDER, app_config, ray_logs
 
 pytestmark = pytest.mark.integration
 MODEL = "all-MiniLM-L6-v2"
-LOGS = "/tmp/ray/session_latest/logs/serve"
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
@@ -33,7 +32,7 @@ def lines_naming(rid: str, deployment: str, timeout_s: float = 20) -> list[str]:
     deadline = time.monotonic() + timeout_s
     while True:
         found = []
-        for path in glob.glob(f"{LOGS}/replica_{APP}_{deployment}_*.log"):
+        for path in glob.glob(f"{ray_logs()}/serve/replica_{APP}_{deployment}_*.log"):
             with open(path, errors="replace") as f:
                 found += [line for line in f if rid in line]
         if found or time.monotonic() > deadline:
