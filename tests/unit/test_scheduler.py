@@ -251,8 +251,9 @@ def test_close_answers_what_is_still_pending(float32_model):
         s.admit([EmbedJob(texts=["running"])], [answers.append])
         while s.pending:  # the worker has taken it and waits at the gate
             threading.Event().wait(0.01)
-        s.admit([EmbedJob(texts=["waiting"])], [answers.append])
-        threading.Timer(0.2, gate.set).start()
+        # The running forward goes on once close() has answered the waiting request: no timer whose 0.2 s a
+        # stalled test thread could outlast.
+        s.admit([EmbedJob(texts=["waiting"])], [lambda answer: (answers.append(answer), gate.set())])
         s.close()
     finally:
         s.model.forward = forward

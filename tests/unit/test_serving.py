@@ -258,7 +258,7 @@ def test_an_haproxy_whose_manager_dies_is_stopped_while_the_run_goes_on(supervis
     """What `ray stop --force` does to the HAProxyManager's worker: HAProxy comes to the subreaper."""
     proc, pids, _ = supervise()
     os.kill(pids["worker"], signal.SIGKILL)
-    assert wait_gone([pids["haproxy"]], 5) == set()
+    assert wait_gone([pids["haproxy"]], 30) == set()
     assert proc.poll() is None and procfs.alive(pids["serve"])
     proc.terminate()
     proc.wait(30)
@@ -271,7 +271,7 @@ def test_a_serve_run_that_will_not_stop_is_terminated_after_the_grace_period(sup
     started = time.monotonic()
     proc.terminate()
     proc.wait(30)
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 20  # the 1 s grace, SIGTERM, the clean-up; 60 s would mean no escalation
     assert wait_gone(pids.values(), 1) == set()
     assert "SIGTERM to its process group" in proc.stderr.read()
 
