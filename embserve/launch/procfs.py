@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LISTEN = "0A"  # the TCP state column of /proc/net/tcp for a listening socket
+COMM_BYTES = 15  # the kernel keeps a process's name (its executable's file name) to its first 15 bytes
 
 
 @dataclass(frozen=True)
@@ -30,20 +31,20 @@ def processes(proc: Path = Path("/proc")) -> dict[int, Proc]:
 
 
 def named(word: str, proc: Path = Path("/proc")) -> dict[int, Proc]:
-    """The processes whose command name holds `word`, as processes() gives them. The name is the executable's
-    (its first 15 bytes, from the stat file that is read anyway): only these command lines are read, about a
-    third of processes()' cost where few match, which is what a watcher that looks twice a second wants."""
-    return _table(proc, lambda name: word in name)
+    """The processes whose command name holds `word`, as processes() gives them, and those whose name the kernel
+    cut to 15 bytes (the word may be past the cut). The name is in the stat file, read for every process anyway;
+    only these processes' command lines are read, which halves what a look costs where few match."""
+    return _table(proc, lambda name: word in name or len(name.encode()) >= COMM_BYTES)
 
 
 def _table(proc: Path, wanted: Callable[[str], bool]) -> dict[int, Proc]:
+    """The processes whose name `wanted` accepts, by pid; one that ends while it is read is left out."""
     found = {}
     for name in os.listdir(proc):
         if not name.isdigit():
             continue
         try:
-            with open(proc / name / "stat") as f:
-                stat = f.read()
+            stat = read_stat(proc / name / "stat")
             if not wanted(stat[stat.index("(") + 1:stat.rindex(")")]):
                 continue
             with open(proc / name / "cmdline", "rb") as f:
@@ -56,11 +57,18 @@ def _table(proc: Path, wanted: Callable[[str], bool]) -> dict[int, Proc]:
     return found
 
 
+def read_stat(path: Path) -> str:
+    """A /proc stat file. The process's name in it is whatever bytes its executable's name holds: not
+    always UTF-8."""
+    return path.read_bytes().decode(errors="replace")
+
+
 def parent(pid: int, proc: Path = Path("/proc")) -> int | None:
-    """The parent of `pid`; None where it is gone."""
+    """The parent of `pid`; None where it is gone. Any other failure to read /proc is raised: it says nothing
+    about the process."""
     try:
-        return int(after_name((proc / str(pid) / "stat").read_text())[1])
-    except OSError:
+        return int(after_name(read_stat(proc / str(pid) / "stat"))[1])
+    except (FileNotFoundError, ProcessLookupError):
         return None
 
 
@@ -81,7 +89,7 @@ def alive(pid: int, proc: Path = Path("/proc")) -> bool:
 def _state(stat: Path) -> str | None:
     """The state letter of a /proc .../stat file (R, S, D, Z, ...); None where it is gone."""
     try:
-        return after_name(stat.read_text())[0]
+        return after_name(read_stat(stat))[0]
     except OSError:
         return None
 

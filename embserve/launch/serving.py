@@ -157,20 +157,29 @@ def run_session(procs: Mapping[int, Proc], run_dir: Path) -> set[int]:
     return members
 
 
-def orphaned(pids: Iterable[int], child: int, parent_of: Callable[[int], int | None]) -> set[int]:
-    """Those of `pids` whose line of parents no longer reaches `child` (Ray's worker that started them is gone,
-    and they came to the subreaper or to init); `parent_of` reads a pid's parent, None where it is gone.
-    Walking up from each costs a few reads, where the run's whole tree would cost a read of every process."""
-    def reaches(pid: int | None) -> bool:
-        seen = set()
-        while pid is not None and pid > 1 and pid not in seen:
-            if pid == child:
-                return True
-            seen.add(pid)
-            pid = parent_of(pid)
-        return False
+def orphaned(procs: Mapping[int, Proc], pids: Iterable[int], child: int,
+             parent_of: Callable[[int], int | None]) -> set[int]:
+    """Those of `pids` (in `procs`, one look at /proc) whose line of parents no longer reaches `child`: Ray's
+    worker that started them is gone, and they came to the subreaper or to init. The line is followed up from
+    each one's parent in that look with `parent_of` (a pid's parent now, None where it is gone): a few reads,
+    where the run's whole tree would cost a read of every process. A line that cannot be followed to its end
+    (an ancestor gone or unreadable on the way) is no proof: the next look decides, and as the kernel hands an
+    orphan to its new parent at once, that look sees it."""
+    def lost(pid: int) -> bool:
+        up, seen = procs[pid].ppid, set()
+        while up > 1 and up not in seen:
+            if up == child:
+                return False
+            seen.add(up)
+            try:
+                up = parent_of(up)
+            except OSError:
+                return False
+            if up is None:
+                return False
+        return True
 
-    return {pid for pid in pids if (up := parent_of(pid)) is not None and not reaches(up)}
+    return {pid for pid in pids if pid in procs and lost(pid)}
 
 
 def become_subreaper() -> bool:
@@ -251,7 +260,8 @@ class Run:
                 self._signal_child(sig, group=True)
 
     def stop_orphaned_haproxies(self) -> None:
-        lost = orphaned(run_haproxies(named("haproxy"), self.run_dir), self.child, parent)
+        procs = named("haproxy")
+        lost = orphaned(procs, run_haproxies(procs, self.run_dir), self.child, parent)
         if lost:
             say(f"HAProxy {sorted(lost)} lost its Ray manager (Ray stopped?): stopping it")
             terminate(lost, self.reap)

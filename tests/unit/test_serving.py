@@ -94,25 +94,36 @@ def test_haproxies_of_a_run_are_told_apart_by_their_config_folder_and_orphans_by
     assert serving.haproxy_config(("haproxy", "-db")) is None
     assert serving.run_haproxies(procs, run) == {13, 14}
     parent_of = {pid: p.ppid for pid, p in procs.items()}.get
-    assert serving.orphaned({13, 14}, 11, parent_of) == {14}
-    assert serving.orphaned({13, 14, 99}, 11, parent_of) == {14}  # 99 is gone: nothing to stop
-    assert serving.orphaned({13}, 11, {13: 12, 12: 13}.get) == {13}  # a loop of parents ends the walk
+    assert serving.orphaned(procs, {13, 14}, 11, parent_of) == {14}
+    assert serving.orphaned(procs, {13, 14, 99}, 11, parent_of) == {14}  # 99 is gone: nothing to stop
+    looped = {13: Proc(13, 12, "S", ()), 12: Proc(12, 13, "S", ())}
+    assert serving.orphaned(looped, {13}, 11, lambda pid: looped[pid].ppid) == {13}  # a loop ends the walk
+    # An ancestor gone, or unreadable, on the way up is no proof: nothing is stopped until a look can tell.
+    assert serving.orphaned(procs, {13}, 11, lambda pid: None) == set()
+
+    def unreadable(pid):
+        raise PermissionError(pid)
+    assert serving.orphaned(procs, {13}, 11, unreadable) == set()
 
 
 def test_named_reads_the_command_lines_of_the_processes_whose_executable_has_the_name(tmp_path):
-    for pid, name, ppid, argv in ((7, "haproxy", 3, b"/x/haproxy\0-f\0/r/haproxy.cfg\0"),
-                                  (8, "python3.11", 1, b"python\0-m\0haproxy\0"),
-                                  (9, "my (haproxy) x", 7, b"odd\0")):
+    for pid, name, ppid, argv in ((7, b"haproxy", 3, b"/x/haproxy\0-f\0/r/haproxy.cfg\0"),
+                                  (8, b"python3.11", 1, b"python\0-m\0haproxy\0"),
+                                  (9, b"my (haproxy) x", 7, b"odd\0"),
+                                  (11, b"ray-serve-hapro", 1, b"/opt/ray-serve-haproxy\0"),  # cut to 15 bytes
+                                  (12, b"caf\xe9", 1, b"cafe\0")):  # a name that is not UTF-8
         (tmp_path / str(pid)).mkdir()
-        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({name}) S {ppid} {pid} {pid} 0 -1 4194560")
+        (tmp_path / str(pid) / "stat").write_bytes(b"%d (%s) S %d %d %d 0 -1 4194560" % (pid, name, ppid, pid, pid))
         (tmp_path / str(pid) / "cmdline").write_bytes(argv)
     (tmp_path / "self").mkdir()
     (tmp_path / "10").mkdir()  # gone while it was read: no stat
     assert procfs.named("haproxy", tmp_path) == {
         7: Proc(7, 3, "S", ("/x/haproxy", "-f", "/r/haproxy.cfg"), 7),
-        9: Proc(9, 7, "S", ("odd",), 9)}
-    assert procfs.processes(tmp_path).keys() == {7, 8, 9}
+        9: Proc(9, 7, "S", ("odd",), 9),
+        11: Proc(11, 1, "S", ("/opt/ray-serve-haproxy",), 11)}
+    assert procfs.processes(tmp_path).keys() == {7, 8, 9, 11, 12}
     assert procfs.parent(9, tmp_path) == 7 and procfs.parent(10, tmp_path) is None
+    assert procfs.parent(12, tmp_path) == 1
 
 
 def test_processes_reads_this_process_from_proc():
