@@ -120,32 +120,37 @@ def tail(path: Path, chars: int = 4000) -> str:
 
 @contextmanager
 def embserve_serve(layout: Layout, port: int, checkout: Path = ROOT, log: Path | None = None,
-                   attempts: int = START_ATTEMPTS) -> Iterator[str]:
+                   attempts: int = START_ATTEMPTS, ready_timeout_s: float = READY_TIMEOUT_S) -> Iterator[str]:
     """`embserve serve` of `layout` from `checkout` until the block ends; yields the base URL (".../v1").
 
-    A start that fails is tried again, up to `attempts` in all, on fresh auxiliary ports: a port chosen free
-    can be taken by someone else before HAProxy binds it, and one lost arm would cost a whole A/B run."""
+    A start that exits before it is ready is tried again, up to `attempts` in all, on fresh auxiliary ports: a
+    port chosen free can be taken by someone else before HAProxy binds it, and one lost arm would cost a whole
+    A/B run. One that is still not ready after `ready_timeout_s` is stopped, not tried again. The log keeps every try."""
     from embserve.launch.ports import free_port
 
+    if attempts < 1:
+        raise ValueError("attempts must be at least 1")
     base = yaml.safe_load(Path(layout.config).read_text()) or {}
     work = ROOT / "build" / "bench-serve"
     work.mkdir(parents=True, exist_ok=True)
     config = work / f"serve_config-{port}.yaml"
     config.write_text(yaml.safe_dump(bench_config(base, port, layout.settings), sort_keys=False))
     log = log or work / f"embserve-{port}.log"
+    log.write_bytes(b"")
     for attempt in range(1, attempts + 1):
-        with open(log, "wb") as out:
+        with open(log, "ab") as out:
             # cwd: `serve run` imports the config's import_path (deployments.app) from the checkout.
             process = subprocess.Popen(serve_command(checkout, config), cwd=checkout, stdout=out,
                                        stderr=subprocess.STDOUT, env=serve_env(checkout, layout.env, free_port))
         try:
-            wait_ready(process, f"http://127.0.0.1:{port}", log)
+            wait_ready(process, f"http://127.0.0.1:{port}", log, ready_timeout_s)
             break
-        except RuntimeError as failed:
+        except BaseException as failed:
+            exited = isinstance(failed, RuntimeError) and process.poll() is not None  # not a timeout, not Ctrl-C
             stop(process)
-            if attempt == attempts:
+            if attempt == attempts or not exited:
                 raise
-            print(f"bench: start {attempt} of {attempts} failed, trying again: {str(failed)[-600:]}",
+            print(f"bench: start {attempt} of {attempts} exited before it was ready, trying again (log: {log})",
                   file=sys.stderr, flush=True)
     try:
         yield f"http://127.0.0.1:{port}/v1"

@@ -11,8 +11,15 @@ import yaml
 
 from bench.ab import arm_layout, checkout_dir, parse_variant
 from bench.report import setup
-from bench.service import (AUX_PORTS, DEFAULT_CONFIG, bench_config, cli_module, embserve_serve, serve_command,
-                           serve_env)
+from bench.service import (
+    AUX_PORTS,
+    DEFAULT_CONFIG,
+    bench_config,
+    cli_module,
+    embserve_serve,
+    serve_command,
+    serve_env,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -189,7 +196,8 @@ def flaky_checkout(tmp_path: Path, monkeypatch):
     return tmp_path
 
 
-def test_a_server_whose_first_start_fails_is_started_again_and_stopped_after_the_block(flaky_checkout, monkeypatch):
+def test_a_server_whose_first_start_fails_is_started_again_and_stopped_after_the_block(flaky_checkout, monkeypatch,
+                                                                                      capsys):
     from embserve.launch.ports import free_port, is_free
 
     monkeypatch.setenv("FAKE_FAILURES", "1")
@@ -199,6 +207,7 @@ def test_a_server_whose_first_start_fails_is_started_again_and_stopped_after_the
         assert base_url == f"http://127.0.0.1:{port}/v1"
         assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
     assert (flaky_checkout / "starts").read_text() == "2"
+    assert "start 1 of 2 exited before it was ready, trying again" in capsys.readouterr().err
     assert is_free("127.0.0.1", port)
 
 
@@ -206,8 +215,27 @@ def test_a_server_that_fails_every_start_raises_with_its_log_after_the_last(flak
     from embserve.launch.ports import free_port
 
     monkeypatch.setenv("FAKE_FAILURES", "9")
-    with pytest.raises(RuntimeError, match="exited with 1 before it was ready:\ncannot bind the stats port"):
-        with embserve_serve(arm_layout(flaky_checkout, {}), free_port(), checkout=flaky_checkout,
-                            log=flaky_checkout / "log", attempts=2):
-            pass
+    serving = embserve_serve(arm_layout(flaky_checkout, {}), free_port(), checkout=flaky_checkout,
+                             log=flaky_checkout / "log", attempts=2)
+    with pytest.raises(RuntimeError, match="exited with 1 before it was ready:\ncannot bind the stats port"), serving:
+        pass
     assert (flaky_checkout / "starts").read_text() == "2"
+    assert (flaky_checkout / "log").read_text().count("cannot bind the stats port") == 2  # the log keeps both tries
+
+
+def test_a_server_that_is_not_ready_in_time_is_stopped_and_not_started_again(flaky_checkout, monkeypatch, capsys):
+    from embserve.launch.ports import free_port, is_free
+
+    monkeypatch.setenv("FAKE_FAILURES", "0")
+    port = free_port()
+    serving = embserve_serve(arm_layout(flaky_checkout, {}), port, checkout=flaky_checkout,
+                             log=flaky_checkout / "log", ready_timeout_s=0.0)  # no Python answers that soon
+    with pytest.raises(RuntimeError, match="not ready after 0 s"), serving:
+        pass
+    assert "trying again" not in capsys.readouterr().err  # a slow start is not a lost port: one try
+    assert is_free("127.0.0.1", port)  # stopped
+
+
+def test_a_server_start_needs_at_least_one_attempt(flaky_checkout):
+    with pytest.raises(ValueError, match="at least 1"), embserve_serve(arm_layout(flaky_checkout, {}), 1, attempts=0):
+        pass
