@@ -58,7 +58,8 @@ class OfflineResult:
         return self.tokens / self.seconds
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "texts_per_s": round(self.texts_per_s, 2),
+        return {**asdict(self), "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 3),
+                "texts_per_s": round(self.texts_per_s, 2),
                 "tokens_per_s": round(self.tokens_per_s, 1),
                 "padding_efficiency": round(self.tokens / self.padded_tokens, 4)}
 

@@ -58,7 +58,7 @@ def test_the_replicas_threads_are_named_so_that_its_cpu_splits_by_thread(config,
     for tid in found:  # read again: a thread that ended since has no name to check
         try:
             names[tid] = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
             pass
     loop = next(tid for tid, (kind, _) in found.items() if kind == "loop")
     helpers = {tid: names[tid] for tid, (kind, _) in found.items() if kind == "helpers" and tid in names}

@@ -106,8 +106,9 @@ def ports_of(port: int, env) -> list[int]:
 
 
 def still_taken(ports: list[int], timeout_s: float = 30) -> dict[int, str]:
-    """Those of `ports` that something still listens on after `timeout_s`, with the process that holds each: on
-    a loaded box the kernel may take a moment to release a listening socket of a process that has ended."""
+    """Those of `ports` that something still listens on after `timeout_s`, with the process that holds each: a
+    listening socket goes with the last process that holds it, and on a loaded box the run's last processes can
+    take seconds to end after the run itself has."""
     deadline = time.monotonic() + timeout_s
     while (taken := [p for p in ports if not is_free("0.0.0.0", p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
