@@ -125,7 +125,8 @@ def embserve_serve(layout: Layout, port: int, checkout: Path = ROOT, log: Path |
 
     A start that exits before it is ready is tried again, up to `attempts` in all, on fresh auxiliary ports: a
     port chosen free can be taken by someone else before HAProxy binds it, and one lost arm would cost a whole
-    A/B run. One that is still not ready after `ready_timeout_s` is stopped, not tried again. The log keeps every try."""
+    A/B run. One that is still not ready after `ready_timeout_s` is stopped, not tried again. The log keeps
+    every try."""
     from embserve.launch.ports import free_port
 
     if attempts < 1:

@@ -164,7 +164,8 @@ def test_a_request_alone_in_the_replica_skips_serves_batcher_and_a_burst_does_no
         if after["lone_admissions"] - before["lone_admissions"] < len(texts) // 2:
             break
     else:
-        pytest.fail(f"most of 3 bursts of {len(texts)} requests from 32 clients were admitted alone: {before} -> {after}")
+        pytest.fail(f"most of 3 bursts of {len(texts)} requests from 32 clients were admitted alone: "
+                    f"{before} -> {after}")
 
 
 def test_vectors_do_not_depend_on_batch_companions(config, client):
